@@ -1,0 +1,48 @@
+"""histofm: foundation models for computational pathology.
+
+>>> import histofm
+>>> model = histofm.create_model("vit_small_patch16_224")
+>>> histofm.list_models("vit_*")[:2]
+['vit_base_patch16_224', 'vit_base_patch8_224']
+"""
+
+from histofm.errors import HistofmError
+from histofm.models.convert import load_checkpoint as _load_checkpoint
+from histofm.registry import ModelInfo, create_model, list_models, model_info, register_model
+
+__version__ = "0.1.0"
+
+
+def load_checkpoint(model, path, *, strict=True):  # noqa: ANN001, ANN201
+    """Load a ``.safetensors`` / ``.bin`` / ``.pth`` file (or snapshot directory) into ``model``.
+
+    Official DINOv2 and timm layouts are converted; a mismatch raises one
+    :class:`HistofmError` listing the missing and unexpected keys.
+    """
+    entry_filter = None
+    name = getattr(model, "histofm_name", None)
+    if name is not None:
+        from histofm.registry import _entry
+
+        entry_filter = _entry(name).filter_fn
+    return _load_checkpoint(model, path, filter_fn=entry_filter, strict=strict)
+
+
+def eval_transform(name: str):  # noqa: ANN201
+    """The model's own preprocessing (resize, crop, normalise) as a torchvision transform."""
+    from histofm.data.transforms import eval_transform_for
+
+    return eval_transform_for(model_info(name))
+
+
+__all__ = [
+    "HistofmError",
+    "ModelInfo",
+    "__version__",
+    "create_model",
+    "eval_transform",
+    "list_models",
+    "load_checkpoint",
+    "model_info",
+    "register_model",
+]

@@ -1,0 +1,68 @@
+"""The ``histofm`` command line.
+
+Each sub-command lives in ``histofm/commands/<name>.py`` and exposes
+``register(subparsers)``, which adds its parser and sets ``func`` to a callable
+taking the parsed arguments and returning an exit code. Errors a user can fix
+(:class:`HistofmError`) print one sentence and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from histofm import __version__
+from histofm.errors import HistofmError
+
+# Order is the order shown by `histofm --help`.
+COMMAND_MODULES = (
+    "models",
+    "tile",
+    "extract",
+    "pretrain",
+    "eval",
+    "mil",
+    "semi",
+    "cluster",
+    "demo",
+    "env",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="histofm", description="Foundation models for computational pathology."
+    )
+    parser.add_argument("--version", action="version", version=f"histofm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"histofm.commands.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"histofm.commands.{name}":
+                continue  # command not built yet
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 1
+    try:
+        return int(args.func(args) or 0)
+    except HistofmError as e:
+        print(f"histofm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("histofm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Sub-commands of the ``histofm`` CLI, one module each (see ``histofm.cli``)."""

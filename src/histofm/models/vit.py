@@ -1,0 +1,278 @@
+"""Vision Transformer (Dosovitskiy et al. 2020, arXiv 2010.11929), with timm's parameter names.
+
+An image is cut into ``p x p`` patches, each patch is linearly projected to a
+token, a learned class token (and optionally "register" tokens, Darcet et al.
+2023, arXiv 2309.16588) is prepended, learned position embeddings are added,
+and a stack of pre-norm Transformer blocks mixes the tokens::
+
+    x = [cls; reg_1..reg_R; E p_1; ...; E p_N] + pos        # (B, 1+R+N, D)
+    x = x + ls1 * Attn(LN(x));  x = x + ls2 * MLP(LN(x))     # per block
+    features = LN(x)
+
+Parameter names (``cls_token``, ``reg_token``, ``pos_embed``, ``patch_embed.proj``,
+``blocks.N.{norm1,attn.qkv,attn.proj,ls1.gamma,norm2,mlp.fc1,mlp.fc2,ls2.gamma}``,
+``norm``, ``head``) are identical to timm's ``VisionTransformer``, so timm-format
+checkpoints of the pathology foundation models load with ``strict=True``.
+
+Pooling (``global_pool``) decides what ``model(x)`` returns:
+
+* ``"token"``: the class token (UNI, Phikon, H-optimus, GigaPath);
+* ``"avg"``: mean of patch tokens, class and register tokens excluded;
+* ``"token_avg"``: class token concatenated with the patch-token mean, registers
+  excluded (the Virchow / Virchow2 embedding, ``2 * D``);
+* ``""``: no pooling, all tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from torch import nn
+
+from histofm.layers import (
+    Attention,
+    DropPath,
+    LayerScale,
+    Mlp,
+    PatchEmbed,
+    SwiGLUPacked,
+    resample_abs_pos_embed,
+)
+
+PoolMode = Literal["token", "avg", "token_avg", ""]
+_POOLS = ("token", "avg", "token_avg", "")
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block: attention then MLP, each with LayerScale and DropPath."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        init_values: float | None = None,
+        mlp_layer: str = "mlp",
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        norm_eps: float = 1e-6,
+        mlp_factory: Callable[[int, int], nn.Module] | None = None,
+    ) -> None:
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        if mlp_factory is not None:
+            self.mlp = mlp_factory(dim, hidden)
+        elif mlp_layer == "swiglu":
+            self.mlp = SwiGLUPacked(dim, hidden, drop=drop)
+        elif mlp_layer == "mlp":
+            self.mlp = Mlp(dim, hidden, drop=drop)
+        else:
+            raise ValueError(f"mlp_layer must be 'mlp' or 'swiglu', got {mlp_layer!r}")
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask)))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x
+
+
+class VisionTransformer(nn.Module):
+    """ViT backbone. ``forward_features`` gives all tokens, ``forward`` the pooled embedding.
+
+    Args:
+        img_size: native input size; position embeddings are learned for this grid and
+            resampled (bicubic, antialiased) for any other multiple of ``patch_size``.
+        patch_size: side of the square patches.
+        in_chans: input channels.
+        num_classes: size of a linear ``head`` on the pooled embedding; 0 for none.
+        global_pool: one of ``"token"``, ``"avg"``, ``"token_avg"``, ``""``.
+        embed_dim, depth, num_heads, mlp_ratio: width, depth, heads, MLP expansion.
+        qkv_bias: bias on the packed qkv projection.
+        init_values: LayerScale initial value; ``None`` disables LayerScale.
+        class_token: prepend a learned class token.
+        reg_tokens: number of learned register tokens after the class token.
+        no_embed_class: position embeddings cover patch tokens only (DINOv2 register
+            models, UNI2-h, H-optimus); otherwise they also cover the prefix tokens.
+        mlp_layer: ``"mlp"`` (GELU) or ``"swiglu"`` (packed, first half gated by SiLU).
+        drop_rate, attn_drop_rate, drop_path_rate: dropout, attention dropout, and the
+            final stochastic-depth rate (linearly increasing over blocks).
+        use_mask_token: add a learned ``mask_token`` that replaces masked patch
+            tokens (iBOT, DINOv2, SimMIM). Off by default so timm checkpoints load strictly.
+        norm_eps: LayerNorm epsilon (1e-6 as in timm's ViTs).
+        mlp_factory: optional ``(dim, hidden) -> nn.Module`` building the MLP of each
+            block (for example a mixture of experts); overrides ``mlp_layer``.
+    """
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        num_classes: int = 0,
+        global_pool: PoolMode = "token",
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        init_values: float | None = None,
+        class_token: bool = True,
+        reg_tokens: int = 0,
+        no_embed_class: bool = False,
+        mlp_layer: str = "mlp",
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        use_mask_token: bool = False,
+        norm_eps: float = 1e-6,
+        mlp_factory: Callable[[int, int], nn.Module] | Callable[[int, int, int], nn.Module] | None = None,
+    ) -> None:
+        super().__init__()
+        if global_pool not in _POOLS:
+            raise ValueError(f"global_pool must be one of {_POOLS}, got {global_pool!r}")
+        if global_pool in ("token", "token_avg") and not class_token:
+            raise ValueError(f"global_pool={global_pool!r} needs class_token=True")
+        self.global_pool = global_pool
+        self.embed_dim = embed_dim
+        self.num_features = 2 * embed_dim if global_pool == "token_avg" else embed_dim
+        self.num_classes = num_classes
+        self.num_reg_tokens = reg_tokens
+        self.has_class_token = class_token
+        self.num_prefix_tokens = int(class_token) + reg_tokens
+        self.no_embed_class = no_embed_class
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.patch_size = self.patch_embed.patch_size[0]
+        num_patches = self.patch_embed.num_patches
+
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
+        embed_len = num_patches if no_embed_class else num_patches + self.num_prefix_tokens
+        self.pos_embed = nn.Parameter(torch.zeros(1, embed_len, embed_dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim)) if use_mask_token else None
+        self.pos_drop = nn.Dropout(drop_rate)
+
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth grows with depth
+        blocks = []
+        for i in range(depth):
+            factory = None
+            if mlp_factory is not None:
+                factory = _bind_block_index(mlp_factory, i)
+            blocks.append(
+                Block(
+                    embed_dim, num_heads, mlp_ratio, qkv_bias, init_values, mlp_layer,
+                    drop_rate, attn_drop_rate, dpr[i], norm_eps, factory,
+                )
+            )
+        self.blocks = nn.Sequential(*blocks)
+        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.init_weights()
+
+    # ------------------------------------------------------------------ init
+    def init_weights(self) -> None:
+        """Truncated-normal(0.02) linears and position table, tiny tokens (timm's defaults)."""
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
+        if self.reg_token is not None:
+            nn.init.normal_(self.reg_token, std=1e-6)
+        if self.mask_token is not None:
+            nn.init.zeros_(self.mask_token)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters that optimisers should not decay."""
+        return {"pos_embed", "cls_token", "reg_token", "mask_token"}
+
+    # ---------------------------------------------------------------- tokens
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Add position embeddings to patch tokens ``(B, H, W, D)`` and prepend prefix tokens."""
+        B, H, W, D = x.shape
+        pos = resample_abs_pos_embed(
+            self.pos_embed,
+            new_size=(H, W),
+            old_size=self.patch_embed.grid_size,
+            num_prefix_tokens=0 if self.no_embed_class else self.num_prefix_tokens,
+        )
+        x = x.reshape(B, H * W, D)
+        prefix = []
+        if self.cls_token is not None:
+            prefix.append(self.cls_token.expand(B, -1, -1))
+        if self.reg_token is not None:
+            prefix.append(self.reg_token.expand(B, -1, -1))
+        if self.no_embed_class:
+            x = x + pos
+            x = torch.cat(prefix + [x], dim=1) if prefix else x
+        else:
+            x = torch.cat(prefix + [x], dim=1) if prefix else x
+            x = x + pos
+        return self.pos_drop(x)
+
+    def prepare_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+        """Image ``(B, C, H, W)`` to tokens ``(B, P + N, D)`` before the blocks.
+
+        ``masks`` ``(B, N)`` bool replaces the selected patch embeddings by ``mask_token``
+        before positions are added (the iBOT / DINOv2 / SimMIM convention).
+        """
+        x = self.patch_embed(x)  # (B, H', W', D)
+        if masks is not None:
+            if self.mask_token is None:
+                raise ValueError("masked input needs a model built with use_mask_token=True")
+            B, H, W, D = x.shape
+            m = masks.reshape(B, H, W, 1).to(x.dtype)
+            x = x * (1 - m) + self.mask_token.to(x.dtype).view(1, 1, 1, D) * m
+        return self._pos_embed(x)
+
+    def forward_features(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+        """All tokens after the final norm, ``(B, num_prefix_tokens + N, D)``."""
+        x = self.prepare_tokens(x, masks)
+        x = self.blocks(x)
+        return self.norm(x)
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """Pool tokens ``(B, P + N, D)`` according to ``global_pool``."""
+        if self.global_pool == "token":
+            return x[:, 0]
+        if self.global_pool == "avg":
+            return x[:, self.num_prefix_tokens :].mean(dim=1)
+        if self.global_pool == "token_avg":
+            return torch.cat([x[:, 0], x[:, self.num_prefix_tokens :].mean(dim=1)], dim=-1)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool the tokens, then apply the linear head unless ``pre_logits``."""
+        x = self.pool(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _bind_block_index(factory: Callable[..., nn.Module], index: int) -> Callable[[int, int], nn.Module]:
+    """Let an ``mlp_factory`` optionally receive the block index as a third argument."""
+    import inspect
+
+    try:
+        n_params = len(inspect.signature(factory).parameters)
+    except (TypeError, ValueError):
+        n_params = 2
+    if n_params >= 3:
+        return lambda dim, hidden: factory(dim, hidden, index)
+    return factory
