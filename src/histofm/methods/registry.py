@@ -1,0 +1,59 @@
+"""Which module implements which pretraining method, for ``histofm pretrain --method``.
+
+Every method module exposes one builder with this signature::
+
+    def build(name: str, arch: str, *, img_size: int, overrides: dict[str, Any])
+        -> tuple[SSLMethod, Callable[[PIL.Image.Image], Any]]
+
+It returns the method (an :class:`~histofm.methods.base.SSLMethod` whose
+``backbone`` is built with ``histofm.create_model(arch, ...)``) and the
+per-sample view transform: a callable from one RGB PIL image to whatever one
+sample of the method's batch is (for example a list of crops). The engine
+collates samples with ``torch.utils.data.default_collate`` and passes the batch
+to ``method(batch)``. ``overrides`` replaces fields of the method's frozen
+config dataclass (``dataclasses.replace``), so a misspelt key fails loudly.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+from histofm.errors import HistofmError
+from histofm.methods.base import SSLMethod
+
+METHOD_MODULES: dict[str, str] = {
+    "simclr": "histofm.methods.simclr",
+    "mocov2": "histofm.methods.moco",
+    "mocov3": "histofm.methods.moco",
+    "clip": "histofm.methods.clip",
+    "dino": "histofm.methods.dino",
+    "ibot": "histofm.methods.ibot",
+    "dinov2": "histofm.methods.dinov2",
+    "virchow2": "histofm.methods.dinov2",
+    "mae": "histofm.methods.mae",
+    "simmim": "histofm.methods.mim",
+    "beit": "histofm.methods.mim",
+    "pluto": "histofm.methods.pluto",
+}
+
+
+def list_methods() -> list[str]:
+    """Method names ``histofm pretrain --method`` accepts."""
+    return sorted(METHOD_MODULES)
+
+
+def build_method(
+    name: str, arch: str, *, img_size: int = 224, overrides: dict[str, Any] | None = None
+) -> tuple[SSLMethod, Callable[[Any], Any]]:
+    """Build method ``name`` on a backbone ``arch``; see the module docstring."""
+    if name not in METHOD_MODULES:
+        raise HistofmError(f"Unknown method {name!r}; choose one of {', '.join(list_methods())}.")
+    try:
+        module = importlib.import_module(METHOD_MODULES[name])
+    except ModuleNotFoundError as e:
+        if e.name == METHOD_MODULES[name]:
+            raise HistofmError(f"Method {name!r} is not available in this version of histofm.") from None
+        raise
+    return module.build(name, arch, img_size=img_size, overrides=dict(overrides or {}))
