@@ -1,0 +1,71 @@
+"""A small Transformer aggregator: self-attention between tiles, then gated-attention pooling.
+
+The tiles of a bag exchange information through a few pre-norm Transformer
+blocks (Vaswani et al. 2017, arXiv 1706.03762) with a key-padding mask, and the
+contextualised tiles are pooled by gated attention (Ilse et al. 2018)::
+
+    h = W_1 x;   h = Block_L(...Block_1(h));   a = softmax_n(w^T (tanh(V LN(h_n)) * sigm(U LN(h_n))))
+    logits = W_c sum_n a_n LN(h_n)
+
+Full self-attention costs O(N^2) time (memory stays linear through the fused
+``scaled_dot_product_attention``), so it suits bags up to a few thousand tiles;
+use :mod:`histofm.mil.transmil` (Nystrom attention) for whole slides at 20x.
+No positional encoding: the model is invariant to the order of the tiles.
+The per-tile scores are the pooling weights ``a_n``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from histofm.mil.abmil import AttentionScorer
+from histofm.mil.base import MILAggregator, MILOutput, masked_softmax, register_aggregator
+from histofm.models.vit import Block
+
+
+@register_aggregator("transformer")
+class TransformerMIL(MILAggregator):
+    """Transformer blocks over the tiles, then gated-attention pooling.
+
+    Args:
+        in_dim: tile embedding size.
+        num_classes: number of slide classes.
+        dim: token size.
+        depth: number of Transformer blocks.
+        num_heads: attention heads.
+        mlp_ratio: MLP expansion in the blocks.
+        dropout: dropout in the blocks and the pooling net.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        num_classes: int,
+        dim: int = 192,
+        depth: int = 2,
+        num_heads: int = 4,
+        mlp_ratio: float = 2.0,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__(in_dim, num_classes)
+        self.fc = nn.Linear(in_dim, dim)
+        self.blocks = nn.ModuleList(
+            Block(dim, num_heads, mlp_ratio, drop=dropout, norm_eps=1e-5) for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.attention = AttentionScorer(dim, dim // 2, gated=True, dropout=dropout)
+        self.classifier = nn.Linear(dim, num_classes)
+
+    def forward(
+        self, features: torch.Tensor, mask: torch.Tensor | None = None, *, labels: torch.Tensor | None = None
+    ) -> MILOutput:
+        x, mask = self.check_inputs(features, mask)
+        h = self.fc(x)  # (B, N, dim)
+        attn_mask = None if bool(mask.all()) else mask[:, None, None, :]  # (B, 1, 1, N): True = may attend
+        for block in self.blocks:
+            h = block(h, attn_mask=attn_mask)
+        h = self.norm(h)
+        a = masked_softmax(self.attention(h).squeeze(-1), mask)  # (B, N)
+        z = torch.bmm(a.unsqueeze(1), h).squeeze(1)  # (B, dim)
+        return MILOutput(logits=self.classifier(z), scores=a)
