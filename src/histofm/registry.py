@@ -165,6 +165,7 @@ def create_model(
         model = model.to(device=device)
     model.eval() if checkpoint_path is not None else None
     model.histofm_name = name  # type: ignore[assignment]
+    model.histofm_overrides = dict(overrides)  # type: ignore[assignment]  # recorded in exported checkpoints
     return model
 
 
