@@ -1,0 +1,38 @@
+"""The whole-slide pipeline: read slides, find tissue, tile, extract features to HDF5.
+
+>>> from histofm.wsi import open_slide, detect_tissue, tile_slide
+>>> slide = open_slide("slide.svs")                          # doctest: +SKIP
+>>> coords = tile_slide(slide, target_mpp=0.5, tile_size=224)  # doctest: +SKIP
+
+See ``docs/wsi.md`` for the conventions (coordinates, mpp, file layout).
+"""
+
+from histofm.wsi.readers import ImageReader, OpenSlideReader, SlideReader, TiffSlideReader, open_slide
+from histofm.wsi.tiling import (
+    TileSpec,
+    draw_tiles,
+    grid_coords,
+    read_coords,
+    save_coords,
+    tile_slide,
+    tile_spec,
+)
+from histofm.wsi.tissue import TissueMask, detect_tissue, otsu_threshold
+
+__all__ = [
+    "ImageReader",
+    "OpenSlideReader",
+    "SlideReader",
+    "TiffSlideReader",
+    "TileSpec",
+    "TissueMask",
+    "detect_tissue",
+    "draw_tiles",
+    "grid_coords",
+    "open_slide",
+    "otsu_threshold",
+    "read_coords",
+    "save_coords",
+    "tile_slide",
+    "tile_spec",
+]

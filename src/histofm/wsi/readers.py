@@ -1,0 +1,442 @@
+"""Slide readers: one protocol, three backends (OpenSlide, tiffslide, plain images).
+
+Every reader exposes the same small surface, in OpenSlide's conventions:
+
+* ``dimensions`` ``(width, height)`` of level 0, ``level_count``, ``level_dimensions``
+  and ``level_downsamples`` (level-0 pixels per level pixel);
+* ``mpp``: microns per pixel of level 0, from the file's metadata or from an override
+  (``open_slide(path, mpp=0.5)``); a slide without it raises :class:`HistofmError`
+  asking for ``--mpp`` only when a physical resolution is actually needed;
+* ``read_region((x, y), level, (w, h))``: an RGB ``PIL.Image``, with ``(x, y)`` in level-0
+  pixels (OpenSlide's convention); area outside the slide is white;
+* ``read_region_mpp(x, y, size, target_mpp)``: a ``size x size`` RGB tile at a physical
+  resolution: the coarsest level that is not coarser than ``target_mpp`` is read, then
+  resized (skipped when the sizes already agree);
+* ``thumbnail(max_size)``: the whole slide with its longer side at most ``max_size``.
+
+Backends: ``openslide`` (openslide-python + the openslide-bin wheel: Aperio, Hamamatsu,
+MIRAX, Philips, generic tiled TIFF, DICOM ...), ``tiffslide`` (pure Python, TIFF-based
+formats, SubIFD pyramids) and ``image`` (PNG / JPEG / plain TIFF loaded whole as a
+one-level slide). ``open_slide(path, backend="auto")`` tries them in that order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+from PIL import Image
+
+from histofm.errors import HistofmError
+
+# Extensions read as plain images first (OpenSlide would only wrap them anyway).
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
+BACKENDS = ("openslide", "tiffslide", "image")
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+# A resolution read from image metadata is trusted only inside this range (um/px):
+# 72 or 96 dpi defaults of ordinary pictures (353 / 265 um/px) are not microscopy.
+_PLAUSIBLE_MPP = (0.02, 50.0)
+# A level may be up to 1% finer than asked before the next finer one is preferred,
+# so 0.499 um/px slides serve 0.5 um/px tiles without resampling.
+_LEVEL_TOLERANCE = 0.01
+
+
+class SlideReader(ABC):
+    """Common interface of every backend; use :func:`open_slide` to get one.
+
+    Args:
+        path: the slide file.
+        mpp: microns per pixel of level 0; overrides the file's metadata.
+    """
+
+    backend: ClassVar[str] = ""
+
+    def __init__(self, path: str | os.PathLike[str], mpp: float | None = None) -> None:
+        self.path = Path(path)
+        self.name = self.path.stem
+        if mpp is not None and not (mpp > 0 and math.isfinite(mpp)):
+            raise HistofmError(f"The mpp override must be a positive number of microns per pixel, not {mpp!r}.")
+        self._mpp_override = mpp
+        self.dimensions: tuple[int, int] = (0, 0)
+        self.level_dimensions: tuple[tuple[int, int], ...] = ()
+        self.level_downsamples: tuple[float, ...] = ()
+
+    # ---- backend hooks -------------------------------------------------------------------------
+    @abstractmethod
+    def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Image.Image:
+        """Read an in-bounds region as RGB (backend-specific)."""
+
+    @abstractmethod
+    def _metadata_mpp(self) -> float | None:
+        """Level-0 microns per pixel from the file's metadata, or ``None``."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the file handle."""
+
+    # ---- shared behaviour ------------------------------------------------------------------------
+    def __enter__(self) -> SlideReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        mpp = f"{self.mpp:.4g}" if self.has_mpp else "unknown"
+        return (
+            f"{type(self).__name__}({self.path.name!r}, dimensions={self.dimensions}, "
+            f"levels={self.level_count}, mpp={mpp})"
+        )
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+    @property
+    def has_mpp(self) -> bool:
+        """Whether a resolution is known (override or metadata)."""
+        return self._mpp_override is not None or self._metadata_mpp() is not None
+
+    @property
+    def mpp(self) -> float:
+        """Microns per pixel of level 0 (the override wins over the file's metadata)."""
+        if self._mpp_override is not None:
+            return float(self._mpp_override)
+        value = self._metadata_mpp()
+        if value is None:
+            raise HistofmError(
+                f"{self.path.name} records no microns-per-pixel resolution; pass --mpp "
+                "(or mpp=...) with its level-0 resolution, e.g. --mpp 0.25 for 40x or 0.5 for 20x."
+            )
+        return value
+
+    def level_mpp(self, level: int) -> float:
+        """Microns per pixel of ``level``."""
+        return self.mpp * self.level_downsamples[level]
+
+    def best_level_for_downsample(self, downsample: float) -> int:
+        """The coarsest level whose downsample does not exceed ``downsample`` (1% tolerance)."""
+        best = 0
+        for level, ds in enumerate(self.level_downsamples):
+            if ds <= downsample * (1 + _LEVEL_TOLERANCE) and ds >= self.level_downsamples[best]:
+                best = level
+        return best
+
+    def best_level_for_mpp(self, target_mpp: float) -> int:
+        """The level to read for tiles at ``target_mpp`` microns per pixel."""
+        return self.best_level_for_downsample(self._target_downsample(target_mpp))
+
+    def _target_downsample(self, target_mpp: float) -> float:
+        if not (target_mpp > 0 and math.isfinite(target_mpp)):
+            raise HistofmError(f"The target resolution must be a positive number of microns per pixel, not {target_mpp!r}.")
+        return target_mpp / self.mpp
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Image.Image:
+        """An RGB region of ``size`` pixels of ``level`` whose top-left is ``location`` at level 0.
+
+        Parts outside the slide are white, so edge tiles keep their size.
+        """
+        if not 0 <= level < self.level_count:
+            raise HistofmError(f"{self.path.name} has levels 0..{self.level_count - 1}, not {level}.")
+        x, y = int(location[0]), int(location[1])
+        w, h = int(size[0]), int(size[1])
+        if w <= 0 or h <= 0:
+            raise HistofmError(f"A region must have a positive size, not {w} x {h}.")
+        ds = self.level_downsamples[level]
+        lw, lh = self.level_dimensions[level]
+        # Region in this level's pixel grid, clipped to the level.
+        lx, ly = math.floor(x / ds), math.floor(y / ds)
+        cx0, cy0 = max(lx, 0), max(ly, 0)
+        cx1, cy1 = min(lx + w, lw), min(ly + h, lh)
+        if cx0 == lx and cy0 == ly and cx1 == lx + w and cy1 == ly + h:
+            return self._safe_read((x, y), level, (w, h))
+        canvas = Image.new("RGB", (w, h), (255, 255, 255))
+        if cx1 > cx0 and cy1 > cy0:
+            # Level-0 origin of the visible part: keep the caller's sub-level offset where in bounds.
+            ox = x if cx0 == lx else round(cx0 * ds)
+            oy = y if cy0 == ly else round(cy0 * ds)
+            part = self._safe_read((ox, oy), level, (cx1 - cx0, cy1 - cy0))
+            canvas.paste(part, (cx0 - lx, cy0 - ly))
+        return canvas
+
+    def _safe_read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Image.Image:
+        try:
+            return self._read(location, level, size)
+        except HistofmError:
+            raise
+        except Exception as e:  # backend errors carry no hint of what to do
+            raise HistofmError(
+                f"Reading {self.path.name} at {location} (level {level}) failed ({type(e).__name__}: {e}); "
+                "the file is probably truncated or corrupt, so copy or export it again."
+            ) from None
+
+    def tile_geometry(self, target_mpp: float, size: int) -> tuple[int, int, float]:
+        """``(level, read_size, size_level0)`` for ``size``-pixel tiles at ``target_mpp``.
+
+        ``read_size`` pixels are read at ``level`` and resized to ``size``;
+        ``size_level0`` is the tile's (fractional) side in level-0 pixels.
+        """
+        target_ds = self._target_downsample(target_mpp)
+        level = self.best_level_for_downsample(target_ds)
+        read_size = max(1, round(size * target_ds / self.level_downsamples[level]))
+        return level, read_size, size * target_ds
+
+    def read_region_mpp(
+        self, x: int, y: int, size: int, target_mpp: float, *, resample: int = Image.Resampling.BILINEAR
+    ) -> Image.Image:
+        """A ``size x size`` RGB tile at ``target_mpp`` whose top-left is ``(x, y)`` at level 0."""
+        level, read_size, _ = self.tile_geometry(target_mpp, size)
+        tile = self.read_region((x, y), level, (read_size, read_size))
+        if read_size != size:
+            tile = tile.resize((size, size), resample)
+        return tile
+
+    def thumbnail(self, max_size: int = 1024) -> Image.Image:
+        """The whole slide as RGB with its longer side at most ``max_size`` pixels."""
+        w0, h0 = self.dimensions
+        scale = min(1.0, max_size / max(w0, h0))
+        tw, th = max(1, round(w0 * scale)), max(1, round(h0 * scale))
+        # The coarsest level that is still at least as large as the thumbnail.
+        level = self.best_level_for_downsample(max(w0 / tw, h0 / th))
+        lw, lh = self.level_dimensions[level]
+        image = self.read_region((0, 0), level, (lw, lh))
+        if (lw, lh) != (tw, th):
+            image = image.resize((tw, th), Image.Resampling.BOX)
+        return image
+
+
+class OpenSlideReader(SlideReader):
+    """OpenSlide through ``openslide-python`` and the ``openslide-bin`` wheel."""
+
+    backend = "openslide"
+
+    def __init__(self, path: str | os.PathLike[str], mpp: float | None = None) -> None:
+        super().__init__(path, mpp)
+        import openslide
+
+        self._slide = openslide.OpenSlide(str(self.path))
+        self.dimensions = tuple(self._slide.dimensions)
+        self.level_dimensions = tuple(tuple(d) for d in self._slide.level_dimensions)
+        self.level_downsamples = tuple(float(d) for d in self._slide.level_downsamples)
+        self.properties: dict[str, str] = dict(self._slide.properties)
+
+    def _metadata_mpp(self) -> float | None:
+        return _parse_mpp(self.properties.get("openslide.mpp-x"))
+
+    def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Image.Image:
+        region = self._slide.read_region(location, level, size)  # RGBA, alpha 0 where nothing was scanned
+        if region.getextrema()[3][0] == 255:
+            return region.convert("RGB")
+        canvas = Image.new("RGB", region.size, (255, 255, 255))
+        canvas.paste(region, mask=region.getchannel("A"))
+        return canvas
+
+    def close(self) -> None:
+        self._slide.close()
+
+
+class TiffSlideReader(SlideReader):
+    """tiffslide: a pure-Python reader of TIFF-based slides (SVS, generic pyramidal TIFF)."""
+
+    backend = "tiffslide"
+
+    def __init__(self, path: str | os.PathLike[str], mpp: float | None = None) -> None:
+        super().__init__(path, mpp)
+        import tiffslide
+
+        self._slide = tiffslide.TiffSlide(str(self.path))
+        self.dimensions = tuple(int(v) for v in self._slide.dimensions)
+        self.level_dimensions = tuple(tuple(int(v) for v in d) for d in self._slide.level_dimensions)
+        self.level_downsamples = tuple(float(d) for d in self._slide.level_downsamples)
+        self.properties: dict[str, Any] = dict(self._slide.properties)
+
+    def _metadata_mpp(self) -> float | None:
+        return _parse_mpp(self.properties.get("tiffslide.mpp-x"))
+
+    def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Image.Image:
+        array = self._slide.read_region(location, level, size, as_array=True)  # (h, w, C)
+        return Image.fromarray(_to_rgb(np.asarray(array)))
+
+    def close(self) -> None:
+        self._slide.close()
+
+
+class ImageReader(SlideReader):
+    """A PNG / JPEG / plain TIFF held in memory as a one-level slide.
+
+    The resolution comes from TIFF resolution tags when they look like microscopy
+    (PNG and JPEG "dpi" fields are ignored: they are almost always 72 or 96); pass
+    ``mpp`` otherwise.
+    """
+
+    backend = "image"
+
+    def __init__(self, path: str | os.PathLike[str], mpp: float | None = None) -> None:
+        super().__init__(path, mpp)
+        self._tag_mpp: float | None = None
+        if self.path.suffix.lower() in {".tif", ".tiff"}:
+            import tifffile
+
+            with tifffile.TiffFile(self.path) as tif:
+                page = tif.pages[0]
+                self._tag_mpp = _tiff_tag_mpp(page)
+                array = page.asarray()
+        else:
+            try:
+                with Image.open(self.path) as im:
+                    im.load()
+                    array = np.asarray(im.convert("RGB"))
+            except Image.DecompressionBombError:
+                raise HistofmError(
+                    f"{self.path.name} is too large to load whole as a plain image; convert it to a "
+                    "tiled pyramidal TIFF (for example `vips tiffsave in out.tif --tile --pyramid`)."
+                ) from None
+        self._array = _to_rgb(np.asarray(array))  # (H, W, 3) uint8
+        h, w = self._array.shape[:2]
+        self.dimensions = (w, h)
+        self.level_dimensions = ((w, h),)
+        self.level_downsamples = (1.0,)
+
+    def _metadata_mpp(self) -> float | None:
+        return self._tag_mpp
+
+    def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Image.Image:
+        x, y = location
+        w, h = size
+        return Image.fromarray(self._array[y : y + h, x : x + w])
+
+    def close(self) -> None:
+        self._array = np.zeros((0, 0, 3), np.uint8)
+
+
+_READERS: dict[str, type[SlideReader]] = {
+    "openslide": OpenSlideReader,
+    "tiffslide": TiffSlideReader,
+    "image": ImageReader,
+}
+
+
+def open_slide(
+    path: str | os.PathLike[str], mpp: float | None = None, backend: str = "auto"
+) -> SlideReader:
+    """Open a whole-slide image or a plain image as a :class:`SlideReader`.
+
+    Args:
+        path: the slide (``.svs``, ``.ndpi``, ``.tif`` ...) or image (``.png``, ``.jpg``).
+        mpp: level-0 microns per pixel; overrides the file's metadata (needed for
+            images that record none).
+        backend: ``"auto"`` (OpenSlide, then tiffslide, then Pillow/tifffile; plain
+            image extensions go straight to Pillow), or one of ``"openslide"``,
+            ``"tiffslide"``, ``"image"``.
+
+    Raises:
+        HistofmError: missing, empty, unreadable, truncated or corrupt file, unknown backend.
+    """
+    path = Path(path)
+    if backend != "auto" and backend not in _READERS:
+        raise HistofmError(f"Unknown slide backend {backend!r}; choose auto, {', '.join(BACKENDS)}.")
+    if not path.exists():
+        raise HistofmError(f"Slide file not found: {path}; check the path.")
+    if path.is_file() and path.stat().st_size == 0:
+        raise HistofmError(f"Slide file {path} is empty (0 bytes); copy it again.")
+    if backend != "auto":
+        order = [backend]
+    elif path.suffix.lower() in IMAGE_EXTENSIONS:
+        order = ["image"]
+    else:
+        order = list(BACKENDS)
+    errors: list[str] = []
+    for name in order:
+        try:
+            with _quiet("tifffile", "tiffslide"):
+                reader = _READERS[name](path, mpp)
+        except HistofmError:
+            raise
+        except Exception as e:  # each library raises its own types; we try the next one
+            errors.append(f"{name}: {type(e).__name__}: {e}")
+            continue
+        if min(reader.dimensions) <= 0:
+            reader.close()
+            errors.append(f"{name}: empty image")
+            continue
+        return reader
+    raise HistofmError(_unreadable_message(path, order, errors))
+
+
+@contextlib.contextmanager
+def _quiet(*names: str) -> Iterator[None]:
+    """Silence library loggers while probing a file (their warnings would precede our one sentence)."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _unreadable_message(path: Path, tried: list[str], errors: list[str]) -> str:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        return f"Cannot read {path} ({e}); check the file's permissions."
+    detail = errors[0] if errors else "no reader"
+    if head in _TIFF_MAGIC:
+        return (
+            f"{path.name} starts like a TIFF/SVS slide but {', '.join(tried)} cannot read it "
+            f"({detail}), so it is probably truncated or corrupt; copy or export it again."
+        )
+    return (
+        f"{path.name} is not a slide or image that {', '.join(tried)} can read ({detail}); "
+        "check that the file really is a whole-slide image (.svs, .ndpi, .tif ...) or a PNG/JPEG."
+    )
+
+
+def _parse_mpp(value: Any) -> float | None:
+    try:
+        mpp = float(value)
+    except (TypeError, ValueError):
+        return None
+    return mpp if _PLAUSIBLE_MPP[0] <= mpp <= _PLAUSIBLE_MPP[1] else None
+
+
+def _tiff_tag_mpp(page: Any) -> float | None:
+    """Microns per pixel from a TIFF page's XResolution / ResolutionUnit tags."""
+    tags = page.tags
+    if "XResolution" not in tags:
+        return None
+    num, den = tags["XResolution"].value
+    if not num or not den:
+        return None
+    per_unit = num / den  # pixels per unit
+    unit = int(tags["ResolutionUnit"].value) if "ResolutionUnit" in tags else 2
+    microns = {2: 25_400.0, 3: 10_000.0}.get(unit)  # 2 = inch, 3 = centimetre
+    return _parse_mpp(microns / per_unit) if microns else None
+
+
+def _to_rgb(array: np.ndarray) -> np.ndarray:
+    """Any 2-D / 3-D image array (gray, gray+alpha, RGB, RGBA; uint8 or uint16) to (H, W, 3) uint8."""
+    if array.dtype == np.uint16:
+        array = (array >> 8).astype(np.uint8)
+    elif array.dtype != np.uint8:
+        array = np.clip(array, 0, 255).astype(np.uint8)
+    if array.ndim == 2:
+        array = array[..., None]
+    channels = array.shape[2]
+    if channels in (1, 2):  # gray (+ alpha)
+        return np.repeat(array[..., :1], 3, axis=2)
+    if channels == 4:
+        rgb = array[..., :3].astype(np.float32)
+        alpha = array[..., 3:4].astype(np.float32) / 255.0
+        return (rgb * alpha + 255.0 * (1 - alpha)).round().astype(np.uint8)
+    return np.ascontiguousarray(array[..., :3])
