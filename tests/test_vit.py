@@ -238,3 +238,15 @@ def test_dtype_bfloat16(tmp_path) -> None:
     b = histofm.create_model("vit_tiny_patch16_224", depth=1, checkpoint_path=tmp_path / "w.safetensors", dtype=torch.bfloat16)
     assert b.pos_embed.dtype == torch.bfloat16
     assert torch.isfinite(b(torch.randn(1, 3, 224, 224, dtype=torch.bfloat16)).float()).all()
+
+
+def test_grad_checkpointing_gives_same_gradients() -> None:
+    m = VisionTransformer(patch_size=16, embed_dim=64, depth=3, num_heads=2, init_values=0.1)
+    x = torch.randn(2, 3, 64, 64)
+    m(x).square().sum().backward()
+    ref = {k: p.grad.clone() for k, p in m.named_parameters()}
+    m.zero_grad()
+    m.set_grad_checkpointing(True)
+    m(x).square().sum().backward()
+    for k, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, ref[k], atol=1e-6, rtol=1e-5)

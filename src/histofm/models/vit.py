@@ -176,6 +176,7 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.grad_checkpointing = False
         self.init_weights()
 
     # ------------------------------------------------------------------ init
@@ -243,8 +244,18 @@ class VisionTransformer(nn.Module):
     def forward_features(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
         """All tokens after the final norm, ``(B, num_prefix_tokens + N, D)``."""
         x = self.prepare_tokens(x, masks)
-        x = self.blocks(x)
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            for blk in self.blocks:  # recompute activations in backward: memory for compute
+                x = checkpoint(blk, x, use_reentrant=False)
+        else:
+            x = self.blocks(x)
         return self.norm(x)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing per block (timm's API), for large backbones."""
+        self.grad_checkpointing = enable
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """Pool tokens ``(B, P + N, D)`` according to ``global_pool``."""
