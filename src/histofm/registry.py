@@ -59,6 +59,8 @@ class _Entry:
     fn: Callable[..., nn.Module]
     info: ModelInfo | None = None
     filter_fn: Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]] | None = None
+    # Reads constructor arguments from a checkpoint's folder (e.g. LayerNorm eps from config.json).
+    config_fn: Callable[[Path], dict[str, Any]] | None = None
 
 
 _REGISTRY: dict[str, _Entry] = {}
@@ -70,14 +72,19 @@ def register_model(
     info: ModelInfo | None = None,
     filter_fn: Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]] | None = None,
     name: str | None = None,
+    config_fn: Callable[[Path], dict[str, Any]] | None = None,
 ) -> Any:
-    """Register a model builder; usable as ``@register_model`` or ``@register_model(info=...)``."""
+    """Register a model builder; usable as ``@register_model`` or ``@register_model(info=...)``.
+
+    ``config_fn(checkpoint_path)`` may return constructor arguments read beside the
+    checkpoint (a Hugging Face ``config.json``); explicit overrides still win.
+    """
 
     def wrap(f: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         key = name or f.__name__
         if key in _REGISTRY:
             raise ValueError(f"model {key!r} is registered twice")
-        _REGISTRY[key] = _Entry(f, info, filter_fn)
+        _REGISTRY[key] = _Entry(f, info, filter_fn, config_fn)
         return f
 
     return wrap(fn) if fn is not None else wrap
@@ -147,6 +154,8 @@ def create_model(
         from histofm.hub import download_weights
 
         checkpoint_path = download_weights(model_info(name))
+    if checkpoint_path is not None and entry.config_fn is not None:
+        overrides = {**entry.config_fn(Path(checkpoint_path)), **overrides}
     try:
         if checkpoint_path is None:
             model = entry.fn(**overrides)
