@@ -1,0 +1,393 @@
+"""The training loop: the one place that moves tensors, scales, steps and saves.
+
+``fit(method, data, cfg)`` runs ``cfg.steps`` optimiser steps of an
+:class:`~histofm.methods.base.SSLMethod`. One step, written out::
+
+    batch  = next(loader) -> device
+    lr, wd = cosine schedules of the step (after linear warm-up)
+    with autocast(bf16 | fp16 | off):
+        out = method(batch)                  # dict; out["loss"] is minimised
+    if loss is not finite: skip the step (stop after max_nonfinite in a row)
+    backward (fp16: through the loss scaler), clip the gradient norm, optimiser step
+    method.on_step_end(step, steps)          # EMA teachers, queues, temperature schedules
+
+Conventions for methods:
+
+* ``out["loss"]`` is the total to minimise. Keys starting with ``aux_`` (for
+  example ``aux_koleo``, ``aux_moe_balance``) are auxiliary terms that the method
+  has ALREADY added into ``"loss"``; the engine only logs them, as it logs every
+  other scalar entry.
+* Per-step schedules that belong to the method run in ``on_step_end`` with the
+  global step (0-based, the step just taken) and ``cfg.steps``; use the helpers of
+  :mod:`histofm.train.schedules` and :func:`histofm.train.ema.ema_update`.
+
+Outputs in ``cfg.out_dir``: ``checkpoint.pt`` (every ``ckpt_every`` steps and at
+the end; ``resume=True`` continues from it exactly), ``log.jsonl``,
+``loss_curve.png``, ``backbone.safetensors`` + ``backbone.json``, and
+``config.json``. Under ``torchrun`` the method is wrapped in
+DistributedDataParallel, every rank reads its slice of each global batch, and
+only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, default_collate
+
+from histofm.errors import HistofmError
+from histofm.methods.base import SSLMethod
+from histofm.train import distributed as dist_utils
+from histofm.train.checkpoint import (
+    CHECKPOINT_NAME,
+    capture_rng,
+    export_backbone,
+    load_training_state,
+    restore_rng,
+    save_training_state,
+)
+from histofm.train.config import TrainConfig
+from histofm.train.data import SeededViews, StepBatchSampler, first_image, seeded, to_device
+from histofm.train.logs import RunLogger, plot_loss_curve
+from histofm.train.monitor import collapse_stats
+from histofm.train.optim import build_optimizer
+from histofm.train.schedules import cosine_schedule
+from histofm.utils import atomic_path, default_device, seed_everything
+
+History = list[dict[str, Any]]
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> CUDA (this rank's GPU under torchrun), MPS or CPU; otherwise ``torch.device(name)``."""
+    if name == "auto":
+        dev = default_device()
+    else:
+        try:
+            dev = torch.device(name)
+        except RuntimeError:
+            raise HistofmError(f"Unknown device {name!r}; use auto, cpu, cuda or cuda:N.") from None
+    if dev.type == "cuda" and dev.index is None:
+        import os
+
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return dev
+
+
+def fit(
+    method: SSLMethod,
+    data: Any,  # noqa: ANN401
+    cfg: TrainConfig,
+    *,
+    transform: Callable[[Any], Any] | None = None,
+    monitor_images: torch.Tensor | None = None,
+) -> History:
+    """Train ``method`` for ``cfg.steps`` optimiser steps and return the per-step history.
+
+    Args:
+        method: the SSL method (its ``backbone`` is what gets exported).
+        data: a map-style dataset (items: PIL images, tensors, or ``(image, *rest)`` tuples) or a
+            ready ``DataLoader``. With a dataset the engine controls data order and augmentation
+            seeds, so ``resume`` is exact; a ``DataLoader`` is cycled as is (its own order).
+        cfg: the training configuration.
+        transform: per-sample view transform applied to each dataset item (the one returned by
+            the method's ``build``); ignored with a ``DataLoader``.
+        monitor_images: images ``(N, 3, H, W)`` for the collapse watch; by default the first view
+            of ``cfg.monitor_samples`` fixed samples.
+
+    Returns:
+        One dict per step: ``step`` (0-based), ``loss``, every other scalar the method returned,
+        ``lr``, ``wd``, ``grad_norm``, ``skipped``, and ``embed_std``/``rankme`` on monitored steps.
+        After a resume the history includes the steps before the interruption.
+    """
+    if not isinstance(method, SSLMethod):
+        raise HistofmError(f"fit() needs an SSLMethod, got {type(method).__name__}.")
+    distributed = dist_utils.init_from_env(resolve_device(cfg.device).type)
+    rank, world = dist_utils.rank(), dist_utils.world_size()
+    device = resolve_device(cfg.device)
+    if cfg.precision == "fp16" and device.type == "cpu":
+        warnings.warn("fp16 autocast on CPU is slow and unsupported by many kernels; prefer bf16.", stacklevel=2)
+    out_dir = Path(cfg.out_dir) if cfg.out_dir is not None else None
+    main = rank == 0
+    if out_dir is not None and main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    method.to(device)
+    params = method.trainable_parameters()
+    if not params:
+        raise HistofmError("The method has no trainable parameters.")
+    optimizer = build_optimizer(method, params, cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+
+    # ---------------------------------------------------------------- resume
+    start_step, history, streak = 0, [], 0
+    ckpt_path = out_dir / CHECKPOINT_NAME if out_dir is not None else None
+    state = None
+    if cfg.resume and ckpt_path is not None and ckpt_path.is_file():
+        state = load_training_state(ckpt_path)
+        _check_resume_config(state.get("config", {}), cfg)
+        method.load_state_dict(state["method"])
+        optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        start_step, history, streak = int(state["step"]), list(state["history"]), int(state.get("nonfinite_streak", 0))
+    elif cfg.resume and main:
+        print(f"histofm: no checkpoint in {out_dir}; starting from step 0.")
+    if out_dir is not None and main:
+        with atomic_path(out_dir / "config.json") as tmp:
+            tmp.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+    stop_step = min(cfg.steps, cfg.stop_after) if cfg.stop_after is not None else cfg.steps
+
+    # ------------------------------------------------------------------ data
+    if isinstance(data, DataLoader):
+        loader, sampler = data, None
+        if monitor_images is None:
+            monitor_images = _first_image_batch(next(iter(data)), cfg.monitor_samples)
+    else:
+        if not hasattr(data, "__len__") or not hasattr(data, "__getitem__"):
+            raise HistofmError("fit() needs a map-style dataset (with __len__ and __getitem__) or a DataLoader.")
+        sampler = StepBatchSampler(
+            len(data), cfg.batch_size, seed=cfg.seed, start_step=start_step, stop_step=stop_step,
+            rank=rank, world_size=world,
+        )
+        views = SeededViews(data, transform, cfg.seed)
+        loader = DataLoader(
+            views, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=default_collate,
+            pin_memory=device.type == "cuda", persistent_workers=False,
+        )
+        if monitor_images is None and cfg.monitor_every > 0:
+            monitor_images = _monitor_batch(views, len(data), cfg)
+
+    # The loader's iterator draws a base seed from the global RNG: create it before seeding.
+    it = _cycle(loader) if sampler is None else iter(loader)
+
+    # RNG: fresh seeds per rank, or exactly the saved state of this rank.
+    if state is not None:
+        rngs = state["rng"]
+        restore_rng(rngs[rank] if rank < len(rngs) else rngs[0])
+    else:
+        seed_everything(cfg.seed + rank)
+
+    model: nn.Module = method
+    if distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(
+            method, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=cfg.find_unused_parameters,
+        )
+
+    logger = RunLogger(out_dir if main else None, resume_step=start_step, tensorboard=cfg.tensorboard)
+    autocast_dtype = _DTYPES.get(cfg.precision)
+
+    def save(next_step: int) -> None:
+        rngs = dist_utils.all_gather_object(capture_rng())
+        if main and ckpt_path is not None:
+            save_training_state(
+                ckpt_path,
+                {
+                    "step": next_step,
+                    "method": method.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                    "rng": rngs,
+                    "nonfinite_streak": streak,
+                    "config": cfg.to_dict(),
+                    "history": history,
+                },
+            )
+        dist_utils.barrier()
+
+    progress = _Progress(enabled=cfg.progress and main, total=stop_step, start=start_step)
+    method.train()
+    t_last, n_last = time.perf_counter(), 0
+    try:
+        for step in range(start_step, stop_step):
+            batch = to_device(next(it), device)
+            lr = cosine_schedule(step, cfg.steps, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.warmup_lr_start)
+            wd = cfg.weight_decay if cfg.weight_decay_end is None else cosine_schedule(
+                step, cfg.steps, cfg.weight_decay, cfg.weight_decay_end
+            )
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+                if g.get("apply_wd", True):
+                    g["weight_decay"] = wd
+
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+                out = model(batch)
+            if not isinstance(out, dict) or "loss" not in out:
+                raise HistofmError(f"{type(method).__name__}.forward must return a dict with a 'loss' entry.")
+            loss = out["loss"]
+            finite = _all_finite(loss.detach().float())
+            grad_norm = float("nan")
+            if finite:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                max_norm = cfg.grad_clip if cfg.grad_clip is not None else float("inf")
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+                finite = math.isfinite(grad_norm) or scaler.is_enabled()  # the scaler skips inf steps itself
+            if finite:
+                scaler.step(optimizer)
+                scaler.update()
+                streak = 0
+            else:
+                streak += 1
+                warnings.warn(f"non-finite loss or gradient at step {step}; step skipped", stacklevel=2)
+            optimizer.zero_grad(set_to_none=True)
+            method.on_step_end(step, cfg.steps)
+
+            record = {"step": step, **_scalars(out), "lr": lr, "wd": wd, "grad_norm": grad_norm, "skipped": not finite}
+            if cfg.monitor_every > 0 and monitor_images is not None and main and (
+                step % cfg.monitor_every == 0 or step == cfg.steps - 1
+            ):
+                record.update(_monitor(method, monitor_images, device, autocast_dtype))
+            history.append(record)
+            n_last += 1
+            if main and (step % cfg.log_every == 0 or step == stop_step - 1):
+                now = time.perf_counter()
+                per_step = (now - t_last) / n_last
+                logger.log({**record, "sec_per_step": per_step, "samples_per_sec": cfg.batch_size / max(per_step, 1e-9)})
+                t_last, n_last = now, 0
+            progress.update(step + 1, record)
+
+            if streak >= cfg.max_nonfinite:
+                save(step + 1)
+                if main and out_dir is not None:
+                    export_backbone(method.backbone, out_dir, {"steps": step + 1, "stopped": "non-finite loss"})
+                where = f"; checkpoint saved in {out_dir}" if out_dir is not None else ""
+                raise HistofmError(
+                    f"The loss was not finite for {streak} steps in a row (step {step}){where}; "
+                    "lower the learning rate or use fp32, then resume."
+                )
+            done = step + 1
+            if ckpt_path is not None and cfg.ckpt_every > 0 and done % cfg.ckpt_every == 0 and done < stop_step:
+                save(done)
+    finally:
+        progress.close()
+        logger.close()
+
+    if ckpt_path is not None and stop_step > start_step:
+        save(stop_step)
+    if main and out_dir is not None:
+        finished = stop_step >= cfg.steps
+        export_backbone(method.backbone, out_dir, {"steps": stop_step, "finished": finished})
+        if history:
+            plot_loss_curve(history, out_dir / "loss_curve.png", title=f"{type(method).__name__}: training loss")
+    return history
+
+
+# ------------------------------------------------------------------------ helpers
+def _check_resume_config(saved: dict[str, Any], cfg: TrainConfig) -> None:
+    for key in ("batch_size", "seed"):
+        if key in saved and saved[key] != getattr(cfg, key):
+            raise HistofmError(
+                f"Cannot resume: the checkpoint was made with {key}={saved[key]} but this run has "
+                f"{key}={getattr(cfg, key)}; use the same value or another out_dir."
+            )
+    if saved.get("steps") not in (None, cfg.steps):
+        warnings.warn(
+            f"resuming a run planned for {saved['steps']} steps with steps={cfg.steps}: schedules change", stacklevel=3
+        )
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    ok = torch.isfinite(x).all().float()
+    if dist_utils.is_distributed():
+        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)  # all ranks skip together
+    return bool(ok.item())
+
+
+def _scalars(out: dict[str, Any]) -> dict[str, float]:
+    rec = {}
+    for k, v in out.items():
+        if isinstance(v, torch.Tensor) and v.numel() == 1:
+            rec[k] = float(dist_utils.all_reduce_mean(v.detach().float()))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            rec[k] = float(v)
+    return rec
+
+
+def _cycle(loader: DataLoader) -> Any:  # noqa: ANN401
+    epoch = 0
+    while True:
+        sampler = getattr(loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def _monitor_batch(views: SeededViews, n: int, cfg: TrainConfig) -> torch.Tensor | None:
+    g = torch.Generator().manual_seed(cfg.seed + 7919)
+    idx = torch.randperm(n, generator=g)[: min(cfg.monitor_samples, n)]
+    imgs = []
+    with seeded(cfg.seed):  # never touches the training random state
+        for i in idx.tolist():
+            img = first_image(views[(i, -1)])
+            if img is None:
+                return None
+            imgs.append(img)
+    if len({tuple(t.shape) for t in imgs}) != 1:
+        return None
+    return torch.stack(imgs)  # (N, C, H, W)
+
+
+def _first_image_batch(batch: Any, limit: int) -> torch.Tensor | None:  # noqa: ANN401
+    if isinstance(batch, torch.Tensor):
+        return batch[:limit] if batch.ndim == 4 else None
+    if isinstance(batch, (list, tuple)):
+        for b in batch:
+            t = _first_image_batch(b, limit)
+            if t is not None:
+                return t
+    return None
+
+
+@torch.no_grad()
+def _monitor(method: SSLMethod, images: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> dict[str, float]:
+    was_training = method.training
+    method.eval()
+    try:
+        with torch.random.fork_rng(devices=[]), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            z = torch.cat([method.embed(images[i : i + 256].to(device)) for i in range(0, len(images), 256)])
+    finally:
+        method.train(was_training)
+    return collapse_stats(z.float())
+
+
+class _Progress:
+    """A rich progress bar showing the step, the loss and the time left (no-op when disabled)."""
+
+    def __init__(self, *, enabled: bool, total: int, start: int) -> None:
+        self._p = None
+        if not enabled:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._p = Progress(
+            TextColumn("[bold]pretrain"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(), transient=False,
+        )
+        self._p.start()
+        self._task = self._p.add_task("train", total=total, completed=start, info="")
+
+    def update(self, completed: int, record: dict[str, Any]) -> None:
+        if self._p is not None:
+            info = f"loss {record.get('loss', float('nan')):.4f}"
+            if "rankme" in record:
+                info += f"  rankme {record['rankme']:.1f}"
+            self._p.update(self._task, completed=completed, info=info)
+
+    def close(self) -> None:
+        if self._p is not None:
+            self._p.stop()
