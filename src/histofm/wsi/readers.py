@@ -5,8 +5,8 @@ Every reader exposes the same small surface, in OpenSlide's conventions:
 * ``dimensions`` ``(width, height)`` of level 0, ``level_count``, ``level_dimensions``
   and ``level_downsamples`` (level-0 pixels per level pixel);
 * ``mpp``: microns per pixel of level 0, from the file's metadata or from an override
-  (``open_slide(path, mpp=0.5)``); a slide without it raises :class:`HistofmError`
-  asking for ``--mpp`` only when a physical resolution is actually needed;
+  (``open_slide(path, mpp=0.5)``, ``--mpp-override`` on the command line); a slide without
+  it raises :class:`HistofmError` saying so, only when a physical resolution is needed;
 * ``read_region((x, y), level, (w, h))``: an RGB ``PIL.Image``, with ``(x, y)`` in level-0
   pixels (OpenSlide's convention); area outside the slide is white;
 * ``read_region_mpp(x, y, size, target_mpp)``: a ``size x size`` RGB tile at a physical
@@ -26,6 +26,7 @@ import contextlib
 import logging
 import math
 import os
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
@@ -112,8 +113,8 @@ class SlideReader(ABC):
         value = self._metadata_mpp()
         if value is None:
             raise HistofmError(
-                f"{self.path.name} records no microns-per-pixel resolution; pass --mpp "
-                "(or mpp=...) with its level-0 resolution, e.g. --mpp 0.25 for 40x or 0.5 for 20x."
+                f"{self.path.name} records no microns-per-pixel resolution; pass its level-0 resolution "
+                "with --mpp-override (mpp=... in Python), e.g. --mpp-override 0.25 for 40x or 0.5 for 20x."
             )
         return value
 
@@ -323,6 +324,9 @@ _READERS: dict[str, type[SlideReader]] = {
 }
 
 
+_LIBRARY = {"openslide": "OpenSlide", "tiffslide": "tiffslide", "image": "Pillow"}
+
+
 def open_slide(
     path: str | os.PathLike[str], mpp: float | None = None, backend: str = "auto"
 ) -> SlideReader:
@@ -352,53 +356,52 @@ def open_slide(
         order = ["image"]
     else:
         order = list(BACKENDS)
-    errors: list[str] = []
     for name in order:
         try:
             with _quiet("tifffile", "tiffslide"):
                 reader = _READERS[name](path, mpp)
         except HistofmError:
             raise
-        except Exception as e:  # each library raises its own types; we try the next one
-            errors.append(f"{name}: {type(e).__name__}: {e}")
+        except Exception:  # each library raises its own types; try the next one
             continue
         if min(reader.dimensions) <= 0:
             reader.close()
-            errors.append(f"{name}: empty image")
             continue
         return reader
-    raise HistofmError(_unreadable_message(path, order, errors))
+    raise HistofmError(_unreadable_message(path, order))
 
 
 @contextlib.contextmanager
 def _quiet(*names: str) -> Iterator[None]:
-    """Silence library loggers while probing a file (their warnings would precede our one sentence)."""
+    """Silence library loggers and warnings while probing a file (they would precede our one sentence)."""
     loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.CRITICAL)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
 
 
-def _unreadable_message(path: Path, tried: list[str], errors: list[str]) -> str:
+def _unreadable_message(path: Path, tried: list[str]) -> str:
     try:
         with open(path, "rb") as f:
             head = f.read(4)
     except OSError as e:
         return f"Cannot read {path} ({e}); check the file's permissions."
-    detail = errors[0] if errors else "no reader"
+    readers = " or ".join(_LIBRARY[name] for name in tried)
     if head in _TIFF_MAGIC:
         return (
-            f"{path.name} starts like a TIFF/SVS slide but {', '.join(tried)} cannot read it "
-            f"({detail}), so it is probably truncated or corrupt; copy or export it again."
+            f"{path.name} starts like a TIFF/SVS slide but {readers} cannot read it, so it is probably "
+            "truncated or corrupt; copy or export it again."
         )
     return (
-        f"{path.name} is not a slide or image that {', '.join(tried)} can read ({detail}); "
-        "check that the file really is a whole-slide image (.svs, .ndpi, .tif ...) or a PNG/JPEG."
+        f"{path.name} is not a slide or image that {readers} can read; check that the file really is "
+        "a whole-slide image (.svs, .ndpi, .tif ...) or a PNG/JPEG."
     )
 
 

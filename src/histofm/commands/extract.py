@@ -1,0 +1,59 @@
+"""``histofm extract``: embed the tissue tiles of slides with a tile encoder, one HDF5 per slide.
+
+Under ``torchrun`` each process takes its share of the slides (``RANK`` / ``WORLD_SIZE``
+from the environment) and uses the GPU of its ``LOCAL_RANK``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from histofm.commands.tile import add_slide_arguments
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("extract", help="extract tile features of slides to HDF5 (CLAM / TRIDENT layout)")
+    p.add_argument("slides", nargs="+", type=Path, metavar="SLIDE", help="slide files")
+    p.add_argument("--model", required=True, help="registered model name (see `histofm models`)")
+    p.add_argument("--checkpoint", type=Path, default=None, help="weights file or snapshot directory")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    add_slide_arguments(p)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="tile-reading processes")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: best available)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--overwrite", action="store_true", help="redo slides whose output exists")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    import histofm
+    from histofm.wsi.features import ExtractConfig, extract_features
+
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = args.device
+    if device is None and world_size > 1 and histofm.utils.default_device().type == "cuda":
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    config = ExtractConfig(
+        target_mpp=args.target_mpp, tile_size=args.tile_size, overlap=args.overlap, min_tissue=args.min_tissue,
+        batch_size=args.batch_size, num_workers=args.workers, device=device, precision=args.precision,
+        backend=args.backend, overwrite=args.overwrite,
+    )
+    model = histofm.create_model(args.model, checkpoint_path=args.checkpoint)
+    console = Console()
+    report = extract_features(
+        args.slides, model, args.out, config=config, mpp=args.mpp_override,
+        rank=rank, world_size=world_size, progress=not args.no_progress, console=console,
+    )
+    console.print(report.table())
+    console.print(report.summary(), highlight=False)
+    for failure in report.failures:
+        print(f"histofm: error: {failure.slide}: {failure.error}", file=sys.stderr)
+    return 2 if report.failures else 0
