@@ -23,7 +23,14 @@ from histofm.data import sample_path
 from histofm.registry import IMAGENET_MEAN, IMAGENET_STD
 from histofm.wsi import open_slide, tile_slide
 from histofm.wsi.dataset import SlideTileDataset
-from histofm.wsi.features import ExtractConfig, _eval_transform, _Preprocess, extract_features, read_features, shard_slides
+from histofm.wsi.features import (
+    ExtractConfig,
+    _eval_transform,
+    _Preprocess,
+    extract_features,
+    read_features,
+    shard_slides,
+)
 
 SVS = sample_path("cmu_small_region")
 MODEL = "vit_tiny_patch16_224"
