@@ -111,6 +111,9 @@ class VisionTransformer(nn.Module):
         norm_eps: LayerNorm epsilon (1e-6 as in timm's ViTs).
         mlp_factory: optional ``(dim, hidden) -> nn.Module`` building the MLP of each
             block (for example a mixture of experts); overrides ``mlp_layer``.
+        moe_every, num_experts, top_k, capacity_factor: ``moe_every=N > 0`` makes the MLP of
+            every N-th block a :class:`~histofm.layers.moe.MoEMlp` with ``num_experts`` experts
+            of type ``mlp_layer``, top-k routing and that capacity factor (0: off, the default).
     """
 
     def __init__(
@@ -136,8 +139,18 @@ class VisionTransformer(nn.Module):
         use_mask_token: bool = False,
         norm_eps: float = 1e-6,
         mlp_factory: Callable[[int, int], nn.Module] | Callable[[int, int, int], nn.Module] | None = None,
+        moe_every: int = 0,
+        num_experts: int = 8,
+        top_k: int = 2,
+        capacity_factor: float | None = 1.25,
     ) -> None:
         super().__init__()
+        if moe_every:
+            if mlp_factory is not None:
+                raise ValueError("pass either moe_every or mlp_factory, not both")
+            from histofm.layers.moe import moe_mlp_factory
+
+            mlp_factory = moe_mlp_factory(moe_every, num_experts, top_k, capacity_factor, mlp_layer, drop_rate)
         if global_pool not in _POOLS:
             raise ValueError(f"global_pool must be one of {_POOLS}, got {global_pool!r}")
         if global_pool in ("token", "token_avg") and not class_token:
