@@ -1,4 +1,9 @@
-"""Download official weights through ``huggingface_hub`` (never at import, never in tests)."""
+"""Download official weights through ``huggingface_hub`` (never at import, never in tests).
+
+Every failure ends in one sentence that says what to do: for a gated repository,
+accept its terms on the hub and set ``HF_TOKEN``; offline, pass ``checkpoint_path``
+to a local copy.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +12,64 @@ from pathlib import Path
 from histofm.errors import HistofmError
 from histofm.registry import ModelInfo
 
+_SNAPSHOT_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # preferred order in a snapshot
+_FALLBACK = {"pytorch_model.bin": "model.safetensors", "model.safetensors": "pytorch_model.bin"}
+
+
+def _hub_errors() -> dict[str, tuple[type[BaseException], ...]]:
+    """huggingface_hub's exception classes, looked up by name (they moved between versions)."""
+    import huggingface_hub
+
+    modules = [getattr(huggingface_hub, "errors", None), getattr(huggingface_hub, "utils", None)]
+
+    def find(*names: str) -> tuple[type[BaseException], ...]:
+        found = []
+        for name in names:
+            for mod in modules:
+                cls = getattr(mod, name, None) if mod is not None else None
+                if isinstance(cls, type) and issubclass(cls, BaseException):
+                    found.append(cls)
+                    break
+        return tuple(found)
+
+    return {
+        "gated": find("GatedRepoError"),
+        "offline": find("LocalEntryNotFoundError", "OfflineModeIsEnabled"),
+        "missing_repo": find("RepositoryNotFoundError"),
+        "missing_file": find("EntryNotFoundError", "RemoteEntryNotFoundError"),
+    }
+
+
+def _explain(info: ModelInfo, error: BaseException) -> HistofmError:
+    """Turn a huggingface_hub exception into one actionable sentence."""
+    kinds = _hub_errors()
+    kind = type(error).__name__
+    text = str(error)
+    local = "or download the weights yourself and pass checkpoint_path"
+    if isinstance(error, kinds["gated"]) or " 401" in text or " 403" in text:
+        return HistofmError(
+            f"{info.hub_id} is gated: accept its terms on huggingface.co/{info.hub_id} with your account, "
+            f"set HF_TOKEN to a read token and retry, {local} ({kind})."
+        )
+    if isinstance(error, kinds["offline"] + (ConnectionError, TimeoutError)):
+        token = " (it is gated: accept its terms and set HF_TOKEN first)" if info.gated else ""
+        return HistofmError(
+            f"Cannot reach the Hugging Face hub for {info.hub_id} and it is not in the local cache{token}; "
+            f"connect and retry, or pass checkpoint_path to a local copy ({kind})."
+        )
+    if isinstance(error, kinds["missing_repo"]):
+        return HistofmError(
+            f"{info.hub_id} was not found on the hub or your token cannot see it; check HF_TOKEN, {local} ({kind})."
+        )
+    return HistofmError(f"Could not download {info.hub_id} ({kind}); {local}.")
+
 
 def download_weights(info: ModelInfo) -> Path:
-    """Fetch the checkpoint named by ``info`` and return its local path.
+    """Fetch the checkpoint named by ``info`` and return its local path (file or snapshot folder).
 
-    Gated, offline and missing cases end in one sentence saying what to do.
+    Models published as timm files name ``info.hub_filename`` (with ``model.safetensors``
+    / ``pytorch_model.bin`` tried in turn); transformers models (``hub_filename=None``)
+    download ``config.json`` plus one weights file as a snapshot folder.
     """
     if not info.public_weights or not info.hub_id:
         raise HistofmError(
@@ -23,17 +81,22 @@ def download_weights(info: ModelInfo) -> Path:
         raise HistofmError(
             "pretrained=True needs huggingface_hub (pip install 'histofm[hub]'); or pass checkpoint_path."
         ) from None
+    missing_file = _hub_errors()["missing_file"]
     try:
         if info.hub_filename:
-            return Path(hf_hub_download(info.hub_id, info.hub_filename))
-        return Path(snapshot_download(info.hub_id, allow_patterns=["*.json", "*.safetensors", "*.bin"]))
-    except Exception as e:  # huggingface_hub raises many types: gated, offline, not found
-        kind = type(e).__name__
-        if info.gated or "Gated" in kind or "401" in str(e) or "403" in str(e):
-            raise HistofmError(
-                f"{info.hub_id} is gated: accept its terms on the hub, set HF_TOKEN, and retry; "
-                f"or download the file yourself and pass checkpoint_path ({kind})."
-            ) from None
-        raise HistofmError(
-            f"Could not download {info.hub_id} ({kind}); if you are offline, pass checkpoint_path to a local copy."
-        ) from None
+            try:
+                return Path(hf_hub_download(info.hub_id, info.hub_filename))
+            except missing_file:
+                other = _FALLBACK.get(info.hub_filename)
+                if other is None:
+                    raise
+                return Path(hf_hub_download(info.hub_id, other))
+        for weights in _SNAPSHOT_WEIGHTS:
+            folder = Path(snapshot_download(info.hub_id, allow_patterns=["config.json", weights]))
+            if (folder / weights).is_file():
+                return folder
+        raise HistofmError(f"{info.hub_id} has no {' or '.join(_SNAPSHOT_WEIGHTS)}; pass checkpoint_path instead.")
+    except HistofmError:
+        raise
+    except Exception as e:  # huggingface_hub raises many types: gated, offline, not found, HTTP
+        raise _explain(info, e) from None
