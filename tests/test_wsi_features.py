@@ -122,7 +122,8 @@ def test_fast_path_equals_the_models_own_transform(coords):
     pre = _Preprocess(MODEL, 224, None)
     assert pre.tile_transform is None  # 224 px tiles for a 224 px model: batched normalisation
     ds = SlideTileDataset([SVS], [coords[:4]])
-    batch = torch.stack([ds[i][0] for i in range(4)])
+    batch, xy = pre.collate([ds[i] for i in range(4)])
+    np.testing.assert_array_equal(xy.numpy(), coords[:4])
     fast = pre.batch(batch, torch.device("cpu"))
     own = _eval_transform(MODEL, histofm.model_info(MODEL))
     slow = torch.stack([own(ds.read_tile(i)) for i in range(4)])

