@@ -22,6 +22,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(target)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
@@ -31,6 +32,25 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def remove_stale_temps(target: str | os.PathLike[str]) -> int:
+    """Delete temporary files that :func:`atomic_path` left beside ``target`` when a process was killed.
+
+    ``target`` may be a file (its own temporaries) or a directory (all temporaries in it).
+    Returns how many were removed.
+    """
+    target = Path(target)
+    pattern = ".*.tmp" if target.is_dir() else f".{target.name}.*.tmp"
+    folder = target if target.is_dir() else target.parent
+    removed = 0
+    for stale in folder.glob(pattern):
+        try:
+            stale.unlink()
+            removed += 1
+        except FileNotFoundError:
+            pass
+    return removed
 
 
 def seed_everything(seed: int) -> None:

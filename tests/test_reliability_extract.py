@@ -1,0 +1,88 @@
+"""Kill -9 during `histofm extract`, then rerun: no partial files, same outputs as one clean run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from safetensors.torch import save_file
+
+import histofm
+from histofm.data import sample_path
+
+
+def _cmd(slides: list[Path], ckpt: Path, out: Path) -> list[str]:
+    return [
+        sys.executable, "-m", "histofm", "extract", *map(str, slides), "--model", "vit_tiny_patch16_224",
+        "--checkpoint", str(ckpt), "--out", str(out), "--tile-size", "112", "--target-mpp", "2.0",
+        "--batch-size", "8", "--workers", "0", "--no-progress",
+    ]
+
+
+def _outputs(out: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    result = {}
+    for f in sorted(out.iterdir()):
+        assert f.suffix == ".h5" and not f.name.startswith("."), f"stray file {f.name}"
+        with h5py.File(f, "r") as h:
+            result[f.name] = (h["features"][:], h["coords"][:])
+    return result
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("kill")
+    slides = []
+    for i in range(2):
+        dst = root / f"slide{i}.svs"
+        shutil.copy(sample_path("cmu_small_region"), dst)
+        slides.append(dst)
+    ckpt = root / "tiny.safetensors"
+    save_file(histofm.create_model("vit_tiny_patch16_224").state_dict(), ckpt)
+    ref = root / "ref"
+    proc = subprocess.run(_cmd(slides, ckpt, ref), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return slides, ckpt, _outputs(ref)
+
+
+def _first_output(out: Path) -> bool:
+    return out.exists() and any(f.suffix == ".h5" and not f.name.startswith(".") for f in out.iterdir())
+
+
+@pytest.mark.parametrize("kill_point", ["during start-up", "after the first slide"])
+def test_kill_then_rerun_equals_clean_run(setup, tmp_path: Path, kill_point: str) -> None:
+    slides, ckpt, ref = setup
+    out = tmp_path / "out"
+    out.mkdir()
+    # A temp file left by an earlier crash must be cleaned, not mistaken for output.
+    (out / ".slide0.h5.stale.tmp").write_bytes(b"half a file")
+    proc = subprocess.Popen(_cmd(slides, ckpt, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    if kill_point == "during start-up":
+        time.sleep(0.5)
+    else:
+        while not _first_output(out) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    # Whatever the kill left must be complete files only (temp files are hidden and cleaned on rerun).
+    if out.exists():
+        for f in out.iterdir():
+            if f.suffix == ".h5" and not f.name.startswith("."):
+                with h5py.File(f, "r") as h:
+                    assert h["features"].shape[0] == h["coords"].shape[0] > 0
+    rerun = subprocess.run(_cmd(slides, ckpt, out), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    got = _outputs(out)
+    assert sorted(got) == sorted(ref)
+    for name, (feats, coords) in ref.items():
+        np.testing.assert_array_equal(got[name][1], coords)
+        np.testing.assert_allclose(got[name][0], feats, rtol=1e-5, atol=1e-5)
