@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from histofm.errors import HistofmError
-from histofm.utils import atomic_path, default_device
+from histofm.utils import atomic_path, default_device, remove_stale_temps
 from histofm.wsi.dataset import SlideTileDataset
 from histofm.wsi.readers import open_slide
 from histofm.wsi.tiling import tile_slide, tile_spec
@@ -336,6 +336,7 @@ def extract_features(
         raise HistofmError(f"Unknown precision {cfg.precision!r}; choose fp32, bf16 or fp16.")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out_dir)  # temp files of a process killed mid-write
     wanted = {
         "model_name": name,
         "mpp": float(cfg.target_mpp),
