@@ -81,14 +81,14 @@ def download_weights(info: ModelInfo) -> Path:
         raise HistofmError(
             "pretrained=True needs huggingface_hub (pip install 'histofm[hub]'); or pass checkpoint_path."
         ) from None
-    missing_file = _hub_errors()["missing_file"]
+    kinds = _hub_errors()
     try:
         if info.hub_filename:
             try:
                 return Path(hf_hub_download(info.hub_id, info.hub_filename))
-            except missing_file:
+            except kinds["missing_file"] as e:  # the repo holds the other format: try it
                 other = _FALLBACK.get(info.hub_filename)
-                if other is None:
+                if other is None or isinstance(e, kinds["offline"]):  # "not in the cache" is not "not on the hub"
                     raise
                 return Path(hf_hub_download(info.hub_id, other))
         for weights in _SNAPSHOT_WEIGHTS:

@@ -51,8 +51,15 @@ def _pi_resize_matrix(
     n_old = old_size[0] * old_size[1]
     basis = torch.eye(n_old, dtype=torch.float64).reshape(n_old, 1, *old_size)  # one image per old pixel
     resized = F.interpolate(basis, size=new_size, mode=interpolation, antialias=antialias)  # (n_old, 1, H, W)
-    resize_op = resized.reshape(n_old, -1).T  # (n_new, n_old): x_new = B x_old
-    return torch.linalg.pinv(resize_op.T)  # (n_new, n_old)
+    B = resized.reshape(n_old, -1).T  # (n_new, n_old): x_new = B x_old
+    # pinv(B^T) through the normal equations of the smaller side (B has full rank for
+    # bilinear/bicubic resizes); an SVD-based pinv only if that system is singular.
+    try:
+        if B.shape[0] >= B.shape[1]:  # upsampling: pinv(B^T) = B (B^T B)^-1
+            return torch.linalg.solve(B.T @ B, B.T).T
+        return torch.linalg.solve(B @ B.T, B)  # downsampling: pinv(B^T) = (B B^T)^-1 B
+    except RuntimeError:
+        return torch.linalg.pinv(B.T)
 
 
 def resize_patch_embed(

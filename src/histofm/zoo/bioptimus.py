@@ -51,6 +51,7 @@ H_OPTIMUS_0 = ModelInfo(
     data=">500k WSIs",
     num_params=1_134_774_272,
     pretrain_config="dinov2",
+    notes="Whether the hub repository is gated (access form) is unverified [U].",
 )
 
 H_OPTIMUS_1 = ModelInfo(
@@ -70,6 +71,7 @@ H_OPTIMUS_1 = ModelInfo(
     data=">1M WSIs [U]",
     num_params=1_134_774_272,
     pretrain_config="dinov2",
+    notes="Gated on the hub; licence terms and training-set size are unverified [U].",
 )
 
 

@@ -52,6 +52,10 @@ HIBOU_B = ModelInfo(
     data="private slide collection (~1M WSIs) [U]",
     num_params=85_740_288,
     pretrain_config="dinov2",
+    notes=(
+        "Key names assumed equal to transformers' Dinov2WithRegistersModel [U]; eval resize to 224 assumed [U]; "
+        "parameter count is one 768-vector below the hub's (class position folded into cls_token)."
+    ),
 )
 
 

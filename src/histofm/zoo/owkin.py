@@ -41,6 +41,7 @@ PHIKON = ModelInfo(
     data="6,093 TCGA WSIs, 43M tiles",
     num_params=85_798_656,
     pretrain_config="ibot",
+    notes="Eval resize mode (resize to 224, bicubic) is assumed from the hub image processor [U].",
 )
 
 PHIKON_V2 = ModelInfo(
@@ -60,6 +61,7 @@ PHIKON_V2 = ModelInfo(
     data="~60k WSIs (58,359), ~456M tiles (PANCAN-XL)",
     num_params=303_351_808,
     pretrain_config="dinov2",
+    notes="Eval resize mode (resize to 224, bicubic) is assumed from the hub image processor [U].",
 )
 
 
