@@ -229,29 +229,35 @@ def test_tile_command_writes_coords_and_pictures(tmp_path, capfd, coords):
 
 
 def test_extract_command_batch_with_a_bad_slide(tmp_path, capfd, bad):
-    torch.manual_seed(1)
-    net = histofm.create_model(MODEL).eval()
+    # Random weights without the cost of timm-style initialisation: shapes from a meta-device model.
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in histofm.create_model(MODEL).state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    weights = {k: (1.0 if k.endswith("norm.weight") or ".norm" in k and k.endswith("weight") else 0.0)
+               + 0.05 * torch.randn(shape, generator=g) for k, shape in shapes.items()}
     ckpt = tmp_path / "w.safetensors"
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, ckpt)
+    save_file(weights, ckpt)
     out = tmp_path / "feats"
-    args = ["extract", "--model", MODEL, "--checkpoint", str(ckpt), str(SVS), str(bad / "notes.svs"),
-            "--out", str(out), "--tile-size", "448", "--workers", "0", "--no-progress"]
+    region = bad / "region.png"  # 700 px of the real slide: 300 px tiles make a 2 x 2 grid
+    args = ["extract", "--model", MODEL, "--checkpoint", str(ckpt), str(region), str(bad / "notes.svs"),
+            "--out", str(out), "--mpp-override", "0.499", "--tile-size", "300", "--min-tissue", "0.2",
+            "--workers", "0", "--no-progress"]
     assert main(args) == 2
     captured = capfd.readouterr()
     err = captured.err.strip().splitlines()
     assert len(err) == 1 and "notes.svs" in err[0] and "is not a slide or image" in err[0]
     assert "1 done" in captured.out and "1 failed" in captured.out
-    assert sorted(p.name for p in out.iterdir()) == ["cmu_small_region.h5"]
-    feats, xy, attrs = read_features(out / "cmu_small_region.h5")
-    with open_slide(SVS) as s:
-        expected = tile_slide(s, 0.5, 448)
-        np.testing.assert_array_equal(xy, expected)
-        # 448 px tiles for a 224 px model: the model's own eval transform resizes each tile.
+    assert sorted(p.name for p in out.iterdir()) == ["region.h5"]
+    feats, xy, attrs = read_features(out / "region.h5")
+    assert attrs["tile_size"] == 300 and attrs["embed_dim"] == 192 and len(xy) >= 2
+    net = histofm.create_model(MODEL, checkpoint_path=ckpt).eval()
+    with open_slide(region, mpp=0.499) as s:
+        np.testing.assert_array_equal(xy, tile_slide(s, 0.5, 300, min_tissue=0.2))
+        # 300 px tiles for a 224 px model: the model's own eval transform resizes each tile.
         own = histofm.eval_transform(MODEL) if _has_zoo_transforms() else _eval_transform(MODEL, histofm.model_info(MODEL))
-        tile = s.read_region_mpp(int(xy[0][0]), int(xy[0][1]), 448, 0.5)
+        tiles = torch.stack([own(s.read_region_mpp(int(x), int(y), 300, 0.5)) for x, y in xy])
     with torch.no_grad():
-        np.testing.assert_allclose(feats[0], net(own(tile)[None])[0].numpy(), atol=1e-4, rtol=1e-4)
-    assert attrs["tile_size"] == 448 and attrs["embed_dim"] == 192
+        np.testing.assert_allclose(feats, net(tiles).numpy(), atol=1e-4, rtol=1e-4)
     # Re-running skips the finished slide (and still reports the bad one).
     assert main(args) == 2
     assert "1 skipped" in capfd.readouterr().out

@@ -405,7 +405,8 @@ def _unreadable_message(path: Path, tried: list[str]) -> str:
             head = f.read(4)
     except OSError as e:
         return f"Cannot read {path} ({e}); check the file's permissions."
-    readers = " or ".join(_LIBRARY[name] for name in tried)
+    names = [_LIBRARY[name] for name in tried]
+    readers = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
     if head in _TIFF_MAGIC:
         return (
             f"{path.name} starts like a TIFF/SVS slide but {readers} cannot read it, so it is probably "
