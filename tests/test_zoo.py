@@ -18,6 +18,15 @@ from histofm.data import sample_path
 from histofm.methods.registry import METHOD_MODULES
 from histofm.zoo import zoo_markdown_table, zoo_models
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Small CPU work; one thread avoids oversubscription when the machine is shared.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # The names issue 3 asks for (hibou_b mapped), plus kaiko's patch-8 variants from MODELS.md.

@@ -29,6 +29,15 @@ from transformers import (
 import histofm
 from histofm.zoo._hf import convert_hf_vit
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Small CPU work; one thread avoids oversubscription when the machine is shared.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 _SWIGLU = dict(mlp_layer=SwiGLUPacked, act_layer=nn.SiLU)
 _VIRCHOW = dict(img_size=224, init_values=1e-5, num_classes=0, mlp_ratio=5.3375, global_pool="", dynamic_img_size=True, **_SWIGLU)
 _H_OPTIMUS = dict(num_classes=0, img_size=224, global_pool="token", init_values=1e-5, dynamic_img_size=False)

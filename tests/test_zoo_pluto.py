@@ -13,6 +13,15 @@ from histofm.layers.patch_embed import resize_patch_embed
 from histofm.models.vit import VisionTransformer
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Small CPU work; one thread avoids oversubscription when the machine is shared.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.mark.parametrize("new", [8, 24, 32])
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
 def test_resize_patch_embed_matches_timm(new: int, interpolation: str) -> None:
