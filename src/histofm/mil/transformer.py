@@ -4,8 +4,15 @@ The tiles of a bag exchange information through a few pre-norm Transformer
 blocks (Vaswani et al. 2017, arXiv 1706.03762) with a key-padding mask, and the
 contextualised tiles are pooled by gated attention (Ilse et al. 2018)::
 
-    h = W_1 x;   h = Block_L(...Block_1(h));   a = softmax_n(w^T (tanh(V LN(h_n)) * sigm(U LN(h_n))))
-    logits = W_c sum_n a_n LN(h_n)
+    e = W_1 x;   h = LN(Block_L(...Block_1(e)))
+    a_n = softmax_n(w^T (tanh(V e_n) * sigm(U e_n)))        # weights from the tile's own content
+    logits = W_c sum_n a_n h_n                               # values in context
+
+The pooling weights are computed from each tile's own embedding ``e_n``, not
+from the contextualised ``h_n``: after global self-attention every token carries
+the decisive tiles' content, and weights computed on ``h_n`` spread over the
+whole bag (on the synthetic bags of the tests, precision of the top-attended
+tiles 0.38 with weights on ``h_n``, against the figure in ``docs/aggregation.md``).
 
 Full self-attention costs O(N^2) time (memory stays linear through the fused
 ``scaled_dot_product_attention``), so it suits bags up to a few thousand tiles;
@@ -61,11 +68,12 @@ class TransformerMIL(MILAggregator):
         self, features: torch.Tensor, mask: torch.Tensor | None = None, *, labels: torch.Tensor | None = None
     ) -> MILOutput:
         x, mask = self.check_inputs(features, mask)
-        h = self.fc(x)  # (B, N, dim)
+        e = self.fc(x)  # (B, N, dim)
         attn_mask = None if bool(mask.all()) else mask[:, None, None, :]  # (B, 1, 1, N): True = may attend
+        h = e
         for block in self.blocks:
             h = block(h, attn_mask=attn_mask)
         h = self.norm(h)
-        a = masked_softmax(self.attention(h).squeeze(-1), mask)  # (B, N)
+        a = masked_softmax(self.attention(e).squeeze(-1), mask)  # (B, N)
         z = torch.bmm(a.unsqueeze(1), h).squeeze(1)  # (B, dim)
         return MILOutput(logits=self.classifier(z), scores=a)
