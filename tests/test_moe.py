@@ -199,6 +199,24 @@ def test_aux_losses_accumulate_over_calls_and_reach_the_router() -> None:
     assert all(m.router.weight.grad is not None and m.router.weight.grad.abs().sum() > 0 for m in moes)
 
 
+def test_activation_checkpointing_counts_aux_losses_once() -> None:
+    torch.manual_seed(0)
+    model = histofm.create_model("vit_tiny_patch16_224", depth=2, img_size=32, patch_size=8,
+                                 moe_every=1, num_experts=4, top_k=2).train()
+    x = torch.randn(3, 3, 32, 32)
+    grads = []
+    for ckpt in (False, True):
+        model.zero_grad()
+        model.set_grad_checkpointing(ckpt)
+        # Without early stop, the recomputation in backward re-runs every MoE forward in full.
+        with torch.utils.checkpoint.set_checkpoint_early_stop(False):
+            out = add_aux_losses({"loss": model(x).pow(2).mean()}, model)
+            out["loss"].backward()
+        assert all(m.aux_calls == 0 for m in model.modules() if isinstance(m, MoEMlp))
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[1], grads[0])
+
+
 class _WithMoEAux(SSLMethod):
     """Any SSL method plus the MoE auxiliary losses of its networks."""
 

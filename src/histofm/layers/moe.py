@@ -185,6 +185,8 @@ class MoEMlp(nn.Module):
         return out.reshape(shape)
 
     def _accumulate(self, losses: dict[str, torch.Tensor]) -> None:
+        if torch._C._current_graph_task_id() != -1:
+            return  # a forward re-run inside backward (activation checkpointing): already counted
         for k, v in losses.items():
             self.aux_losses[k] = self.aux_losses[k] + v if k in self.aux_losses else v
         self.aux_calls += 1
