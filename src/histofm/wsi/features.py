@@ -20,10 +20,11 @@ list by rank, so ``torchrun`` processes can share a batch.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 from histofm.errors import HistofmError
 from histofm.utils import atomic_path, default_device, remove_stale_temps
@@ -212,11 +213,12 @@ class _Preprocess:
 
     def collate(self, items: list[tuple[torch.Tensor, torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Stack a batch in the worker; uint8 tiles stay channels-last, so stacking is a plain copy."""
-        xy = torch.stack([item[1] for item in items])  # (B, 2)
+        # default_collate stacks straight into shared memory inside a worker (no extra copy on send).
+        xy = default_collate([item[1] for item in items])  # (B, 2)
         if self.tile_transform is not None:
-            return torch.stack([item[0] for item in items]), xy  # (B, 3, S, S) from the transform
+            return default_collate([item[0] for item in items]), xy  # (B, 3, S, S) from the transform
         # The dataset's (3, S, S) tiles are views of (S, S, 3) arrays: undo the view, not the memory.
-        return torch.stack([item[0].permute(1, 2, 0) for item in items]), xy  # (B, S, S, 3) uint8
+        return default_collate([item[0].permute(1, 2, 0) for item in items]), xy  # (B, S, S, 3) uint8
 
     def batch(self, x: torch.Tensor, device: torch.device) -> torch.Tensor:
         """The model input ``(B, 3, S, S)`` on ``device`` from a collated batch."""
@@ -350,7 +352,7 @@ def extract_features(
 
     console = console or Console()
     report = ExtractionReport()
-    with Progress(
+    with _cores_for_readers(device, cfg.num_workers), Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=console, disable=not progress, transient=False,
     ) as bars:
@@ -383,6 +385,22 @@ def extract_features(
                 report.results.append(SlideResult(path.name, "done", n, time.perf_counter() - start, out_path))
             bars.advance(overall)
     return report
+
+
+@contextlib.contextmanager
+def _cores_for_readers(device: torch.device, num_workers: int) -> Iterator[None]:
+    """On CPU, leave the reading workers their cores: fewer intra-op threads in this process.
+
+    Otherwise the encoder's threads and the workers fight for the same cores, and idle
+    OpenMP threads spin; the previous setting is restored afterwards.
+    """
+    before = torch.get_num_threads()
+    if device.type == "cpu" and num_workers > 0:
+        torch.set_num_threads(max(1, min(before, (os.cpu_count() or 1) - num_workers)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _extract_one(
