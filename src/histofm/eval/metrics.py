@@ -57,7 +57,7 @@ def macro_f1(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndar
     return float(np.mean(f1s))
 
 
-def _rankdata(x: np.ndarray) -> np.ndarray:
+def rankdata(x: np.ndarray) -> np.ndarray:
     """1-based ranks with ties given their mean rank."""
     _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
     last = np.cumsum(counts)  # rank of the last member of each run of equal values
@@ -72,7 +72,7 @@ def binary_auroc(y_true: Sequence[int] | np.ndarray, scores: Sequence[float] | n
     n_pos, n_neg = int(t.sum()), int((~t).sum())
     if n_pos == 0 or n_neg == 0:
         raise HistofmError("AUROC needs both positive and negative samples; the test set has only one class.")
-    ranks = _rankdata(s)
+    ranks = rankdata(s)
     return float((ranks[t].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
