@@ -359,6 +359,9 @@ def extract_features(
         overall = bars.add_task("slides", total=len(paths))
         for path in paths:
             out_path = out_dir / f"{path.stem}.h5"
+            # Temporaries of this slide's file left by a killed run. Per file, not per folder:
+            # other ranks may be writing their own slides into the same folder right now.
+            remove_stale_temps(out_path)
             state = "absent" if cfg.overwrite else _resume_state(out_path, wanted)
             if state == "done":
                 report.results.append(SlideResult(path.name, "skipped", output=out_path))
