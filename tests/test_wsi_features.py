@@ -216,16 +216,23 @@ def test_tile_command_bad_input(bad, tmp_path, capfd, name, extra, expected):
     assert not out.exists() or not any(out.iterdir())
 
 
-def test_tile_command_writes_coords_and_pictures(tmp_path, capfd, coords):
+def test_tile_command_writes_coords_and_pictures(tmp_path, capfd, coords, bad):
     out = tmp_path / "tiles"
-    assert main(["tile", str(SVS), "--out", str(out)]) == 0
-    assert capfd.readouterr().err == ""
+    # A bad slide in the batch is reported in one line; the good one is done all the same.
+    assert main(["tile", str(bad / "notes.svs"), str(SVS), "--out", str(out)]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "notes.svs" in err[0]
     names = sorted(p.name for p in out.iterdir())
     assert names == [f"cmu_small_region{s}" for s in (".h5", "_tiles.png", "_tissue.geojson", "_tissue.png")]
     with h5py.File(out / "cmu_small_region.h5", "r") as f:
         np.testing.assert_array_equal(f["coords"][:], coords)
     picture = Image.open(out / "cmu_small_region_tiles.png")
     assert max(picture.size) <= 1024 and picture.mode == "RGB"
+    csv_out = tmp_path / "csv"
+    assert main(["tile", str(bad / "region.png"), "--mpp-override", "0.499", "--format", "csv", "--out", str(csv_out)]) == 0
+    assert capfd.readouterr().err == ""
+    rows = (csv_out / "region.csv").read_text().splitlines()
+    assert rows[0] == "x,y" and len(rows) > 1
 
 
 def test_extract_command_batch_with_a_bad_slide(tmp_path, capfd, bad):

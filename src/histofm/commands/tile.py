@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from histofm.errors import HistofmError
 
@@ -43,38 +44,50 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
-
-    from histofm.wsi import detect_tissue, draw_tiles, open_slide, save_coords, tile_slide, tile_spec
-    from histofm.wsi.tiling import save_png
 
     console = Console()
     table = Table(title="Tiling")
     for col in ("slide", "mpp", "level", "tissue", "tiles", "coordinates"):
         table.add_column(col)
     failures = 0
-    for path in args.slides:
-        try:
-            with open_slide(path, mpp=args.mpp_override, backend=args.backend) as slide:
-                spec = tile_spec(slide, args.target_mpp, args.tile_size, args.overlap)
-                tissue = detect_tissue(slide)
-                coords = tile_slide(
-                    slide, args.target_mpp, args.tile_size,
-                    overlap=args.overlap, min_tissue=args.min_tissue, tissue=tissue,
-                )
-                name = slide.name
-                out = args.out / f"{name}.{args.format}"
-                save_coords(out, coords, spec, name=name, extra_attrs={"min_tissue": args.min_tissue})
-                title = f"{name}: {len(coords)} tiles of {args.tile_size} px at {args.target_mpp:g} um/px"
-                save_png(draw_tiles(slide, coords, spec.size_level0, tissue=tissue, title=title),
-                         args.out / f"{name}_tiles.png")
-                tissue.save_png(args.out / f"{name}_tissue.png")
-                tissue.save_geojson(args.out / f"{name}_tissue.geojson", name=name)
-                table.add_row(path.name, f"{slide.mpp:.4g}", str(spec.level), f"{tissue.fraction:.0%}",
-                              str(len(coords)), str(out))
-        except HistofmError as e:
-            failures += 1
-            print(f"histofm: error: {e}", file=sys.stderr)
+    bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=True, disable=len(args.slides) < 2)
+    with bars:
+        task = bars.add_task("tiling", total=len(args.slides))
+        for path in args.slides:
+            failures += _tile_one(path, args, table)
+            bars.advance(task)
     if failures < len(args.slides):
         console.print(table)
     return 2 if failures else 0
+
+
+def _tile_one(path: Path, args: argparse.Namespace, table: Any) -> int:
+    """Tile one slide and add its row to ``table``; 1 if it failed (reported on stderr), else 0."""
+    from histofm.wsi import detect_tissue, draw_tiles, open_slide, save_coords, tile_slide, tile_spec
+    from histofm.wsi.tiling import save_png
+
+    try:
+        with open_slide(path, mpp=args.mpp_override, backend=args.backend) as slide:
+            spec = tile_spec(slide, args.target_mpp, args.tile_size, args.overlap)
+            tissue = detect_tissue(slide)
+            coords = tile_slide(
+                slide, args.target_mpp, args.tile_size,
+                overlap=args.overlap, min_tissue=args.min_tissue, tissue=tissue,
+            )
+            name = slide.name
+            out = args.out / f"{name}.{args.format}"
+            save_coords(out, coords, spec, name=name, extra_attrs={"min_tissue": args.min_tissue})
+            title = f"{name}: {len(coords)} tiles of {args.tile_size} px at {args.target_mpp:g} um/px"
+            save_png(draw_tiles(slide, coords, spec.size_level0, tissue=tissue, title=title),
+                     args.out / f"{name}_tiles.png")
+            tissue.save_png(args.out / f"{name}_tissue.png")
+            tissue.save_geojson(args.out / f"{name}_tissue.geojson", name=name)
+            table.add_row(path.name, f"{slide.mpp:.4g}", str(spec.level), f"{tissue.fraction:.0%}",
+                          str(len(coords)), str(out))
+    except HistofmError as e:
+        print(f"histofm: error: {e}", file=sys.stderr)
+        return 1
+    return 0
