@@ -174,3 +174,16 @@ def test_bad_arguments():
             slide.read_region((0, 0), 3, (10, 10))
         with pytest.raises(HistofmError, match="positive"):
             slide.read_region_mpp(0, 0, 224, 0.0)
+
+
+def test_thumbnail_of_a_large_level_is_built_in_bands(monkeypatch, level0):
+    import histofm.wsi.readers as readers
+
+    with open_slide(SVS) as slide:
+        whole = np.asarray(slide.thumbnail(700), dtype=np.float32)
+        monkeypatch.setattr(readers, "_THUMBNAIL_BAND_PIXELS", 500_000)  # forces about 14 bands
+        banded = np.asarray(slide.thumbnail(700), dtype=np.float32)
+    assert whole.shape == banded.shape == (700, 524, 3)
+    assert np.abs(whole - banded).mean() < 1.5  # only rows at band edges differ, slightly
+    ref = np.asarray(Image.fromarray(level0).resize((524, 700), Image.Resampling.BOX), dtype=np.float32)
+    assert np.abs(whole - ref).mean() < 1.0

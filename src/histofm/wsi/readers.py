@@ -47,6 +47,8 @@ _PLAUSIBLE_MPP = (0.02, 50.0)
 # A level may be up to 1% finer than asked before the next finer one is preferred,
 # so 0.499 um/px slides serve 0.5 um/px tiles without resampling.
 _LEVEL_TOLERANCE = 0.01
+# Thumbnails of levels larger than this are assembled band by band (bounded memory).
+_THUMBNAIL_BAND_PIXELS = 16_000_000
 
 
 class SlideReader(ABC):
@@ -217,10 +219,20 @@ class SlideReader(ABC):
         # The coarsest level that is still at least as large as the thumbnail.
         level = self.best_level_for_downsample(max(w0 / tw, h0 / th))
         lw, lh = self.level_dimensions[level]
-        image = self.read_region((0, 0), level, (lw, lh))
-        if (lw, lh) != (tw, th):
-            image = image.resize((tw, th), Image.Resampling.BOX)
-        return image
+        ds = self.level_downsamples[level]
+        if lw * lh <= _THUMBNAIL_BAND_PIXELS:
+            image = self.read_region((0, 0), level, (lw, lh))
+            return image if (lw, lh) == (tw, th) else image.resize((tw, th), Image.Resampling.BOX)
+        # A large level (a slide without a pyramid): read horizontal bands that each map to whole
+        # thumbnail rows, so memory stays bounded and the result matches a one-piece resize.
+        rows_per_band = max(1, int(_THUMBNAIL_BAND_PIXELS / (lw * lh / th)))
+        out = np.empty((th, tw, 3), dtype=np.uint8)
+        for r0 in range(0, th, rows_per_band):
+            r1 = min(th, r0 + rows_per_band)
+            y0, y1 = round(r0 * lh / th), round(r1 * lh / th)
+            band = self.read_region((0, round(y0 * ds)), level, (lw, max(1, y1 - y0)))
+            out[r0:r1] = np.asarray(band.resize((tw, r1 - r0), Image.Resampling.BOX))
+        return Image.fromarray(out)
 
 
 class OpenSlideReader(SlideReader):
