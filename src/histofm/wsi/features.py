@@ -306,7 +306,9 @@ def extract_features(
 
     Args:
         slides: slide paths; with ``world_size > 1`` only this rank's shard is processed.
-        model: a registered model name or a module mapping ``(B, 3, S, S)`` to ``(B, D)``.
+        model: a module mapping ``(B, 3, S, S)`` to ``(B, D)`` (for example
+            ``histofm.create_model("uni", checkpoint_path=...)``), or a registered name, which
+            is built without weights (random features: only useful for tests and timing).
         out_dir: output directory (created if missing).
         config: the run's settings (:class:`ExtractConfig`).
         mpp: level-0 mpp override for slides without (or with wrong) metadata.
