@@ -108,8 +108,9 @@ class TissueMask:
 
         Returns:
             One entry per tissue piece: a list of closed rings ``(K, 2)`` ``(x, y)``, the
-            first the outer boundary (counter-clockwise in image coordinates' math sense),
-            the others its holes (clockwise), as GeoJSON expects.
+            first the outer boundary (positive shoelace area in ``(x, y)``: counter-clockwise
+            with the y axis pointing up, as GeoJSON's right-hand rule reads it), the others its
+            holes (negative area).
         """
         from contourpy import FillType, contour_generator  # matplotlib's contouring engine
 
