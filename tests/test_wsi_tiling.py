@@ -141,6 +141,8 @@ def test_mask_png_and_geojson_agree_with_mask(tissue, tmp_path):
     for feat in gj["features"]:
         rings = feat["geometry"]["coordinates"]
         assert all(r[0] == r[-1] for r in rings)
+        areas = [0.5 * float(np.dot(a[:-1, 0], a[1:, 1]) - np.dot(a[1:, 0], a[:-1, 1])) for a in map(np.array, rings)]
+        assert areas[0] > 0 and all(a < 0 for a in areas[1:])  # outer ring first, holes opposite
         inner = MplPath(np.array(rings[0])).contains_points(pts)
         for hole in rings[1:]:
             inner &= ~MplPath(np.array(hole)).contains_points(pts)
