@@ -210,14 +210,19 @@ def draw_tiles(
     max_size: int = 1024,
     title: str | None = None,
 ) -> Image.Image:
-    """A thumbnail with the tissue mask tinted green and each tile outlined in blue."""
+    """A thumbnail with the tissue mask outlined in green (lightly tinted) and each tile outlined in blue."""
     thumb = slide.thumbnail(max_size).convert("RGB")
     w0, h0 = slide.dimensions
     sx, sy = thumb.width / w0, thumb.height / h0
     if tissue is not None and not tissue.is_empty:
-        mask = tissue.to_image().resize(thumb.size, Image.Resampling.NEAREST)
-        green = Image.new("RGB", thumb.size, (0, 200, 0))
-        thumb = Image.composite(Image.blend(thumb, green, 0.3), thumb, mask)
+        from scipy import ndimage
+
+        mask = np.asarray(tissue.to_image().resize(thumb.size, Image.Resampling.NEAREST)) > 0  # (h, w)
+        edge = mask & ~ndimage.binary_erosion(mask, iterations=2)
+        pixels = np.asarray(thumb).copy()
+        pixels[mask] = (0.85 * pixels[mask] + 0.15 * np.array([0, 200, 0])).astype(np.uint8)
+        pixels[edge] = (0, 170, 0)
+        thumb = Image.fromarray(pixels)
     draw = ImageDraw.Draw(thumb)
     for x, y in np.asarray(coords).reshape(-1, 2):
         draw.rectangle(

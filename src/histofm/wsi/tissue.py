@@ -176,7 +176,7 @@ def detect_tissue(
     max_darkness: float = 0.12,
     smooth_um: float = 8.0,
     min_area_um2: float = 3_000.0,
-    max_hole_um2: float = 50_000.0,
+    max_hole_um2: float = 20_000.0,
 ) -> TissueMask:
     """Find tissue on a thumbnail of ``slide``.
 
