@@ -166,6 +166,7 @@ def summarize(
     n_boot: int = 500,
     level: float = 0.95,
     seed: int = 0,
+    interval: str = "bootstrap",
 ) -> dict[str, MetricSummary]:
     """Every metric of :data:`METRICS` as a :class:`MetricSummary` over the given seeds.
 
@@ -175,7 +176,13 @@ def summarize(
         n_boot: bootstrap resamples of the test set (0 disables the interval).
         level: coverage of the interval.
         seed: seed of the resampling.
+        interval: ``"bootstrap"`` (over test samples, the seed-averaged metric) or
+            ``"seeds"`` (percentiles of the per-seed metric: the spread over
+            few-shot episodes, where many seeds make the bootstrap slow and the
+            support draw is the main source of variation).
     """
+    if interval not in ("bootstrap", "seeds"):
+        raise HistofmError(f"interval must be 'bootstrap' or 'seeds', got {interval!r}.")
     t = _as_labels(y_true, "y_true")
     if not probs_per_seed:
         raise HistofmError("summarize() needs predictions from at least one seed.")
@@ -186,10 +193,13 @@ def summarize(
         except HistofmError:
             out[name] = MetricSummary(float("nan"), float("nan"), float("nan"), float("nan"), len(probs_per_seed))
             continue
-        lo, hi = (
-            bootstrap_ci(t, [np.asarray(p) for p in probs_per_seed], fn, n_boot, level, seed)
-            if n_boot else (float("nan"), float("nan"))
-        )
+        if interval == "seeds":
+            alpha = (1 - level) / 2
+            lo, hi = float(np.quantile(per_seed, alpha)), float(np.quantile(per_seed, 1 - alpha))
+        elif n_boot:
+            lo, hi = bootstrap_ci(t, [np.asarray(p) for p in probs_per_seed], fn, n_boot, level, seed)
+        else:
+            lo, hi = float("nan"), float("nan")
         sd = float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else 0.0
         out[name] = MetricSummary(float(np.mean(per_seed)), sd, lo, hi, len(per_seed))
     return out
