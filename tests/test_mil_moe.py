@@ -79,27 +79,32 @@ def test_dense_output_is_the_mixture_of_expert_predictions() -> None:
     torch.testing.assert_close(out.scores, g[:, :1] * a[0] + g[:, 1:] * a[1], atol=1e-6, rtol=1e-5)
 
 
-def test_top1_routing_returns_the_chosen_expert_and_a_balancing_loss() -> None:
+def test_top2_of_3_mixes_the_two_chosen_experts_and_adds_a_balancing_loss() -> None:
     torch.manual_seed(0)
-    model = _build(top_k=1).eval()
+    model = build_aggregator("moe", 12, 2, num_experts=3, top_k=2, expert_kwargs=SMALL).eval()
     with torch.no_grad():
         model.router.weight.normal_()
-        x = torch.randn(6, 15, sum(DIMS))
+        x = torch.randn(6, 15, 12)
         out = model(x)
-        logits = model.router(model.router_norm(x.mean(1)))
-        choice = logits.argmax(-1)
-        expert_logp = torch.stack([F.log_softmax(e(part).logits, -1) for e, part in zip(model.experts, x.split(DIMS, -1))], 1)
-    torch.testing.assert_close(out.logits, expert_logp[torch.arange(6), choice])
+        logits = model.router(model.router_norm(x.mean(1)))  # (B, 3)
+        probs = logits.softmax(-1)
+        top, chosen = probs.topk(2, dim=-1)
+        gates = top / top.sum(-1, keepdim=True)
+        p = torch.stack([F.softmax(e(x).logits, -1) for e in model.experts], 1)  # (B, 3, C)
+        rows = torch.arange(6)
+        mixture = gates[:, :1] * p[rows, chosen[:, 0]] + gates[:, 1:] * p[rows, chosen[:, 1]]
+    torch.testing.assert_close(out.logits.softmax(-1), mixture, atol=1e-6, rtol=1e-5)
     # aux = w_z * mean(lse^2) + w_bal * E * sum_i f_i P_i, written out from the router logits.
-    f = torch.bincount(choice, minlength=2).float() / 6
-    P = logits.softmax(-1).mean(0)
-    expected = 1e-3 * logits.logsumexp(-1).square().mean() + 0.01 * 2 * (f * P).sum()
+    f = torch.bincount(chosen.flatten(), minlength=3).float() / chosen.numel()
+    expected = 1e-3 * logits.logsumexp(-1).square().mean() + 0.01 * 3 * (f * probs.mean(0)).sum()
     torch.testing.assert_close(out.aux_loss, expected)
 
 
 def test_padded_batch_equals_bag_by_bag() -> None:
     torch.manual_seed(0)
-    model = _build(top_k=1).eval()
+    model = build_aggregator("moe", sum(DIMS), 2, num_experts=3, top_k=2, expert_kwargs=SMALL).eval()
+    with torch.no_grad():
+        model.router.weight.normal_()  # sparse routing that differs between bags
     sizes = [30, 11, 1]
     bags = [torch.randn(n, sum(DIMS)) for n in sizes]
     x = torch.full((3, 30, sum(DIMS)), 100.0)  # garbage padding
@@ -136,6 +141,8 @@ def test_bad_options_fail_clearly() -> None:
         build_aggregator("moe", 20, 2, feature_dims=(12, 9))
     with pytest.raises(HistofmError, match="top_k"):
         build_aggregator("moe", 20, 2, feature_dims=(12, 8), top_k=3)
+    with pytest.raises(HistofmError, match="between 2"):
+        build_aggregator("moe", 20, 2, num_experts=4, top_k=1)
     with pytest.raises(HistofmError, match="cannot use 'moe' experts"):
         build_aggregator("moe", 20, 2, expert="moe")
     with pytest.raises(HistofmError, match="dimension 7"):

@@ -188,6 +188,9 @@ def test_aux_losses_accumulate_over_calls_and_reach_the_router() -> None:
     both = collect_aux_losses(model)
     torch.testing.assert_close(both["aux_moe_balance"], single["aux_moe_balance"])
     assert collect_aux_losses(model) == {}  # cleared after collection
+    with torch.no_grad():
+        model(x)  # inference (or an EMA teacher) records nothing
+    assert collect_aux_losses(model) == {}
     # 2 layers, weights 1e-3: logsumexp of 4 logits is >= log 4 + their mean, and close to it at init.
     floor = 2 * 1e-3 * math.log(4) ** 2
     assert floor * 0.9 < both["aux_moe_z"].item() < floor * 1.5

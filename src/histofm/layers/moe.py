@@ -25,7 +25,7 @@ Two auxiliary losses keep routing healthy:
 * router z-loss (ST-MoE, Zoph et al. 2022, arXiv 2202.08906):
   ``L_z = mean_t (logsumexp_j z_tj)^2`` keeps router logits small (stability in low precision).
 
-Every forward ADDS its (unweighted) losses to ``self.aux_losses``; a model can
+Every forward with autograd enabled ADDS its (unweighted) losses to ``self.aux_losses``; a model can
 call its MoE layers several times per step (multi-crop SSL), and
 :func:`collect_aux_losses` returns the weighted per-call means summed over layers,
 then clears them. Methods add them to their loss with :func:`add_aux_losses`.
@@ -82,7 +82,8 @@ class MoEMlp(nn.Module):
         z_loss_weight: weight of ``L_z`` (1e-3 in ST-MoE).
 
     Attributes:
-        aux_losses: ``{"balance": sum of L_bal, "z": sum of L_z}`` over calls since the last collection.
+        aux_losses: ``{"balance": sum of L_bal, "z": sum of L_z}`` over the calls with autograd enabled
+            since the last collection (``no_grad`` / inference calls, e.g. an EMA teacher, add nothing).
         aux_calls: number of forward calls accumulated in ``aux_losses``.
         last_load: ``(E,)`` fraction of the last call's assignments per expert (before capacity).
         last_dropped: fraction of the last call's assignments dropped by the capacity limit.
@@ -185,6 +186,8 @@ class MoEMlp(nn.Module):
         return out.reshape(shape)
 
     def _accumulate(self, losses: dict[str, torch.Tensor]) -> None:
+        if not torch.is_grad_enabled():
+            return  # inference, EMA teachers: nothing to train, nothing to accumulate
         if torch._C._current_graph_task_id() != -1:
             return  # a forward re-run inside backward (activation checkpointing): already counted
         for k, v in losses.items():

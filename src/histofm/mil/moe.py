@@ -50,7 +50,8 @@ class MoEMIL(MILAggregator):
         feature_dims: sizes of the concatenated feature sets, in order; expert ``i`` reads set ``i``.
             ``None``: ``num_experts`` experts all read the full vector.
         num_experts: number of experts when ``feature_dims`` is ``None``.
-        top_k: experts mixed per slide; ``None`` mixes all of them (dense gating).
+        top_k: experts mixed per slide (at least 2, so the router learns from the slide loss);
+            ``None`` mixes all of them (dense gating).
         expert: name of the expert aggregator (any registered one, ``"abmil"`` by default).
         expert_kwargs: options of every expert (``{"hidden_dim": 128}`` ...).
         balance_loss_weight: weight of the load-balancing loss (sparse gating only).
@@ -84,8 +85,12 @@ class MoEMIL(MILAggregator):
                 raise HistofmError(f"num_experts must be at least 1, got {num_experts}.")
             self.feature_dims = None
             n = num_experts
-        if top_k is not None and not 1 <= top_k <= n:
-            raise HistofmError(f"top_k must be between 1 and the number of experts ({n}), got {top_k}.")
+        if top_k is not None and not 2 <= top_k <= n:
+            # With one expert per slide its renormalised gate is 1 and the router would learn
+            # nothing from the slide loss (only from the auxiliary losses).
+            raise HistofmError(
+                f"top_k must be between 2 and the number of experts ({n}), or None for dense gating; got {top_k}."
+            )
         if expert == "moe":
             raise HistofmError("A MoE aggregator cannot use 'moe' experts; choose e.g. abmil.")
         self.num_experts = n
