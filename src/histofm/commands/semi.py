@@ -1,0 +1,187 @@
+"""``histofm semi``: train a tile classifier from a few labelled and many unlabelled images.
+
+    histofm semi --method fixmatch --data tiles/ --labels labels.csv --out run/ --steps 1000
+
+Writes ``model.safetensors`` + ``model.json`` (classifier and how to rebuild it),
+``predictions.csv`` (every image: prediction, confidence, class probabilities),
+``metrics.json`` and ``loss.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from histofm.errors import HistofmError
+
+SMALL_CNN = "small_cnn"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("semi", help="semi-supervised tile classification (FixMatch, Mean Teacher, pseudo-labels)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", default="fixmatch", choices=("fixmatch", "meanteacher", "pseudolabel", "supervised"))
+    p.add_argument("--data", type=Path, required=True, help="folder of tile images (searched recursively)")
+    p.add_argument("--labels", type=Path, required=True, help="CSV 'path,label' naming the labelled images")
+    p.add_argument("--test-labels", type=Path, help="optional CSV of held-out labelled images to evaluate on")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--arch", default=SMALL_CNN, help=f"'{SMALL_CNN}' or a registered model name (histofm models)")
+    p.add_argument("--checkpoint", type=Path, help="weights for --arch")
+    p.add_argument("--width", type=int, default=32, help=f"channels of {SMALL_CNN}'s first stage")
+    p.add_argument("--img-size", type=int, default=32, help="images are resized and centre-cropped to this")
+    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--batch-size", type=int, default=32, help="labelled images per step")
+    p.add_argument("--mu", type=int, default=4, help="unlabelled images per labelled one in a step")
+    p.add_argument("--lr", type=float, default=0.03)
+    p.add_argument("--threshold", type=float, help="confidence threshold (FixMatch 0.95, pseudo-label 0.0)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", help="cpu, cuda, ... (default: the best available)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def build_classifier(arch: str, num_classes: int, img_size: int, width: int = 32,
+                     checkpoint: Path | None = None) -> tuple[Any, dict[str, Any]]:
+    """The classifier for ``arch`` and the JSON-able record that rebuilds it."""
+    import histofm
+    from histofm.learning.semi import Classifier, SmallConvNet
+
+    if arch == SMALL_CNN:
+        if checkpoint is not None:
+            raise HistofmError(f"--checkpoint applies to registered models, not to {SMALL_CNN}.")
+        clf = Classifier(SmallConvNet(width), num_classes)
+        return clf, {"arch": arch, "width": width}
+    info = histofm.model_info(arch)  # raises one sentence for an unknown name
+    backbone = histofm.create_model(arch, checkpoint_path=checkpoint)
+    patch = getattr(backbone, "patch_size", 1)
+    patch = patch[0] if isinstance(patch, tuple) else patch
+    if img_size % int(patch):
+        raise HistofmError(f"--img-size {img_size} is not a multiple of {arch}'s patch size {patch}.")
+    clf = Classifier(backbone, num_classes, mean=tuple(info.mean), std=tuple(info.std))
+    return clf, {"arch": arch}
+
+
+def run(args: argparse.Namespace) -> int:
+    from histofm.learning import build_semi_method
+    from histofm.learning.folder import load_labelled_folder, read_label_csv
+    from histofm.learning.semi import FitConfig, SemiData, evaluate, fit
+    from histofm.utils import default_device, seed_everything
+
+    for name in ("steps", "batch_size", "mu"):
+        if getattr(args, name) < 1:
+            raise HistofmError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
+    if args.threshold is not None and not 0 <= args.threshold <= 1:
+        raise HistofmError(f"--threshold must lie between 0 and 1, got {args.threshold}.")
+    test_paths: set[str] = set()
+    if args.test_labels is not None:
+        test_paths = {Path(p).as_posix() for p, _ in read_label_csv(args.test_labels)}
+    folder = load_labelled_folder(args.data, args.labels, args.img_size, exclude=test_paths)
+    overlap = test_paths & set(folder.paths_l)
+    if overlap:
+        raise HistofmError(f"{sorted(overlap)[0]!r} is in both --labels and --test-labels; keep the test set apart.")
+    if len(folder.x_u) == 0:
+        raise HistofmError(f"Every image under {args.data} is labelled (or held out); semi-supervised training "
+                           "needs unlabelled images too (or use --method supervised with a few left unlabelled).")
+    seed_everything(args.seed)
+    device = torch.device(args.device) if args.device else default_device()
+    clf, arch_record = build_classifier(args.arch, len(folder.classes), args.img_size, args.width, args.checkpoint)
+    cfg_overrides: dict[str, Any] = {}
+    if args.threshold is not None:
+        if args.method not in ("fixmatch", "pseudolabel"):
+            raise HistofmError(f"--threshold applies to fixmatch and pseudolabel, not {args.method}.")
+        cfg_overrides["threshold"] = args.threshold
+    method = build_semi_method(args.method, clf, seed=args.seed, **cfg_overrides)
+    data = SemiData(folder.x_l, folder.y_l, folder.x_u, classes=folder.classes)
+    fit_cfg = FitConfig(steps=args.steps, batch_size=args.batch_size, mu=args.mu, lr=args.lr, seed=args.seed)
+    start = time.perf_counter()
+    history = fit(method, data, fit_cfg, device=device, progress=not args.no_progress)
+    seconds = time.perf_counter() - start
+
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    metrics: dict[str, Any] = {
+        "method": args.method, "arch": args.arch, "img_size": args.img_size, "steps": args.steps,
+        "batch_size": args.batch_size, "mu": args.mu, "lr": args.lr, "seed": args.seed, "seconds": round(seconds, 2),
+        "classes": list(folder.classes), "n_labelled": len(folder.x_l), "n_unlabelled": len(folder.x_u),
+        "final": _tail_mean(history), "labelled": evaluate(method, folder.x_l, folder.y_l, device=device),
+    }
+    if args.test_labels is not None:
+        test = load_labelled_folder(args.data, args.test_labels, args.img_size, classes=folder.classes)
+        metrics["test"] = evaluate(method, test.x_l, test.y_l, device=device)
+        metrics["n_test"] = len(test.x_l)
+    _save_model(method, out, {**arch_record, "classes": list(folder.classes), "img_size": args.img_size,
+                              "method": args.method})
+    _save_predictions(method, folder, out / "predictions.csv", device)
+    _save_json(metrics, out / "metrics.json")
+    _save_curves(history, out / "loss.png")
+    test_txt = f", test balanced accuracy {metrics['test']['balanced_accuracy']:.3f}" if "test" in metrics else ""
+    print(f"{args.method}: {len(folder.x_l)} labelled + {len(folder.x_u)} unlabelled images, {args.steps} steps "
+          f"in {seconds:.1f} s, final loss {metrics['final'].get('loss', float('nan')):.3f}{test_txt}; wrote {out}")
+    return 0
+
+
+def _tail_mean(history: list[dict[str, float]], frac: float = 0.1) -> dict[str, float]:
+    tail = history[-max(1, int(len(history) * frac)):]
+    keys = sorted({k for h in tail for k in h})
+    return {k: round(sum(h.get(k, 0.0) for h in tail) / len(tail), 5) for k in keys}
+
+
+def _save_json(obj: Any, path: Path) -> None:
+    from histofm.utils import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2))
+
+
+def _save_model(method: Any, out: Path, record: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    from histofm.utils import atomic_path
+
+    model = method.deployed()  # Mean Teacher's teacher; the classifier for the others
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(out / "model.safetensors") as tmp:
+        save_file(state, str(tmp))
+    _save_json(record, out / "model.json")
+
+
+def _save_predictions(method: Any, folder: Any, path: Path, device: torch.device) -> None:
+    from histofm.learning.semi import predict_proba
+    from histofm.utils import atomic_path
+
+    x = torch.cat([folder.x_l, folder.x_u])
+    paths = folder.paths_l + folder.paths_u
+    given = [folder.classes[int(y)] for y in folder.y_l] + [""] * len(folder.paths_u)
+    probs = predict_proba(method, x, device=device)
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "prediction", "confidence", *(f"p_{c}" for c in folder.classes)])
+        for p, g, pr in zip(paths, given, probs):
+            j = int(pr.argmax())
+            w.writerow([p, g, folder.classes[j], f"{float(pr[j]):.4f}", *(f"{float(v):.4f}" for v in pr)])
+
+
+def _save_curves(history: list[dict[str, float]], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from histofm.utils import atomic_path
+
+    fig = Figure(figsize=(6, 3.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for key in ("loss", "loss_s", "loss_u", "loss_c", "mask_rate"):
+        values = [h[key] for h in history if key in h]
+        if values:
+            ax.plot(values, label=key, linewidth=1)
+    ax.set_xlabel("step")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
