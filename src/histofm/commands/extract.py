@@ -10,8 +10,12 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from histofm.commands.tile import add_slide_arguments
+
+if TYPE_CHECKING:
+    from histofm.wsi.features import ExtractionReport
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -52,8 +56,34 @@ def run(args: argparse.Namespace) -> int:
         args.slides, model, args.out, config=config, mpp=args.mpp_override,
         rank=rank, world_size=world_size, progress=not args.no_progress, console=console,
     )
+    if world_size > 1:
+        report = _gather_reports(report)  # one summary for the whole job, printed by rank 0
+        if rank != 0:
+            return 2 if report.failures else 0
     console.print(report.table())
     console.print(report.summary(), highlight=False)
     for failure in report.failures:
         print(f"histofm: error: {failure.slide}: {failure.error}", file=sys.stderr)
     return 2 if report.failures else 0
+
+
+def _gather_reports(report: ExtractionReport) -> ExtractionReport:
+    """Collect every rank's per-slide results (gloo; ``torchrun`` sets the rendezvous variables)."""
+    import torch.distributed as dist
+
+    from histofm.wsi.features import ExtractionReport
+
+    own_group = not dist.is_initialized()
+    if own_group:
+        dist.init_process_group("gloo")
+    try:
+        parts: list[ExtractionReport | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, report)
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+    merged = ExtractionReport()
+    for part in parts:
+        merged.results.extend(part.results if part is not None else [])
+    merged.results.sort(key=lambda r: r.slide)
+    return merged
