@@ -143,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.cpu_time and args.device != "cpu":
         p.error("--cpu-time only makes sense with --device cpu")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda was asked for but torch sees no CUDA GPU")
 
     if args.threads:
         torch.set_num_threads(args.threads)
