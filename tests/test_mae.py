@@ -27,6 +27,16 @@ from histofm.methods.registry import build_method
 TINY = {"depth": 2, "patch_size": 8, "embed_dim": 64, "num_heads": 2}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models gain nothing from intra-op threads, and on a loaded 2-core machine
+    # two spinning OpenMP threads per process slow these runs down ten-fold.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _reference_mae_loss(pred: np.ndarray, imgs: np.ndarray, mask: np.ndarray, p: int, norm_pix: bool) -> float:
     """He et al. 2021, written out patch by patch: norm-pix target, MSE per patch, mean over masked patches."""
     B, C, H, W = imgs.shape

@@ -18,6 +18,16 @@ from histofm.methods.tokenizer import KMeansTokenizer, kmeans
 TINY = {"depth": 2, "patch_size": 4, "embed_dim": 64, "num_heads": 2}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models gain nothing from intra-op threads, and on a loaded 2-core machine
+    # two spinning OpenMP threads per process slow these runs down ten-fold.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def test_simmim_loss_is_l1_over_masked_pixels() -> None:
     # SimMIM's code: upsample the patch mask to pixels, sum |x - x_rec| over masked pixels,
     # divide by the number of masked pixels and by the channels.
