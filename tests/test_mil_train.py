@@ -71,7 +71,7 @@ def trained(dataset: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
     feats, labels = dataset
     out = tmp_path_factory.mktemp("run")
     rc = main(["mil", "train", "--features", str(feats), "--labels", str(labels), "--model", "abmil",
-               "--folds", "3", "--epochs", "20", "--batch-size", "4", "--lr", "3e-3", "--option", "hidden_dim=16",
+               "--folds", "3", "--epochs", "30", "--batch-size", "4", "--lr", "3e-3", "--option", "hidden_dim=16",
                "--option", "attn_dim=8", "--device", "cpu", "--out", str(out)])
     assert rc == 0
     return out

@@ -115,6 +115,11 @@ def masked_softmax(logits: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> t
     return torch.softmax(logits, dim=dim)
 
 
+def dropout_layer(p: float) -> nn.Module:
+    """``nn.Dropout(p)``, or ``nn.Identity`` for ``p == 0`` (dropout at 0 still copies its input in training)."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``x (B, N, D)`` over the real tiles of ``mask (B, N)`` -> ``(B, D)``."""
     m = mask.unsqueeze(-1).to(x.dtype)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from histofm.mil.abmil import AttentionScorer
-from histofm.mil.base import MILAggregator, MILOutput, masked_softmax, register_aggregator
+from histofm.mil.base import MILAggregator, MILOutput, dropout_layer, masked_softmax, register_aggregator
 
 
 class _CLAM(MILAggregator):
@@ -52,7 +52,7 @@ class _CLAM(MILAggregator):
         self.inst_weight = inst_weight
         self.subtyping = subtyping
         branches = num_classes if self.multi_branch else 1
-        self.fc = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout))
+        self.fc = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), dropout_layer(dropout))
         self.attention = AttentionScorer(hidden_dim, attn_dim, gated=True, branches=branches, dropout=dropout)
         if self.multi_branch:
             # One binary-style scorer per class applied to that class's bag embedding.

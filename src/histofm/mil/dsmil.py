@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from histofm.mil.base import MILAggregator, MILOutput, masked_softmax, register_aggregator
+from histofm.mil.base import MILAggregator, MILOutput, dropout_layer, masked_softmax, register_aggregator
 
 
 @register_aggregator("dsmil")
@@ -40,12 +40,12 @@ class DSMIL(MILAggregator):
         self, in_dim: int, num_classes: int, hidden_dim: int = 256, query_dim: int = 128, dropout: float = 0.25
     ) -> None:
         super().__init__(in_dim, num_classes)
-        self.fc = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout))
+        self.fc = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), dropout_layer(dropout))
         self.instance_classifier = nn.Linear(hidden_dim, num_classes)
         self.query = nn.Sequential(
             nn.Linear(hidden_dim, query_dim), nn.ReLU(), nn.Linear(query_dim, query_dim), nn.Tanh()
         )
-        self.value = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden_dim, hidden_dim), nn.ReLU())
+        self.value = nn.Sequential(dropout_layer(dropout), nn.Linear(hidden_dim, hidden_dim), nn.ReLU())
         self.bag_classifier = nn.Conv1d(num_classes, num_classes, kernel_size=hidden_dim)
         self.query_dim = query_dim
 

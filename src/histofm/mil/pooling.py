@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from histofm.mil.base import MILAggregator, MILOutput, register_aggregator
+from histofm.mil.base import MILAggregator, MILOutput, dropout_layer, register_aggregator
 
 
 def tile_evidence(instance_logits: torch.Tensor, bag_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -31,7 +31,7 @@ def tile_evidence(instance_logits: torch.Tensor, bag_logits: torch.Tensor, mask:
 class _Pooling(MILAggregator):
     def __init__(self, in_dim: int, num_classes: int, hidden_dim: int = 256, dropout: float = 0.25) -> None:
         super().__init__(in_dim, num_classes)
-        self.fc = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout))
+        self.fc = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), dropout_layer(dropout))
         self.classifier = nn.Linear(hidden_dim, num_classes)
 
     def _pool(self, inst: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract

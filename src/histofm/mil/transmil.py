@@ -22,8 +22,9 @@ The two wide products are themselves attention calls (``m`` queries over all
 fused ``scaled_dot_product_attention`` and the ``(N, m)`` softmax matrices are
 never stored for the backward pass. Only the ``(m, m)`` kernel is materialised.
 
-The per-tile score is the (approximate) attention of the class token to each
-tile in the FIRST layer, averaged over heads (``score_layer=2`` takes the last
+The per-tile score (computed in eval mode only; ``scores`` is ``None`` while
+training, which skips an extra pass over the keys) is the (approximate)
+attention of the class token to each tile in the FIRST layer, averaged over heads (``score_layer=2`` takes the last
 layer). After PPEG a token carries its 7 x 7 grid neighbours' content, so the
 last layer's weights spread over the neighbours of the decisive tiles: on the
 synthetic bags of ``tests/test_mil_aggregators.py`` the top-attended tiles were
@@ -39,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from histofm.mil.base import MILAggregator, MILOutput, register_aggregator
+from histofm.mil.base import MILAggregator, MILOutput, dropout_layer, register_aggregator
 
 
 def iterative_pinv(x: torch.Tensor, iterations: int = 6) -> torch.Tensor:
@@ -105,7 +106,7 @@ class NystromAttention(nn.Module):
         inner = num_heads * head_dim
         self.qkv = nn.Linear(dim, 3 * inner, bias=False)
         self.proj = nn.Linear(inner, dim)
-        self.drop = nn.Dropout(dropout)
+        self.drop = dropout_layer(dropout)
         self.res_conv = (
             nn.Conv2d(num_heads, num_heads, (residual_kernel, 1), padding=(residual_kernel // 2, 0),
                       groups=num_heads, bias=False)
@@ -223,7 +224,7 @@ class TransMIL(MILAggregator):
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
 
-    def _bag(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _bag(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One or more bags of equal size ``(B, N, D)`` -> logits ``(B, C)``, scores ``(B, N)``."""
         B, N, _ = x.shape
         h = self.fc(x)  # (B, N, dim)
@@ -232,12 +233,14 @@ class TransMIL(MILAggregator):
         if fill:
             h = torch.cat([h, h[:, torch.arange(fill, device=h.device) % N]], dim=1)  # (B, side^2, dim)
         h = torch.cat([self.cls_token.expand(B, -1, -1), h], dim=1)
-        h, row1 = self.layer1(h, first_token_scores=self.score_layer == 1)
+        want = not self.training  # scores are for heatmaps; training skips their extra pass over the keys
+        h, row1 = self.layer1(h, first_token_scores=want and self.score_layer == 1)
         h = self.pos(h, side)
-        h, row2 = self.layer2(h, first_token_scores=self.score_layer == 2)
+        h, row2 = self.layer2(h, first_token_scores=want and self.score_layer == 2)
         row = row1 if self.score_layer == 1 else row2
         logits = self.head(self.norm(h)[:, 0])
-        assert row is not None
+        if row is None:
+            return logits, None
         tiles = row[:, 1:]  # (B, side^2) attention of the class token to each grid cell
         scores = tiles[:, :N].clone()
         if fill:  # a repeated tile's attention belongs to the tile it copies
@@ -251,10 +254,12 @@ class TransMIL(MILAggregator):
         if bool(mask.all()):
             logits, scores = self._bag(x)
             return MILOutput(logits=logits, scores=scores)
-        logits_list, scores_full = [], torch.zeros(mask.shape, dtype=x.dtype, device=x.device)
+        logits_list = []
+        scores_full = None if self.training else torch.zeros(mask.shape, dtype=x.dtype, device=x.device)
         for b in range(x.shape[0]):
             real = mask[b].nonzero().squeeze(-1)
             lb, sb = self._bag(x[b : b + 1, real])
             logits_list.append(lb)
-            scores_full[b, real] = sb[0]
+            if scores_full is not None and sb is not None:
+                scores_full[b, real] = sb[0]
         return MILOutput(logits=torch.cat(logits_list), scores=scores_full)
