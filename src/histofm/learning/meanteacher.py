@@ -46,7 +46,9 @@ class MeanTeacherConfig:
         ema_rampup: teacher momentum during the ramp-up.
         consistency: maximum consistency weight ``w_max``.
         rampup_frac: fraction of training over which ``w(t)`` and the momentum ramp up.
-        strong_student: give the student strong views (the teacher keeps weak views).
+        strong_student: give the student strong views (the teacher keeps weak views); off by
+            default: the paper gives both the same kind of noise, and strong student views
+            slowed learning in short runs here.
         views: strengths of the views.
     """
 
@@ -54,7 +56,7 @@ class MeanTeacherConfig:
     ema_rampup: float = 0.99
     consistency: float = 10.0
     rampup_frac: float = 0.3
-    strong_student: bool = True
+    strong_student: bool = False
     views: ViewConfig = ViewConfig()
 
 
