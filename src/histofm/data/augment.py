@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms import v2
 
@@ -108,6 +109,140 @@ def view_transform(cfg: ViewConfig) -> v2.Compose:
         ops.append(v2.RandomSolarize(0.5, p=cfg.solarize_p))
     ops.append(v2.Normalize(cfg.mean, cfg.std))
     return v2.Compose(ops)
+
+
+class BatchAugment(nn.Module):
+    """The :func:`view_transform` recipe applied to a whole batch at once, on the batch's device.
+
+    Per-sample torchvision pipelines spend most of their time in Python when tiles are
+    small; here every random choice is drawn per sample as a tensor and applied with a
+    handful of batched ops:
+
+    * random resized crop, flips and 90-degree rotation fused into one affine sampling
+      grid per sample (``F.affine_grid`` + bilinear ``grid_sample``; no antialiasing);
+    * colour jitter in the fixed order brightness, contrast, saturation, hue (hue as a
+      rotation of the chroma plane in YIQ space, a close approximation of torchvision's
+      HSV shift), each sample with probability ``jitter_p``;
+    * grayscale, Gaussian blur (a per-sample separable kernel), solarisation and HED jitter
+      with their probabilities.
+
+    Input: a batch ``(B, 3, H, W)`` normalised with ``cfg.mean``/``cfg.std`` (what
+    :func:`eval_view` and :func:`base_view` produce); output: views ``(B, 3, size, size)``
+    normalised the same way. Randomness comes from torch's global generator (the engine
+    saves and restores it, so resumed runs stay exact).
+    """
+
+    def __init__(self, cfg: ViewConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("mean", torch.tensor(cfg.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.std).view(1, 3, 1, 1), persistent=False)
+        self.hed = HEDJitter(cfg.hed_sigma, cfg.hed_bias, p=cfg.hed_p) if cfg.hed_p > 0 else None
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.float() * self.std + self.mean  # (B, 3, H, W) in [0, 1]
+            x = self._geometry(x)
+            x = self._colour(x.clamp(0, 1))
+            return (x - self.mean) / self.std
+
+    def _rand(self, n: int, lo: float, hi: float, device: torch.device) -> torch.Tensor:
+        return torch.rand(n).to(device) * (hi - lo) + lo
+
+    def _geometry(self, x: torch.Tensor) -> torch.Tensor:
+        c, B, dev = self.cfg, x.shape[0], x.device
+        H, W = x.shape[-2:]
+        area = self._rand(B, *c.scale, dev)
+        log_r = self._rand(B, torch.tensor(c.ratio[0]).log().item(), torch.tensor(c.ratio[1]).log().item(), dev)
+        ratio = log_r.exp()
+        w = (area * ratio).sqrt().clamp(max=1.0)  # crop width as a fraction of W
+        h = (area / ratio).sqrt().clamp(max=1.0)
+        cx = (torch.rand(B).to(dev) * 2 - 1) * (1 - w)  # crop centre in [-1, 1] coordinates
+        cy = (torch.rand(B).to(dev) * 2 - 1) * (1 - h)
+        sx = torch.where(torch.rand(B).to(dev) < c.hflip, -1.0, 1.0) * w
+        sy = torch.where(torch.rand(B).to(dev) < c.vflip, -1.0, 1.0) * h
+        k = torch.randint(0, 4, (B,)).to(dev) if c.rot90 else torch.zeros(B, dtype=torch.long, device=dev)
+        cos = torch.tensor([1.0, 0.0, -1.0, 0.0], device=dev)[k]
+        sin = torch.tensor([0.0, 1.0, 0.0, -1.0], device=dev)[k]
+        theta = torch.zeros(B, 2, 3, device=dev)  # output (u, v) -> input (x, y) = S R (u, v) + t
+        theta[:, 0, 0], theta[:, 0, 1] = sx * cos, -sx * sin
+        theta[:, 1, 0], theta[:, 1, 1] = sy * sin, sy * cos
+        theta[:, 0, 2], theta[:, 1, 2] = cx, cy
+        grid = F.affine_grid(theta, [B, 3, c.size, c.size], align_corners=False)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+    def _colour(self, x: torch.Tensor) -> torch.Tensor:
+        c, B, dev = self.cfg, x.shape[0], x.device
+
+        def per_sample(p: float) -> torch.Tensor:
+            return (torch.rand(B).to(dev) < p).view(B, 1, 1, 1)
+
+        if self.hed is not None:
+            x = self.hed(x)
+        if c.jitter_p > 0:
+            on = per_sample(c.jitter_p)
+            y = x
+            if c.brightness > 0:
+                y = y * self._rand(B, 1 - c.brightness, 1 + c.brightness, dev).view(B, 1, 1, 1)
+            if c.contrast > 0:
+                m = _gray(y).mean((1, 2, 3), keepdim=True)
+                y = (y - m) * self._rand(B, 1 - c.contrast, 1 + c.contrast, dev).view(B, 1, 1, 1) + m
+            if c.saturation > 0:
+                g = _gray(y)
+                y = (y - g) * self._rand(B, 1 - c.saturation, 1 + c.saturation, dev).view(B, 1, 1, 1) + g
+            if c.hue > 0:
+                y = _rotate_hue(y, self._rand(B, -c.hue, c.hue, dev) * 2 * torch.pi)
+            x = torch.where(on, y.clamp(0, 1), x)
+        if c.grayscale_p > 0:
+            x = torch.where(per_sample(c.grayscale_p), _gray(x).expand_as(x), x)
+        if c.blur_p > 0:
+            x = torch.where(per_sample(c.blur_p), _blur(x, self._rand(B, *c.blur_sigma, dev), c.size), x)
+        if c.solarize_p > 0:
+            x = torch.where(per_sample(c.solarize_p) & (x >= 0.5), 1 - x, x)
+        return x
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    """ITU-R 601 luma ``(B, 1, H, W)`` (torchvision's grayscale weights)."""
+    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+
+
+_RGB2YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+
+
+def _rotate_hue(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+    """Rotate the chroma (I, Q) plane of YIQ by ``angle`` ``(B,)`` radians."""
+    m = _RGB2YIQ.to(x.device)
+    yiq = torch.einsum("ij,bjhw->bihw", m, x)
+    cos, sin = angle.cos().view(-1, 1, 1), angle.sin().view(-1, 1, 1)
+    i, q = yiq[:, 1], yiq[:, 2]
+    yiq = torch.stack([yiq[:, 0], cos * i - sin * q, sin * i + cos * q], dim=1)
+    return torch.einsum("ij,bjhw->bihw", torch.linalg.inv(m), yiq)
+
+
+def _blur(x: torch.Tensor, sigma: torch.Tensor, size: int) -> torch.Tensor:
+    """Per-sample separable Gaussian blur; kernel side ~10% of ``size`` (odd, >= 3), reflect padding."""
+    B, C, H, W = x.shape
+    k = max(3, int(0.1 * size) // 2 * 2 + 1)
+    r = torch.arange(k, device=x.device, dtype=x.dtype) - k // 2
+    kern = torch.exp(-(r.view(1, -1) ** 2) / (2 * sigma.view(-1, 1) ** 2))
+    kern = (kern / kern.sum(1, keepdim=True)).repeat_interleave(C, 0)  # (B*C, k)
+    y = F.pad(x.reshape(1, B * C, H, W), (k // 2, k // 2, k // 2, k // 2), mode="reflect")
+    y = F.conv2d(y, kern.view(B * C, 1, 1, k), groups=B * C)
+    y = F.conv2d(y, kern.view(B * C, 1, k, 1), groups=B * C)
+    return y.view(B, C, H, W)
+
+
+def base_view(
+    size: int,
+    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    std: tuple[float, float, float] = IMAGENET_STD,
+) -> v2.Compose:
+    """Per-sample transform for :class:`BatchAugment`: resize to ``size`` (no crop), normalise."""
+    return v2.Compose(
+        [v2.ToImage(), v2.Resize((size, size), antialias=True), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    )
 
 
 class MultiView:

@@ -37,16 +37,17 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 @contextlib.contextmanager
 def seeded(seed: int) -> Iterator[None]:
     """Run a block with Python, NumPy and torch (CPU) RNGs seeded, restoring them afterwards."""
-    py_state, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        random.seed(seed)
-        np.random.seed(seed % (2**32))
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
+    py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    # Only the CPU generator: torch.manual_seed would also (lazily, slowly) seed every accelerator.
+    torch.default_generator.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.set_rng_state(torch_state)
 
 
 class SeededViews(Dataset):

@@ -1,0 +1,234 @@
+"""SimCLR: contrastive learning of visual representations (Chen et al. 2020, arXiv 2002.05709).
+
+Two random views of each image go through the same encoder ``f`` and a small
+MLP projector ``g``; each view must pick out its partner among the ``2N - 1``
+other views of the batch. With ``z`` the L2-normalised projections,
+``sim(u, v) = u^T v`` and temperature ``tau``, the NT-Xent loss of the positive
+pair ``(i, j)`` is::
+
+    l(i, j) = -log  exp(sim(z_i, z_j) / tau) / sum_{k != i} exp(sim(z_i, z_k) / tau)
+
+and the batch loss averages ``l`` over all ``2N`` anchors (both directions of
+each pair). The original TensorFlow code SUMS the two directions (each a mean
+over ``N`` anchors), giving exactly twice this value; ``lightly.loss.NTXentLoss``
+averages them, and so do we: gradients are half as large, so a learning rate
+tuned with the TF code must be doubled here. Under data parallelism, negatives
+come from the whole global batch through a gradient-preserving all-gather.
+
+The encoder's pooled embedding is the representation; the projector (Linear,
+BatchNorm, ReLU, Linear; 2048 -> 128 by default) is thrown away after training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from histofm.data.augment import BatchAugment, MultiView, ViewConfig, base_view, view_transform
+from histofm.methods.base import SSLMethod
+from histofm.train.config import config_replace
+from histofm.train.distributed import gather_with_grad, rank
+
+
+def nt_xent(z0: torch.Tensor, z1: torch.Tensor, temperature: float = 0.1, gather: bool = True) -> torch.Tensor:
+    """NT-Xent over the pairs ``(z0[i], z1[i])`` ``(B, D)``, averaged over all ``2B`` anchors.
+
+    With ``gather=True`` inside a process group, the candidates are the views of the
+    global batch and each rank averages over its own anchors.
+    """
+    z0, z1 = F.normalize(z0, dim=-1), F.normalize(z1, dim=-1)
+    b = z0.shape[0]
+    all0, all1 = (gather_with_grad(z0), gather_with_grad(z1)) if gather else (z0, z1)
+    n = all0.shape[0]
+    offset = rank() * b if n != b else 0
+    anchors = torch.cat([z0, z1])  # (2B, D)
+    candidates = torch.cat([all0, all1])  # (2N, D)
+    logits = anchors @ candidates.T / temperature  # (2B, 2N)
+    idx = torch.arange(b, device=z0.device) + offset
+    self_idx = torch.cat([idx, idx + n])  # where each anchor meets itself
+    pos_idx = torch.cat([idx + n, idx])  # its partner view
+    self_mask = torch.zeros_like(logits, dtype=torch.bool)
+    self_mask[torch.arange(2 * b, device=z0.device), self_idx] = True
+    logits = logits.masked_fill(self_mask, float("-inf"))  # a view is not its own negative
+    return F.cross_entropy(logits.float(), pos_idx)
+
+
+class NTXentLoss(nn.Module):
+    """Module form of :func:`nt_xent`."""
+
+    def __init__(self, temperature: float = 0.1, gather_distributed: bool = True) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        self.temperature, self.gather_distributed = temperature, gather_distributed
+
+    def forward(self, z0: torch.Tensor, z1: torch.Tensor) -> torch.Tensor:
+        return nt_xent(z0, z1, self.temperature, self.gather_distributed)
+
+
+class ProjectionHead(nn.Module):
+    """MLP ``in -> hidden -> ... -> out`` with optional BatchNorm and ReLU between layers.
+
+    Args:
+        in_dim, hidden_dim, out_dim: widths.
+        num_layers: number of Linear layers (>= 1).
+        batch_norm: BatchNorm1d after every hidden Linear.
+        last_bn: BatchNorm1d after the last Linear too; ``last_bn_affine=False`` as in MoCo v3.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        hidden_dim: int,
+        out_dim: int,
+        num_layers: int = 2,
+        batch_norm: bool = True,
+        last_bn: bool = False,
+        last_bn_affine: bool = True,
+    ) -> None:
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError("num_layers must be at least 1")
+        layers: list[nn.Module] = []
+        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
+        for i in range(num_layers):
+            last = i == num_layers - 1
+            layers.append(nn.Linear(dims[i], dims[i + 1], bias=not (batch_norm and (not last or last_bn))))
+            if not last:
+                if batch_norm:
+                    layers.append(nn.BatchNorm1d(dims[i + 1]))
+                layers.append(nn.ReLU(inplace=True))
+            elif last_bn:
+                layers.append(nn.BatchNorm1d(dims[i + 1], affine=last_bn_affine))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+# ------------------------------------------------------------------- shared by builders
+def split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split ``overrides`` into method-config keys and backbone ``create_model`` keys.
+
+    Backbone keys come as ``"backbone.<arg>"`` or inside a ``"backbone"`` / ``"backbone_kwargs"`` dict.
+    """
+    overrides = dict(overrides)
+    backbone = dict(overrides.pop("backbone", None) or {})
+    backbone.update(overrides.pop("backbone_kwargs", None) or {})
+    for key in [k for k in overrides if k.startswith("backbone.")]:
+        backbone[key.split(".", 1)[1]] = overrides.pop(key)
+    return overrides, backbone
+
+
+def make_backbone(arch: str, img_size: int, kwargs: dict[str, Any]) -> nn.Module:
+    """``histofm.create_model(arch, img_size=img_size, **kwargs)``."""
+    import histofm
+
+    return histofm.create_model(arch, **{"img_size": img_size, **kwargs})
+
+
+def make_views(batch: Any, augmenters: list[BatchAugment | None]) -> list[torch.Tensor]:  # noqa: ANN401
+    """The view batches of ``batch``.
+
+    With batch augmentation (``augmenters`` not None), ``batch`` is an image batch ``(B, C, H, W)``
+    (or ``(images, labels...)``) and view ``i`` is ``augmenters[i](images)``; otherwise ``batch`` is
+    the collated list of per-sample views (or ``(views, labels...)``).
+    """
+    if augmenters and augmenters[0] is not None:
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        if not isinstance(x, torch.Tensor) or x.ndim != 4:
+            raise ValueError("batch augmentation expects an image batch (B, C, H, W); use the method's base transform")
+        return [aug(x) for aug in augmenters]  # type: ignore[misc]
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], (list, tuple)):
+        batch = batch[0]
+    if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+        raise ValueError("expected a batch of at least two views (use the method's view transform)")
+    return list(batch)
+
+
+@dataclass(frozen=True)
+class SimCLRConfig:
+    """SimCLR hyper-parameters and its view recipe.
+
+    Attributes:
+        temperature: ``tau`` of NT-Xent (0.1; the paper's best for large batches is 0.1-0.5).
+        proj_hidden_dim, proj_dim, proj_layers, proj_bn: the projector MLP.
+        gather_distributed: negatives from all ranks under data parallelism.
+        view: :class:`ViewConfig` fields for both views (``size`` and normalisation are filled in).
+        augment: ``"sample"``: per-sample torchvision views built in the data loader;
+            ``"batch"``: the loader only resizes (to ``base_size``) and the method draws both views
+            with :class:`BatchAugment` on the batch's device (much faster for small tiles and on GPU).
+        base_size: side of the tiles handed to :class:`BatchAugment` (0: ``img_size``).
+    """
+
+    temperature: float = 0.1
+    proj_hidden_dim: int = 2048
+    proj_dim: int = 128
+    proj_layers: int = 2
+    proj_bn: bool = True
+    gather_distributed: bool = True
+    view: dict[str, Any] = field(default_factory=dict)
+    augment: str = "sample"
+    base_size: int = 0
+
+
+class SimCLR(SSLMethod):
+    """SimCLR on any backbone whose ``forward`` returns a pooled embedding ``(B, D)``."""
+
+    def __init__(
+        self, backbone: nn.Module, cfg: SimCLRConfig = SimCLRConfig(), batch_augment: BatchAugment | None = None
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = backbone
+        dim = backbone.num_features
+        self.projector = ProjectionHead(dim, cfg.proj_hidden_dim, cfg.proj_dim, cfg.proj_layers, cfg.proj_bn)
+        self.criterion = NTXentLoss(cfg.temperature, cfg.gather_distributed)
+        self.batch_augment = batch_augment
+
+    def forward(self, batch: Any) -> dict[str, torch.Tensor]:  # noqa: ANN401
+        v0, v1 = make_views(batch, [self.batch_augment] * 2)[:2]  # (B, C, H, W) each
+        z = self.projector(self.backbone(torch.cat([v0, v1])))  # one pass over both views: (2B, P)
+        z0, z1 = z.chunk(2)
+        loss = self.criterion(z0, z1)
+        return {"loss": loss}
+
+
+def view_config(arch: str, img_size: int, changes: dict[str, Any]) -> ViewConfig:
+    """A :class:`ViewConfig` at ``img_size`` with the model's normalisation, then ``changes``."""
+    import histofm
+
+    info = histofm.model_info(arch)
+    return config_replace(ViewConfig(size=img_size, mean=info.mean, std=info.std), changes)
+
+
+def view_pipeline(
+    views: list[ViewConfig], augment: str, base_size: int
+) -> tuple[Callable[[Any], Any], list[BatchAugment | None]]:
+    """Per-sample transform and batch augmenters for a list of view recipes.
+
+    ``augment="sample"``: a :class:`MultiView` of torchvision pipelines and no augmenters;
+    ``"batch"``: a resize-and-normalise transform (to ``base_size``) and one
+    :class:`BatchAugment` per view.
+    """
+    if augment == "sample":
+        return MultiView([view_transform(v) for v in views]), [None] * len(views)
+    if augment == "batch":
+        v = views[0]
+        return base_view(base_size or v.size, v.mean, v.std), [BatchAugment(v) for v in views]
+    raise ValueError(f"augment must be 'sample' or 'batch', got {augment!r}")
+
+
+def build(name: str, arch: str, *, img_size: int, overrides: dict[str, Any]) -> tuple[SimCLR, Callable[[Any], Any]]:
+    """``histofm pretrain --method simclr``: SimCLR on ``create_model(arch)`` and its two-view transform."""
+    cfg_kw, backbone_kw = split_overrides(overrides)
+    cfg = config_replace(SimCLRConfig(), cfg_kw)
+    view = view_config(arch, img_size, cfg.view)
+    transform, augmenters = view_pipeline([view, view], cfg.augment, cfg.base_size)
+    method = SimCLR(make_backbone(arch, img_size, backbone_kw), cfg, augmenters[0])
+    return method, transform
