@@ -115,11 +115,16 @@ def render_heatmap(
     heat = paint(coords, scores, tile_size_level0(coords, attrs), dims, thumb.shape[:2])
     names = cfg["class_names"]
     title = ", ".join(f"{n}: {p:.2f}" for n, p in zip(names, probs))
-    fig, ax = plt.subplots(figsize=(8, 8 * thumb.shape[0] / thumb.shape[1] + 0.6), dpi=120)
+    # The slide alone beside the overlay, so the tissue under the colours can be read.
+    aspect = thumb.shape[0] / thumb.shape[1]
+    fig, (ax0, ax) = plt.subplots(1, 2, figsize=(12, 6 * aspect + 0.8), dpi=120)
+    ax0.imshow(thumb)
+    ax0.set_title(Path(slide_path).name, fontsize=9)
     ax.imshow(thumb)
     im = ax.imshow(np.ma.masked_invalid(heat), cmap=cmap, alpha=alpha, vmin=0, vmax=1, interpolation="nearest")
-    ax.set_axis_off()
-    ax.set_title(f"{Path(slide_path).name} - {cfg['model']} ({len(models)} model(s))\n{title}", fontsize=9)
+    ax.set_title(f"{cfg['model']} tile scores ({len(models)} model(s)) - {title}", fontsize=9)
+    for a in (ax0, ax):
+        a.set_axis_off()
     fig.colorbar(im, ax=ax, fraction=0.035, pad=0.02, label="tile score (percentile)")
     out = Path(out_path)
     with atomic_path(out) as tmp:
