@@ -3,31 +3,40 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
-
-from histofm.data import sample_path
+from histofm.errors import HistofmError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run the end-to-end job on the bundled sample data")
-    p.add_argument("--out", type=Path, default=Path("demo_out"), help="output directory")
+    p = sub.add_parser(
+        "demo", help="tile, pretrain (DINOv2), evaluate, cluster and report, on the bundled data only",
+    )
+    p.add_argument("--out", type=Path, default=Path("demo_out"), help="output directory (default demo_out)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None, help="pretraining steps (default: the full demo's)")
+    p.add_argument("--batch-size", type=int, default=None, help="pretraining batch size")
+    p.add_argument("--quick", action="store_true", help="a reduced run (a minute or two) to check the set-up")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import histofm
+    from histofm.demo import DemoConfig, run_demo
 
-    torch.manual_seed(args.seed)
-    args.out.mkdir(parents=True, exist_ok=True)
-    img = Image.open(sample_path("hgsc_nest")).convert("RGB").crop((0, 0, 224, 224))
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
-    model = histofm.create_model("vit_small_patch16_224").eval()
-    with torch.no_grad():
-        emb = model(x)
-    print(f"vit_small_patch16_224 embedding of a bundled H&E tile: shape {tuple(emb.shape)}, norm {emb.norm():.3f}")
+    cfg = DemoConfig(seed=args.seed)
+    if args.quick:
+        cfg = dataclasses.replace(cfg, steps=10, batch_size=16, tiles_per_source=64, eval_seeds=1,
+                                  eval_episodes=10, eval_boot=50, cluster_tile=112)
+    if args.steps is not None:
+        if args.steps < 1:
+            raise HistofmError(f"--steps must be at least 1, got {args.steps}.")
+        cfg = dataclasses.replace(cfg, steps=args.steps)
+    if args.batch_size is not None:
+        if args.batch_size < 2:
+            raise HistofmError(f"--batch-size must be at least 2, got {args.batch_size}.")
+        cfg = dataclasses.replace(cfg, batch_size=args.batch_size)
+    results = run_demo(args.out, cfg, progress=not args.no_progress)
+    print(f"Report: {results['report']}")
     return 0

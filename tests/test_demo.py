@@ -1,0 +1,48 @@
+"""A reduced `histofm demo`: every step runs on the bundled data and the report holds real numbers."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+from safetensors.torch import load_file
+
+from histofm.cli import main
+from histofm.demo import DemoConfig, pretraining_tiles, step_pretrain
+
+
+def test_quick_demo_writes_report_and_pictures(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
+    assert f"Report: {out / 'report.md'}" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    report = (out / "report.md").read_text()
+    for picture in ("tiles.png", "pretrain/loss_curve.png", results["cluster"]["map"], results["cluster"]["prototypes"]):
+        assert (out / picture).is_file() and (out / picture).stat().st_size > 1000, picture
+        assert picture in report
+    assert results["tile"]["tiles"] > 20
+    features = {r["features"] for r in results["evaluate"]}
+    assert features == {"colour histogram", "ViT random init", "ViT checkpoint"}
+    for row in results["evaluate"]:
+        bacc = row["metrics"]["balanced_accuracy"]["mean"]
+        assert 0.4 < bacc <= 1.0, row  # three classes: chance is 1/3; every feature set is well above it
+    assert len(results["pretrain"]["rankme"]) >= 2 and min(results["pretrain"]["rankme"]) > 1.0
+
+
+def test_pretraining_is_deterministic_and_never_sees_test_blocks(tmp_path: Path) -> None:
+    cfg = dataclasses.replace(DemoConfig(), steps=2, batch_size=8, tiles_per_source=20)
+    data = pretraining_tiles(cfg)
+    nest = [d for d in data.datasets if d.classes == ["hgsc_nest"]]
+    assert len(nest) == 5
+    for part in nest:  # every nest tile lies inside one training block (row + column even)
+        for x, y in part.coords:
+            r0, c0 = y // 500, x // 500
+            r1, c1 = (y + part.tile_size - 1) // 500, (x + part.tile_size - 1) // 500
+            assert (r0, c0) == (r1, c1) and (r0 + c0) % 2 == 0
+    a = step_pretrain(cfg, tmp_path / "a", progress=False)
+    b = step_pretrain(cfg, tmp_path / "b", progress=False)
+    assert a["loss_first"] == b["loss_first"] and a["loss_last"] == b["loss_last"]
+    wa, wb = load_file(a["backbone"]), load_file(b["backbone"])
+    assert all(np.array_equal(wa[k].numpy(), wb[k].numpy()) for k in wa)
