@@ -27,6 +27,14 @@ from histofm.train import (
 )
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    from ssl_check import one_thread
+
+    with one_thread():
+        yield
+
+
 def _tiny_vit(**kw):
     return histofm.create_model(
         "vit_tiny_patch16_224", depth=1, img_size=16, patch_size=8, embed_dim=32, num_heads=2, **kw
@@ -207,3 +215,9 @@ def test_bad_input_gives_one_clear_sentence(tmp_path) -> None:
         fit(NoisyRegression(), _dataset(4), _cfg(tmp_path))
     with pytest.raises(HistofmError, match="SSLMethod"):
         fit(nn.Linear(2, 2), _dataset(), _cfg(tmp_path))  # type: ignore[arg-type]
+    from histofm.data.datasets import bundled_tiles
+
+    with pytest.raises(HistofmError, match="view transform"):
+        fit(NoisyRegression(), bundled_tiles(256), _cfg(tmp_path))
+    with pytest.raises(HistofmError, match="resume=True needs out_dir"):
+        TrainConfig(resume=True)

@@ -47,6 +47,8 @@ class TrainConfig:
         progress: show a rich progress bar (on the main process).
         tensorboard: also log to TensorBoard when it is installed.
         find_unused_parameters: passed to DistributedDataParallel.
+        sync_batchnorm: under multi-GPU data parallelism, convert BatchNorm layers to SyncBatchNorm
+            (CPU/gloo has no SyncBatchNorm: there each rank normalises its own slice).
     """
 
     steps: int = 1000
@@ -75,6 +77,7 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = True
     find_unused_parameters: bool = False
+    sync_batchnorm: bool = True
 
     def __post_init__(self) -> None:
         if self.steps < 1:

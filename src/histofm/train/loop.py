@@ -160,6 +160,8 @@ def fit(
             len(data), cfg.batch_size, seed=cfg.seed, start_step=start_step, stop_step=stop_step,
             rank=rank, world_size=world,
         )
+        if transform is None and len(data) and _is_pil(data[0]):
+            raise HistofmError("The dataset yields PIL images: pass the method's view transform (transform=...).")
         views = SeededViews(data, transform, cfg.seed)
         loader = DataLoader(
             views, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=default_collate,
@@ -182,6 +184,9 @@ def fit(
     if distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
+        if device.type == "cuda" and cfg.sync_batchnorm:
+            # BatchNorm in projectors (MoCo v3, SimCLR) must see the global batch, as on one device.
+            method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
         model = DDP(
             method, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=cfg.find_unused_parameters,
@@ -315,6 +320,11 @@ def _scalars(out: dict[str, Any]) -> dict[str, float]:
         elif isinstance(v, (int, float)) and not isinstance(v, bool):
             rec[k] = float(v)
     return rec
+
+
+def _is_pil(item: Any) -> bool:  # noqa: ANN401
+    first = item[0] if isinstance(item, (tuple, list)) and item else item
+    return type(first).__module__.startswith("PIL.")
 
 
 def _cycle(loader: DataLoader) -> Any:  # noqa: ANN401
