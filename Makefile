@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(BIN)/histofm demo --out demo_out
 
 test: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks notebooks
 	$(BIN)/python -m pytest -x -p no:cacheprovider --timeout=900 tests
 
 lint: $(STAMP)
