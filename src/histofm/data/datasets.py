@@ -248,6 +248,39 @@ def bundled_tiles(
     return BundledTiles(sources, labels, np.asarray(coords, dtype=np.int64), tile_size, out_size)
 
 
+class CaptionedImages(Dataset):
+    """``(image, caption)`` pairs listed in a CSV file with columns ``image`` and ``caption``.
+
+    Image paths are relative to the CSV's folder (or absolute). For CLIP-style pretraining.
+    """
+
+    def __init__(self, csv_path: str | os.PathLike[str]) -> None:
+        import csv
+
+        self.path = Path(csv_path)
+        if not self.path.is_file():
+            raise HistofmError(f"Caption file {self.path} does not exist.")
+        with self.path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None or not {"image", "caption"} <= set(reader.fieldnames):
+                raise HistofmError(f"{self.path} needs a header with columns 'image' and 'caption'.")
+            rows = [(r["image"], r["caption"]) for r in reader]
+        if not rows:
+            raise HistofmError(f"{self.path} lists no images.")
+        self.items = [((self.path.parent / img).resolve(), cap) for img, cap in rows]
+        missing = [str(p) for p, _ in self.items if not p.is_file()]
+        if missing:
+            raise HistofmError(f"{len(missing)} image(s) listed in {self.path} do not exist, e.g. {missing[0]}.")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, str]:
+        path, caption = self.items[index]
+        with Image.open(path) as im:
+            return im.convert("RGB"), caption
+
+
 # ------------------------------------------------------------------------ CLI entry
 def tile_dataset(
     data: str | os.PathLike[str],
@@ -261,13 +294,19 @@ def tile_dataset(
     * ``"bundled"``: :func:`bundled_tiles` (grid tiles of ``tile_size`` from all bundled samples);
     * a slide file (``.svs``, ``.ndpi``, ``.mrxs`` ...) or a folder holding slide files:
       :func:`slide_tiles` at ``target_mpp``;
-    * a folder of images (searched recursively): :class:`ImageFolderTiles`.
+    * a folder of images (searched recursively): :class:`ImageFolderTiles`;
+    * a ``.csv`` file of ``image,caption`` rows, or a folder holding ``captions.csv``:
+      :class:`CaptionedImages` (for CLIP).
     """
     if str(data) == "bundled":
         return bundled_tiles(tile_size, min_tissue=min_tissue)
     path = Path(data)
     if not path.exists():
         raise HistofmError(f"Data path {path} does not exist; give a folder of images, slide files, or 'bundled'.")
+    if path.is_file() and path.suffix.lower() == ".csv":
+        return CaptionedImages(path)
+    if path.is_dir() and (path / "captions.csv").is_file():
+        return CaptionedImages(path / "captions.csv")
     if path.is_file():
         if path.suffix.lower() in SLIDE_EXTENSIONS or path.suffix.lower() in (".tif", ".tiff"):
             return slide_tiles([path], tile_size=tile_size, target_mpp=target_mpp, min_tissue=min_tissue)

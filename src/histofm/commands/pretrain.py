@@ -1,0 +1,172 @@
+"""``histofm pretrain``: self-supervised pretraining of a backbone with any registered method.
+
+    histofm pretrain --method simclr --arch vit_small_patch16_224 --data bundled \\
+        --steps 1000 --batch-size 64 --out runs/simclr [--config run.yaml] [--resume] \\
+        [--img-size 224] [--set lr=1e-3 --set temperature=0.2 --set backbone.depth=6]
+
+Settings are merged in this order (later wins): defaults, the YAML ``--config``,
+the explicit flags, then ``--set key=value`` pairs. A YAML file may hold::
+
+    method: simclr
+    arch: vit_small_patch16_224
+    data: bundled            # a folder of images, slide files, image,caption CSV (CLIP), or "bundled"
+    img_size: 224
+    train: {steps: 2000, batch_size: 128, lr: 0.001, precision: bf16}   # TrainConfig fields
+    method_args: {temperature: 0.2, view: {hed_p: 0.5}}                  # the method's config fields
+    backbone: {depth: 6, drop_path_rate: 0.1}                            # create_model arguments
+
+A ``--set`` key that names a :class:`~histofm.train.TrainConfig` field (or starts with
+``train.``) goes to the engine, ``backbone.<arg>`` to the backbone, anything else to the
+method's config; dotted keys nest (``view.hed_p=0.5``). Values are parsed as YAML.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from histofm.errors import HistofmError
+
+_TOP_KEYS = {"method", "arch", "data", "img_size", "tile_size", "target_mpp", "out", "train", "method_args", "backbone"}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from histofm.methods.registry import list_methods
+
+    p = sub.add_parser(
+        "pretrain",
+        help="self-supervised pretraining (SimCLR, MoCo, CLIP, DINO, DINOv2, MAE, ...)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--method", help=f"one of: {', '.join(list_methods())}")
+    p.add_argument("--arch", help="backbone architecture from `histofm models` / list_models(), e.g. vit_small_patch16_224")
+    p.add_argument("--data", help="folder of images, slide file(s) folder, image,caption CSV, or 'bundled'")
+    p.add_argument("--steps", type=int, help="optimiser steps")
+    p.add_argument("--batch-size", type=int, help="global batch size")
+    p.add_argument("--out", help="output directory (checkpoints, log.jsonl, loss_curve.png, backbone.safetensors)")
+    p.add_argument("--config", help="YAML file with the run's settings")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--img-size", type=int, help="training image size (default 224)")
+    p.add_argument("--tile-size", type=int, help="tile side read from slides / bundled samples (default: img size)")
+    p.add_argument("--target-mpp", type=float, help="microns per pixel of slide tiles (default 0.5)")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="mixed precision")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps")
+    p.add_argument("--workers", type=int, help="data-loading worker processes")
+    p.add_argument("--seed", type=int, help="random seed")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override one setting (repeatable): TrainConfig field, method option, or backbone.<arg>",
+    )
+    p.set_defaults(func=run)
+
+
+def _load_yaml(path: str) -> dict[str, Any]:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise HistofmError(f"Config file {p} does not exist.")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise HistofmError(f"Config file {p} is not valid YAML ({type(e).__name__}).") from None
+    if not isinstance(data, dict):
+        raise HistofmError(f"Config file {p} must hold a mapping of settings.")
+    return data
+
+
+def _nest(d: dict[str, Any], dotted: str, value: Any) -> None:  # noqa: ANN401
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        d = d.setdefault(key, {})
+        if not isinstance(d, dict):
+            raise HistofmError(f"Cannot set {dotted}: {key} is not a group of settings.")
+    d[leaf] = value
+
+
+def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Merge defaults, YAML, flags and ``--set`` into ``{method, arch, data, ..., train, method_args, backbone}``."""
+    import yaml
+
+    from histofm.train import TrainConfig
+
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    s: dict[str, Any] = {"img_size": 224, "target_mpp": 0.5, "train": {}, "method_args": {}, "backbone": {}}
+    if args.config:
+        for k, v in _load_yaml(args.config).items():
+            if k in ("train", "method_args", "backbone"):
+                if not isinstance(v, dict):
+                    raise HistofmError(f"'{k}' in {args.config} must be a mapping.")
+                s[k].update(v)
+            elif k in _TOP_KEYS:
+                s[k] = v
+            elif k in train_fields:
+                s["train"][k] = v
+            else:
+                s["method_args"][k] = v
+    flags = {"method": args.method, "arch": args.arch, "data": args.data, "out": args.out,
+             "img_size": args.img_size, "tile_size": args.tile_size, "target_mpp": args.target_mpp}
+    s.update({k: v for k, v in flags.items() if v is not None})
+    train_flags = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "precision": args.precision,
+                   "device": args.device, "num_workers": args.workers, "seed": args.seed}
+    s["train"].update({k: v for k, v in train_flags.items() if v is not None})
+    if args.resume:
+        s["train"]["resume"] = True
+    if args.no_progress:
+        s["train"]["progress"] = False
+    for item in args.set:
+        if "=" not in item:
+            raise HistofmError(f"--set expects KEY=VALUE, got {item!r}.")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        if key.startswith("train."):
+            _nest(s["train"], key[len("train."):], value)
+        elif key in train_fields:
+            s["train"][key] = value
+        elif key.startswith("backbone."):
+            _nest(s["backbone"], key[len("backbone."):], value)
+        elif key in _TOP_KEYS - {"train", "method_args", "backbone"}:
+            s[key] = value
+        else:
+            _nest(s["method_args"], key, value)
+    for key in ("method", "arch", "data", "out"):
+        if not s.get(key):
+            raise HistofmError(f"Missing --{key} (or '{key}:' in the --config file).")
+    s["train"]["out_dir"] = str(s["out"])
+    return s
+
+
+def run(args: argparse.Namespace) -> int:
+    from histofm.data.datasets import tile_dataset
+    from histofm.methods.registry import build_method
+    from histofm.train import TrainConfig, fit
+    from histofm.train.distributed import is_main
+
+    s = resolve_settings(args)
+    cfg = TrainConfig.from_dict(s["train"])
+    overrides = dict(s["method_args"])
+    if s["backbone"]:
+        overrides["backbone"] = dict(s["backbone"])
+    img_size = int(s["img_size"])
+    method, transform = build_method(s["method"], s["arch"], img_size=img_size, overrides=overrides)
+    dataset = tile_dataset(s["data"], tile_size=int(s.get("tile_size") or img_size), target_mpp=float(s["target_mpp"]))
+    if is_main():
+        print(f"histofm pretrain: {s['method']} on {s['arch']} ({sum(p.numel() for p in method.backbone.parameters()) / 1e6:.2f}M "
+              f"backbone parameters), {len(dataset)} samples from {s['data']}, {cfg.steps} steps of {cfg.batch_size}.")
+    history = fit(method, dataset, cfg, transform=transform)
+    if is_main() and history:
+        out = Path(cfg.out_dir or ".")
+        last = [h["loss"] for h in history[-10:] if h["loss"] == h["loss"]]
+        print(f"final loss {sum(last) / max(len(last), 1):.4f} (mean of the last {len(last)} steps)")
+        print(f"backbone: {out / 'backbone.safetensors'} (load: histofm.train.load_backbone({str(out)!r}))")
+        print(f"log: {out / 'log.jsonl'}, curve: {out / 'loss_curve.png'}")
+    return 0
