@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -119,3 +120,51 @@ def test_bad_input_is_one_clear_error() -> None:
         KMeansTokenizer(8).encode(torch.zeros(1, 3, 16, 16), 8)
     with pytest.raises(HistofmError, match="at least 8 points"):
         KMeansTokenizer(8).fit(torch.zeros(1, 3, 16, 16), 8)  # 4 patches, 8 clusters
+
+
+
+# ---------------------------------------------------------------- real tissue (tests/ssl_check.py's task)
+def _pretrain(name: str, steps: int, **overrides):
+    from histofm.train import TrainConfig, fit
+    from ssl_check import SIZE, pretrain_tiles, tiny_vit_kwargs
+
+    torch.manual_seed(0)
+    method, views = build_method(
+        name, "vit_tiny_patch16_224", img_size=SIZE, overrides={"preset": "cpu_small", "backbone": tiny_vit_kwargs(), **overrides}
+    )
+    before = copy.deepcopy(method)
+    cfg = TrainConfig(steps=steps, batch_size=32, lr=3e-3, warmup_steps=steps // 10, weight_decay=0.05, progress=False, monitor_every=0)
+    hist = fit(method, pretrain_tiles(), cfg, transform=views)
+    return before, method, hist
+
+
+def test_simmim_on_real_tiles_beats_random_initialisation_in_knn() -> None:
+    from ssl_check import knn_score
+
+    before, method, hist = _pretrain("simmim", 200)
+    knn_before, knn_after = knn_score(before.backbone), knn_score(method.backbone)
+    print(f"SimMIM: kNN balanced accuracy {knn_before:.3f} (random init) -> {knn_after:.3f} (200 steps)")
+    assert np.mean([h["loss"] for h in hist[-20:]]) < 0.7 * np.mean([h["loss"] for h in hist[:20]])
+    assert knn_after > knn_before + 0.01, (knn_before, knn_after)
+
+
+def test_beit_on_real_tiles_learns_to_predict_held_out_tokens() -> None:
+    from ssl_check import knn_data
+
+    before, method, hist = _pretrain("beit", 100)
+    held_out = knn_data()[2]  # bottom rows of each field, never trained on
+    before.tokenizer.load_state_dict(method.tokenizer.state_dict())  # the codebook fitted during training, for both
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731 - the same masks for both
+
+    def accuracy(m: MIM) -> tuple[float, float]:
+        m.eval()
+        with torch.no_grad():
+            out, pred, flat = m._losses(held_out, gen())
+        return float(out["token_acc"]), float(out["loss"])
+
+    tokens = method.tokenizer.encode(held_out, method.patch_size)
+    flat = method.make_masks(len(held_out), (4, 4), torch.device("cpu"), gen()).reshape(len(held_out), -1)
+    majority = float(torch.bincount(tokens[flat]).max()) / int(flat.sum())  # always guess the commonest token
+    (acc0, ce0), (acc1, ce1) = accuracy(before), accuracy(method)
+    print(f"BEiT-style: held-out masked-token accuracy {acc0:.3f} -> {acc1:.3f} (majority {majority:.3f}), CE {ce0:.2f} -> {ce1:.2f}")
+    assert acc1 > max(acc0, majority) + 0.02 and ce1 < ce0 - 0.3
