@@ -406,7 +406,7 @@ class ReconstructionCallback:
         pics = method.reconstruct(self.images.to(device), generator=gen)
         mse = float(pics["mse"])
         self.history.append((step, mse))
-        return save_reconstructions(pics, self.out_dir / f"recon_step{step}.png", f"step {step}, masked MSE {mse:.3f}")
+        return save_reconstructions(pics, self.out_dir / f"recon_step{step}.png", f"step {step}, masked-patch loss {mse:.3f}")
 
 
 def run_step_callbacks(method: nn.Module, step: int) -> None:
