@@ -113,7 +113,7 @@ def test_clip_zero_shot_on_generated_captions() -> None:
     torch.manual_seed(0)
     method, transform = _build(view={"rot90": False})
     train, test = ShapeCaptions(1536, seed=0), ShapeCaptions(240, seed=99)
-    cfg = TrainConfig(steps=120, batch_size=64, lr=2e-3, warmup_steps=10, weight_decay=0.05, progress=False,
+    cfg = TrainConfig(steps=100, batch_size=64, lr=2e-3, warmup_steps=10, weight_decay=0.05, progress=False,
                       monitor_every=0, seed=0)
     classes = [(c, s) for c in COLOURS for s in SHAPES]
     prompts = [[t.format(c=c, s=s) for t in TEMPLATES] for c, s in classes]

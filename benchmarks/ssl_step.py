@@ -1,0 +1,298 @@
+"""One self-supervised training step: histofm against the same step built from a peer library, in one run.
+
+    python benchmarks/ssl_step.py --method dinov2                        # CPU fp32, ViT-S/14, 2 x 224 + 8 x 98 crops
+    python benchmarks/ssl_step.py --method dinov2 --threads 1 --cpu-time # busy shared machine
+    python benchmarks/ssl_step.py --method dinov2 --device cuda          # bf16 autocast, images/s, matmul-peak fraction
+
+A step is everything one optimiser update costs: forward of student and
+teacher, the losses, backward, AdamW step, zero_grad and the EMA update of the
+teacher. Ours is the method from ``histofm.methods.registry.build_method``;
+the peer is assembled the way its documentation shows (for ``dinov2``:
+lightly's ``DINOLoss``, ``IBOTPatchLoss``, ``KoLeoLoss``, ``DINOv2ProjectionHead``,
+``MaskedVisionTransformerTIMM`` around a timm ViT, ``update_momentum``). Both
+get the same configuration, the same crops and the same masks. Each repeat
+times one step of each, alternating the order; medians after warm-up. The
+ratio is peer time / our time (> 1: ours is faster).
+
+``STEP_BUILDERS`` maps a method name to a function ``(args, device) -> StepPair``;
+add an entry per method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class StepPair:
+    """The two step functions of one method and what one step processes."""
+
+    ours: Callable[[], None]
+    peer: Callable[[], None]
+    images: int  # source images per step
+    flops: float | None = None  # matmul FLOPs of one step (forward + backward), if known
+    note: str = ""
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 8192, repeats: int = 10) -> float:
+    """Measured FLOP/s of a large square matmul (the practical peak of this device)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times)
+
+
+def vit_flops(model: torch.nn.Module, batch: int, img_size: int) -> float:
+    """Matmul FLOPs (2 per multiply-add) of one forward of a timm-style ViT on square images."""
+    D, p = model.embed_dim, model.patch_size
+    n_patches = (img_size // p) ** 2
+    N = n_patches + model.num_prefix_tokens
+    flops = 2 * n_patches * 3 * p * p * D
+    for blk in model.blocks:
+        flops += 2 * N * D * 3 * D + 4 * N * N * D + 2 * N * D * D
+        flops += 2 * N * D * blk.mlp.fc1.out_features + 2 * N * blk.mlp.fc2.in_features * D
+    return float(flops * batch)
+
+
+# ------------------------------------------------------------------------ dinov2
+def dinov2_steps(args: argparse.Namespace, device: torch.device) -> StepPair:
+    """DINOv2 on ViT-S/14: 2 global crops of 224 px and 8 local crops of 98 px per image.
+
+    Both sides: LayerScale 1e-5, stochastic depth ``--drop-path``, separate DINO and iBOT
+    heads (2048 hidden, 256 bottleneck, 65536 prototypes), running-mean centering (what
+    lightly's losses implement), KoLeo weight 0.1, half of the global crops block-masked
+    with ratios in [0.1, 0.5] (the same masks for both), AdamW, EMA momentum 0.992.
+    """
+    import timm
+    from lightly.loss import DINOLoss, IBOTPatchLoss, KoLeoLoss
+    from lightly.models.modules import DINOv2ProjectionHead, MaskedVisionTransformerTIMM
+    from lightly.models.utils import update_momentum
+
+    from histofm.methods.masking import BlockMaskCollator
+    from histofm.methods.registry import build_method
+
+    B, dp, n_local = args.batch, args.drop_path, 8
+    arch = "vit_small_patch14_dinov2"
+    g = torch.Generator().manual_seed(0)
+    globals_ = [torch.randn(B, 3, 224, 224, generator=g).to(device) for _ in range(2)]
+    locals_ = [torch.randn(B, 3, 98, 98, generator=g).to(device) for _ in range(n_local)]
+    masks = BlockMaskCollator((16, 16))(2 * B).to(device)  # (2B, 16, 16)
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" or args.bf16 else contextlib.nullcontext()
+    )
+
+    # ---- ours
+    method, _ = build_method(
+        "dinov2", arch, img_size=224,
+        overrides={
+            "centering": "centering", "norm_last_layer": False, "drop_path_rate": dp, "n_local_crops": n_local,
+            "freeze_last_layer": 0.0,  # lightly's example does not freeze the prototypes either
+        },
+    )
+    method = method.to(device).train()
+    opt_ours = torch.optim.AdamW(method.trainable_parameters(), lr=1e-4, weight_decay=0.04)
+    batch = {"crops": globals_ + locals_, "masks": masks}
+
+    def ours() -> None:
+        with autocast:
+            loss = method(batch)["loss"]
+        loss.backward()
+        opt_ours.step()
+        opt_ours.zero_grad(set_to_none=True)
+        method.on_step_end(0, 1000)
+
+    # ---- peer: lightly's DINOv2 example, same configuration
+    vit = timm.create_model(arch, img_size=224, dynamic_img_size=True, drop_path_rate=dp, init_values=1e-5, num_classes=0)
+    backbone = MaskedVisionTransformerTIMM(vit=vit, antialias=False, pos_embed_initialization="skip")
+    teacher_backbone = copy.deepcopy(backbone)  # heads cannot be deep-copied (old-style weight_norm): build twice
+
+    def branch(bb: torch.nn.Module) -> torch.nn.ModuleDict:
+        heads = {"dino_head": DINOv2ProjectionHead(input_dim=384), "ibot_head": DINOv2ProjectionHead(input_dim=384)}
+        return torch.nn.ModuleDict({"backbone": bb, **heads})
+
+    student, teacher = branch(backbone).to(device), branch(teacher_backbone).to(device)
+    teacher.load_state_dict(student.state_dict())
+    for p in teacher.parameters():
+        p.requires_grad = False
+    teacher.eval()
+    for m in teacher["backbone"].vit.modules():  # the teacher runs without stochastic depth
+        if hasattr(m, "drop_prob"):
+            m.drop_prob = 0.0
+    dino_loss, ibot_loss, koleo = DINOLoss().to(device), IBOTPatchLoss().to(device), KoLeoLoss().to(device)
+    opt_peer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.04)
+    lmask = torch.zeros(2 * B, 1 + 256, dtype=torch.bool, device=device)
+    lmask[:, 1:] = masks.flatten(1)  # class token never masked
+    g_cat, l_cat = torch.cat(globals_), torch.cat(locals_)
+
+    def peer() -> None:
+        with autocast:
+            with torch.no_grad():
+                t_tok = teacher["backbone"].encode(g_cat)
+                t_cls = teacher["dino_head"](t_tok[:, 0])
+                t_patch = teacher["ibot_head"](t_tok[lmask])
+            s_tok = student["backbone"].encode(g_cat, mask=lmask)
+            s_cls_g = student["dino_head"](s_tok[:, 0])
+            s_patch = student["ibot_head"](s_tok[lmask])
+            s_cls_l = student["dino_head"](student["backbone"].encode(l_cat)[:, 0])
+            s_cls = torch.cat([s_cls_g, s_cls_l])
+            loss = dino_loss(t_cls.chunk(2), s_cls.chunk(2 + n_local), teacher_temp=0.04)
+            loss = loss + ibot_loss(t_patch, s_patch, masks, teacher_temp=0.04)
+            loss = loss + 0.1 * sum(koleo(t) for t in s_tok[:, 0].chunk(2))
+        loss.backward()
+        opt_peer.step()
+        opt_peer.zero_grad(set_to_none=True)
+        update_momentum(student, teacher, m=0.992)
+
+    bb = method.student["backbone"]
+    n_params = [sum(p.numel() for p in m.parameters()) for m in (method.student, student)]
+    head_rows = 2 * B * (1 + n_local) + 2 * B + 2 * int(masks.sum())  # class + patch rows (student + teacher)
+    head = 2 * (384 * 2048 + 2048 * 2048 + 2048 * 256 + 256 * 65536)
+    flops = 3 * (vit_flops(bb, 2 * B, 224) + vit_flops(bb, n_local * B, 98)) + vit_flops(bb, 2 * B, 224)
+    flops += 2 * head_rows * head  # roughly: student rows x3, teacher rows x1
+    return StepPair(ours, peer, B, flops, note=f"student params ours {n_params[0] / 1e6:.1f}M, peer {n_params[1] / 1e6:.1f}M")
+
+
+# ------------------------------------------------------------------------ simclr
+def simclr_steps(args: argparse.Namespace, device: torch.device) -> StepPair:
+    """SimCLR on ViT-S/16: two 224 px views per image, projector 384 -> 2048 -> 128 (BN), NT-Xent tau 0.1.
+
+    Peer: lightly's SimCLR example (``SimCLRProjectionHead``, ``NTXentLoss``) around a timm ViT, which
+    embeds the two views in two forward passes, with ``torch.optim.AdamW``. Ours: the method from the
+    registry (both views in one pass) and the engine's optimiser (``histofm.train.build_optimizer``:
+    AdamW with the fused step). Same views, lr and weight decay.
+    """
+    import timm
+    from lightly.loss import NTXentLoss
+    from lightly.models.modules import SimCLRProjectionHead
+
+    from histofm.methods.registry import build_method
+
+    B = args.batch
+    arch = "vit_small_patch16_224"
+    g = torch.Generator().manual_seed(0)
+    views = [torch.randn(B, 3, 224, 224, generator=g).to(device) for _ in range(2)]
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" or args.bf16 else contextlib.nullcontext()
+    )
+
+    from histofm.train import TrainConfig, build_optimizer
+
+    method, _ = build_method("simclr", arch, img_size=224, overrides={})
+    method = method.to(device).train()
+    # the engine's optimiser: AdamW, no decay on norms/biases/tokens, fused step when possible
+    opt_ours = build_optimizer(method, method.trainable_parameters(), TrainConfig(lr=1e-4, weight_decay=0.04))
+
+    def ours() -> None:
+        with autocast:
+            loss = method(views)["loss"]
+        loss.backward()
+        opt_ours.step()
+        opt_ours.zero_grad(set_to_none=True)
+        method.on_step_end(0, 1000)
+
+    backbone = timm.create_model(arch, num_classes=0)
+    head = SimCLRProjectionHead(384, 2048, 128)
+    peer_model = torch.nn.Sequential(backbone, head).to(device).train()
+    criterion = NTXentLoss(temperature=0.1)
+    opt_peer = torch.optim.AdamW(peer_model.parameters(), lr=1e-4, weight_decay=0.04)
+
+    def peer() -> None:
+        with autocast:
+            z0, z1 = peer_model(views[0]), peer_model(views[1])
+            loss = criterion(z0, z1)
+        loss.backward()
+        opt_peer.step()
+        opt_peer.zero_grad(set_to_none=True)
+
+    head_flops = 2 * 2 * B * (384 * 2048 + 2048 * 128)
+    flops = 3 * (vit_flops(method.backbone, 2 * B, 224) + head_flops)
+    n_params = [sum(p.numel() for p in m.parameters()) for m in (method, peer_model)]
+    return StepPair(ours, peer, B, flops, note=f"params ours {n_params[0] / 1e6:.1f}M, peer {n_params[1] / 1e6:.1f}M")
+
+
+STEP_BUILDERS: dict[str, Callable[[argparse.Namespace, torch.device], StepPair]] = {
+    "dinov2": dinov2_steps,
+    "simclr": simclr_steps,
+}
+
+
+def time_steps(pair: StepPair, device: torch.device, warmup: int, repeats: int, clock: Callable[[], float]) -> dict[str, float]:
+    """Median seconds per step of ours and the peer, alternating their order every repeat."""
+    fns = {"ours": pair.ours, "peer": pair.peer}
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    _sync(device)
+    times: dict[str, list[float]] = {n: [] for n in fns}
+    for r in range(repeats):
+        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            _sync(device)
+            t = clock()
+            fns[name]()
+            _sync(device)
+            times[name].append(clock() - t)
+    return {n: statistics.median(v) for n, v in times.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--method", default="dinov2", choices=sorted(STEP_BUILDERS))
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--batch", type=int, default=0, help="images per step (default: 4 on CPU, 64 on CUDA)")
+    p.add_argument("--drop-path", type=float, default=0.3, help="stochastic depth of the student (DINOv2: 0.3-0.4)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast on CPU too (always on for CUDA)")
+    p.add_argument("--cpu-time", action="store_true", help="time with process CPU time (CPU only; busy machines)")
+    args = p.parse_args(argv)
+    if args.cpu_time and args.device != "cpu":
+        p.error("--cpu-time only makes sense with --device cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    args.batch = args.batch or (64 if device.type == "cuda" else 4)
+    torch.manual_seed(0)
+    peak = matmul_peak(device, torch.bfloat16) if device.type == "cuda" else None
+    pair = STEP_BUILDERS[args.method](args, device)
+    clock = time.process_time if args.cpu_time else time.perf_counter
+    secs = time_steps(pair, device, args.warmup, args.repeats, clock)
+    where = f"{device}" + (f" ({torch.cuda.get_device_name(device)}, bf16 autocast)" if device.type == "cuda" else
+                           f", {torch.get_num_threads()} threads, {'bf16' if args.bf16 else 'fp32'}, "
+                           f"{'process CPU time' if args.cpu_time else 'wall clock'}")
+    print(f"{args.method}: {where}; batch {args.batch}, warm-up {args.warmup}, median of {args.repeats}; {pair.note}")
+    line = (
+        f"ours {secs['ours'] * 1e3:8.1f} ms/step ({pair.images / secs['ours']:7.1f} img/s)   "
+        f"peer {secs['peer'] * 1e3:8.1f} ms/step ({pair.images / secs['peer']:7.1f} img/s)   "
+        f"ratio peer/ours {secs['peer'] / secs['ours']:.3f}x"
+    )
+    if peak is not None and pair.flops:
+        line += (f"   matmul peak {peak / 1e12:.0f} TFLOP/s: ours {pair.flops / secs['ours'] / peak:.1%}, "
+                 f"peer {pair.flops / secs['peer'] / peak:.1%}")
+    print(line, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
