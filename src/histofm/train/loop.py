@@ -16,7 +16,8 @@ Conventions for methods:
 * ``out["loss"]`` is the total to minimise. Keys starting with ``aux_`` (for
   example ``aux_koleo``, ``aux_moe_balance``) are auxiliary terms that the method
   has ALREADY added into ``"loss"``; the engine only logs them, as it logs every
-  other scalar entry.
+  other scalar entry. The one exception: mixture-of-experts losses left in MoE
+  layers (``histofm.layers.moe``) are added by the engine when the method did not.
 * Per-step schedules that belong to the method run in ``on_step_end`` with the
   global step (0-based, the step just taken) and ``cfg.steps``; use the helpers of
   :mod:`histofm.train.schedules` and :func:`histofm.train.ema.ema_update`.
@@ -44,6 +45,7 @@ from torch import nn
 from torch.utils.data import DataLoader, default_collate
 
 from histofm.errors import HistofmError
+from histofm.layers.moe import add_aux_losses
 from histofm.methods.base import SSLMethod
 from histofm.train import distributed as dist_utils
 from histofm.train.checkpoint import (
@@ -232,6 +234,9 @@ def fit(
                 out = model(batch)
             if not isinstance(out, dict) or "loss" not in out:
                 raise HistofmError(f"{type(method).__name__}.forward must return a dict with a 'loss' entry.")
+            # Mixture-of-experts balancing / z losses that the method did not add itself (a no-op
+            # for models without MoE layers, and for methods that already called it).
+            out = add_aux_losses(out, method)
             loss = out["loss"]
             finite = _all_finite(loss.detach().float())
             grad_norm = float("nan")
