@@ -78,6 +78,10 @@ def _nest_train_blocks() -> list[tuple[float, float, float, float]]:
     ]
 
 
+# TrainConfig fields the demo sets itself (the preset's other suggestions are taken as they are).
+_SET_BY_DEMO = {"steps", "batch_size", "seed", "out_dir", "warmup_steps", "progress", "tensorboard"}
+
+
 def pretraining_tiles(cfg: DemoConfig) -> torch.utils.data.Dataset:
     """Unlabelled real tiles: stroma field, Aperio slide, and the nest field's training blocks only."""
     from torch.utils.data import ConcatDataset
@@ -126,7 +130,7 @@ def step_pretrain(cfg: DemoConfig, out: Path, progress: bool) -> dict[str, Any]:
         ckpt_every=max(cfg.steps // 2, 1), log_every=max(cfg.steps // 50, 1),
         monitor_every=max(cfg.steps // 5, 1), monitor_samples=128, progress=progress, tensorboard=False,
         warmup_steps=min(PRESET_TRAIN["cpu_small"].get("warmup_steps", 0), max(cfg.steps // 5, 1)),
-        **{k: v for k, v in PRESET_TRAIN["cpu_small"].items() if k != "warmup_steps"},
+        **{k: v for k, v in PRESET_TRAIN["cpu_small"].items() if k not in _SET_BY_DEMO},
     )
     history = fit(method, data, train_cfg, transform=views)
     losses = [h["loss"] for h in history if "loss" in h and not h.get("skipped")]
