@@ -79,11 +79,34 @@ class Block(nn.Module):
             raise ValueError(f"mlp_layer must be 'mlp' or 'swiglu', got {mlp_layer!r}")
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.skip_dropped = False  # see VisionTransformer.set_efficient_drop_path
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.skip_dropped and self.training and attn_mask is None and isinstance(self.drop_path1, DropPath):
+            x = _add_kept(x, lambda y: self.ls1(self.attn(self.norm1(y))), self.drop_path1.drop_prob)
+            return _add_kept(x, lambda y: self.ls2(self.mlp(self.norm2(y))), self.drop_path2.drop_prob)
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask)))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x
+
+
+def _add_kept(x: torch.Tensor, branch: Callable[[torch.Tensor], torch.Tensor], drop_prob: float) -> torch.Tensor:
+    """``x + drop_path(branch(x))`` computing the branch only for the samples it keeps.
+
+    Same distribution as :class:`DropPath` (each sample kept with probability
+    ``1 - p`` and rescaled by ``1 / (1 - p)``), but dropped samples cost nothing:
+    DINOv2's "efficient stochastic depth" (Oquab et al. 2023, Sec. 5), which saves
+    compute in proportion to the drop rate. The draw is made on the CPU so no
+    device synchronisation is needed to size the kept batch.
+    """
+    keep = 1.0 - drop_prob
+    idx = (torch.rand(x.shape[0]) < keep).nonzero().flatten()  # (K,) kept samples
+    if idx.numel() == 0:
+        return x
+    if idx.numel() == x.shape[0]:
+        return x + branch(x) / keep
+    idx = idx.to(x.device, non_blocking=True)
+    return torch.index_add(x, 0, idx, branch(x.index_select(0, idx)).to(x.dtype), alpha=1.0 / keep)
 
 
 class VisionTransformer(nn.Module):
@@ -265,6 +288,12 @@ class VisionTransformer(nn.Module):
         else:
             x = self.blocks(x)
         return self.norm(x)
+
+    def set_efficient_drop_path(self, enable: bool = True) -> None:
+        """In training, run each residual branch only on the samples stochastic depth keeps (DINOv2)."""
+        for blk in self.blocks:
+            if isinstance(blk, Block):
+                blk.skip_dropped = enable
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Activation checkpointing per block (timm's API), for large backbones."""
