@@ -1,0 +1,351 @@
+"""The PLUTO recipe: DINOv2 + MAE + a Fourier loss on a FlexiViT, over tiles at four magnifications.
+
+Juyal et al. 2024, "PLUTO: Pathology-Universal Transformer", arXiv 2405.07905.
+PLUTO is a FlexiViT-S (Beyer et al. 2023, arXiv 2212.08013; the ``pluto`` model
+of :mod:`histofm.zoo.pluto`): one set of weights reads an image with 8, 16 or
+32 px patches, the kernel being pseudo-inverse resized per patch size. The
+objective sums four terms on a student/teacher pair:
+
+* DINO's class-token loss and iBOT's masked patch-token loss, with KoLeo and
+  Sinkhorn-Knopp centering: DINOv2, reused from :mod:`histofm.methods.dinov2`;
+* an MAE reconstruction loss (:mod:`histofm.methods.mae`): the student encodes
+  25 % of the patches of each global crop and a shallow decoder predicts the
+  normalised pixels of the others;
+* a Fourier-domain loss on the same reconstructions (below).
+
+Every step draws ONE patch size from {8, 16, 32} for the whole step (student,
+teacher, iBOT masks and MAE masks, which are in patches and so scale with it:
+"multi-scale masking"). The draw is a function of the step number only, so all
+ranks agree and a resumed run repeats it. Tiles are sampled at 0.25, 0.5, 1 and
+2 um/px (:class:`MultiScaleTile`) before the multi-crop views are cut.
+
+    L = L_DINO + w_iBOT L_iBOT + w_KoLeo L_KoLeo + w_MAE L_MAE + w_F L_Fourier
+
+The exact Fourier loss of PLUTO is not public [U]. This file uses an L1
+distance between LOG-AMPLITUDE spectra of the predicted and true (normalised)
+pixels of each masked patch::
+
+    A(z) = sqrt(|rfft2(z)|^2 + eps)           # per channel, orthonormal 2-D FFT of a p x p patch
+    L_F  = mean over masked patches of  mean | log(1 + A(pred)) - log(1 + A(target)) |
+
+Why this form: (1) a squared error between complex spectra equals the pixel
+MSE (Parseval), so it would add nothing to MAE; only a non-linear function of
+the spectrum can. (2) The amplitude spectrum ignores phase, i.e. WHERE in the
+patch a structure lies, and asks for the right amount of structure at each
+spatial frequency: exactly what an MSE-trained decoder gives up when it blurs
+unpredictable detail (chromatin texture, fibre edges) to the mean. (3) The
+log flattens the steep fall-off of natural-image spectra so high frequencies
+count; the focal frequency loss (Jiang et al. 2021, arXiv 2012.12821) reweights
+frequencies for the same reason. The spectrum is taken per patch at the step's
+patch size, so its frequency bands follow the FlexiViT scale.
+
+Scale honesty: the weights of the MAE and Fourier terms, the decoder size and
+the MAE mask ratio are not given by the paper [U]; the defaults below are ours.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from histofm.errors import HistofmError
+from histofm.methods.dino import make_config, multicrop_transform, split_crops
+from histofm.methods.dinov2 import PRESETS as DINOV2_PRESETS
+from histofm.methods.dinov2 import DINOv2, DINOv2Config
+from histofm.methods.mae import (
+    MAEDecoder,
+    ReconstructionCallback,
+    attach_reconstructions,
+    denormalize_patches,
+    encode_visible,
+    mae_loss,
+    normalize_patches,
+    patchify,
+    picture_set,
+    random_masking,
+    run_step_callbacks,
+    unpatchify,
+)
+
+
+@dataclass(frozen=True)
+class PLUTOConfig(DINOv2Config):
+    """DINOv2 settings plus PLUTO's. Fields beyond :class:`~histofm.methods.dinov2.DINOv2Config`:
+
+    Attributes:
+        patch_sizes: FlexiViT patch sizes drawn (uniformly) per step.
+        mae_weight, fourier_weight: weights of the MAE and Fourier terms [U].
+        mae_mask_ratio: fraction of patches hidden from the MAE encoder pass.
+        decoder_dim, decoder_depth, decoder_heads: the (shallow) MAE decoder [U].
+        decoder_patch: the decoder predicts a ``decoder_patch x decoder_patch`` rendition of every
+            patch, resized (bilinear, antialiased) to the step's patch size.
+        norm_pix_loss: MAE targets are per-patch normalised pixels.
+        mpps: magnifications (um/px) drawn per tile; ``source_mpp``: that of the input tiles.
+    """
+
+    patch_sizes: tuple[int, ...] = (8, 16, 32)
+    mae_weight: float = 1.0
+    fourier_weight: float = 0.1
+    mae_mask_ratio: float = 0.75
+    decoder_dim: int = 256
+    decoder_depth: int = 4
+    decoder_heads: int = 8
+    decoder_patch: int = 16
+    norm_pix_loss: bool = True
+    mpps: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
+    source_mpp: float = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.patch_sizes or any(p < 1 for p in self.patch_sizes):
+            raise HistofmError(f"patch_sizes must be positive integers, got {self.patch_sizes}.")
+        if not self.mpps or any(m <= 0 for m in self.mpps) or self.source_mpp <= 0:
+            raise HistofmError(f"mpps and source_mpp must be positive, got {self.mpps} and {self.source_mpp}.")
+
+
+#: ``cpu_small``: DINOv2's small-run preset, a 2-block decoder, 2 local crops.
+PRESETS: dict[str, dict[str, Any]] = {
+    "cpu_small": {**DINOV2_PRESETS["cpu_small"], "n_local_crops": 2, "decoder_dim": 64, "decoder_depth": 2,
+                  "decoder_heads": 4},
+}
+
+
+# --------------------------------------------------------------------------- Fourier loss
+def fourier_amplitude_loss(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, patch_size: int, channels: int = 3,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """L1 between log-amplitude spectra of predicted and target patches, averaged over masked patches.
+
+    Args:
+        pred, target: ``(B, N, p*p*C)`` patches in :func:`~histofm.methods.mae.patchify` order
+            (compare like with like: both normalised, or both raw).
+        mask: ``(B, N)``, True where the patch was hidden.
+        patch_size: ``p``; channels: ``C``.
+        eps: keeps the amplitude differentiable at 0.
+    """
+    B, N, _ = pred.shape
+    p = patch_size
+    with torch.autocast(pred.device.type, enabled=False):  # FFTs in float32
+        def log_amp(z: torch.Tensor) -> torch.Tensor:
+            z = z.float().reshape(B, N, p, p, channels).permute(0, 1, 4, 2, 3)  # (B, N, C, p, p)
+            f = torch.fft.rfft2(z, norm="ortho")  # (B, N, C, p, p//2+1)
+            return torch.log1p(torch.sqrt(f.real.pow(2) + f.imag.pow(2) + eps))
+
+        per_patch = (log_amp(pred) - log_amp(target)).abs().mean(dim=(-3, -2, -1))  # (B, N)
+        m = mask.float()
+        return (per_patch * m).sum() / m.sum().clamp_min(1.0)
+
+
+def resize_patches(patches: torch.Tensor, src: int, dst: int, channels: int = 3) -> torch.Tensor:
+    """Resize every ``src x src`` patch of ``(B, N, src*src*C)`` to ``dst x dst`` (bilinear, antialiased)."""
+    if src == dst:
+        return patches
+    B, N, _ = patches.shape
+    x = patches.reshape(B * N, src, src, channels).permute(0, 3, 1, 2)  # (BN, C, s, s)
+    x = F.interpolate(x, size=(dst, dst), mode="bilinear", antialias=True, align_corners=False)
+    return x.permute(0, 2, 3, 1).reshape(B, N, dst * dst * channels)
+
+
+# --------------------------------------------------------------------------- multi-scale tiles
+class MultiScaleTile:
+    """Pick a magnification per tile and return the tile at it: a random square region, resized.
+
+    For a target of ``m`` um/px from a source at ``s`` um/px, a region of
+    ``out_size * m / s`` source pixels becomes ``out_size`` pixels (so 2 um/px from
+    0.5 um/px reads 4x the field of view; 0.25 um/px zooms in 2x). Magnifications
+    whose region does not fit in the input are skipped; the coarsest that fits is
+    used when none of the others do.
+
+    Args:
+        out_size: output side (the global-crop size).
+        mpps: target magnifications, drawn uniformly among those that fit.
+        source_mpp: magnification of the input tiles.
+    """
+
+    def __init__(self, out_size: int, mpps: Sequence[float] = (0.25, 0.5, 1.0, 2.0), source_mpp: float = 0.5) -> None:
+        self.out_size, self.mpps, self.source_mpp = out_size, tuple(mpps), source_mpp
+        self.last_mpp: float | None = None  # for inspection and tests
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        side_max = min(img.size)
+        sides = {m: int(round(self.out_size * m / self.source_mpp)) for m in self.mpps}
+        fitting = [m for m in self.mpps if sides[m] <= side_max]
+        if not fitting:
+            fitting = [min(self.mpps)]
+        mpp = fitting[int(torch.randint(len(fitting), (1,)))]
+        side = min(sides[mpp], side_max)
+        left = int(torch.randint(img.size[0] - side + 1, (1,)))
+        top = int(torch.randint(img.size[1] - side + 1, (1,)))
+        self.last_mpp = mpp
+        region = img.crop((left, top, left + side, top + side))
+        return region.resize((self.out_size, self.out_size), Image.Resampling.BICUBIC)
+
+
+class PLUTOTransform:
+    """Multi-scale tile, then DINOv2's multi-crop views (a list of crop tensors)."""
+
+    def __init__(self, scale: MultiScaleTile, crops: Callable[[Image.Image], Any]) -> None:
+        self.scale, self.crops = scale, crops
+
+    def __call__(self, img: Image.Image) -> Any:  # noqa: ANN401
+        return self.crops(self.scale(img.convert("RGB")))
+
+
+# --------------------------------------------------------------------------- method
+class PLUTO(DINOv2):
+    """DINOv2 + MAE + Fourier loss on a FlexiViT backbone with a per-step patch size.
+
+    Args:
+        arch: a FlexiViT (``"pluto"``; small variants through ``backbone_kwargs``).
+        cfg: :class:`PLUTOConfig`.
+        img_size: global crop size (a multiple of every patch size).
+    """
+
+    cfg: PLUTOConfig
+
+    def __init__(self, arch: str, cfg: PLUTOConfig, img_size: int = 224) -> None:
+        super().__init__(arch, cfg, img_size=img_size)
+        bb = self.student["backbone"]
+        if not hasattr(bb, "set_patch_size"):
+            raise HistofmError(f"PLUTO needs a FlexiViT backbone with a run-time patch size (e.g. 'pluto'); {arch!r} is not one.")
+        bad = [p for p in cfg.patch_sizes if img_size % p]
+        if bad:
+            raise HistofmError(f"img_size {img_size} is not a multiple of the patch size(s) {bad}; use a multiple of {math.lcm(*cfg.patch_sizes)}.")
+        if img_size < 2 * max(cfg.patch_sizes):
+            raise HistofmError(
+                f"img_size {img_size} gives a single {max(cfg.patch_sizes)} px patch, too few for MAE; "
+                f"use at least {2 * max(cfg.patch_sizes)} or smaller patch_sizes."
+            )
+        self.in_chans = bb.patch_embed.proj.in_channels
+        # The decoder lives beside (not inside) the student so the teacher stays a copy of the student.
+        self.mae_decoder = MAEDecoder(
+            bb.embed_dim, cfg.decoder_patch**2 * self.in_chans, decoder_dim=cfg.decoder_dim,
+            depth=cfg.decoder_depth, num_heads=cfg.decoder_heads, num_prefix_tokens=bb.num_prefix_tokens,
+        )
+        mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+        self.register_buffer("img_mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("img_std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        self.step_callbacks: list[Callable[[nn.Module, int], Any]] = []
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return super().trainable_parameters() + [p for p in self.mae_decoder.parameters() if p.requires_grad]
+
+    # ---------------------------------------------------------------- patch size
+    def patch_size_for_step(self, step: int, sizes: Sequence[int] | None = None) -> int:
+        """The patch size of global step ``step``: a uniform draw seeded by the step alone."""
+        sizes = tuple(sizes or self.cfg.patch_sizes)
+        g = torch.Generator().manual_seed(1_000_003 * int(step) + 12_345)
+        return int(sizes[int(torch.randint(len(sizes), (1,), generator=g))])
+
+    def set_patch_size(self, patch_size: int) -> None:
+        """Use ``patch_size`` in the student and the teacher backbones."""
+        self.student["backbone"].set_patch_size(patch_size)
+        self.teacher["backbone"].set_patch_size(patch_size)
+
+    # ---------------------------------------------------------------- MAE branch
+    def mae_predict(
+        self, x: torch.Tensor, patch_size: int, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Student MAE on ``x``: predictions ``(B, N, p*p*C)`` at the step's patch size and the mask ``(B, N)``."""
+        bb = self.student["backbone"]
+        B, C, H, W = x.shape
+        grid = (H // patch_size, W // patch_size)
+        ids_keep, mask, ids_restore = random_masking(
+            B, grid[0] * grid[1], self.cfg.mae_mask_ratio, device=x.device, generator=generator
+        )
+        tokens = bb.prepare_tokens(x, patch_size=patch_size)  # (B, P + N, D)
+        latent = encode_visible(bb, x, ids_keep, tokens=tokens)
+        pred = self.mae_decoder(latent, ids_restore, grid)  # (B, N, r*r*C)
+        return resize_patches(pred, self.cfg.decoder_patch, patch_size, C), mask
+
+    def mae_losses(self, x: torch.Tensor, patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(L_MAE, L_Fourier)`` of the global crops ``x``."""
+        pred, mask = self.mae_predict(x, patch_size)
+        target = patchify(x, patch_size)
+        rec = mae_loss(pred, target, mask, self.cfg.norm_pix_loss)
+        spec_target = normalize_patches(target) if self.cfg.norm_pix_loss else target
+        fourier = fourier_amplitude_loss(pred, spec_target, mask, patch_size, self.in_chans)
+        return rec, fourier
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, batch: Any) -> dict[str, torch.Tensor]:
+        globals_, locals_, _ = split_crops(batch, self.cfg.n_global_crops)
+        sides = {int(s) for c in globals_ + locals_ for s in c.shape[-2:]}
+        usable = [p for p in self.cfg.patch_sizes if all(s % p == 0 for s in sides)]
+        if not usable:
+            raise HistofmError(
+                f"No patch size in {self.cfg.patch_sizes} divides the crop sizes {sorted(sides)}; "
+                "use crop sizes that are multiples of the patch sizes."
+            )
+        p = self.patch_size_for_step(int(self.step), usable)
+        self.set_patch_size(p)
+        out = super().forward(batch)  # DINOv2 at patch size p (iBOT masks follow the grid)
+        rec, fourier = self.mae_losses(torch.cat(globals_), p)
+        c = self.cfg
+        out["loss"] = out["loss"] + c.mae_weight * rec + c.fourier_weight * fourier
+        out.update(mae_loss=rec.detach(), fourier_loss=fourier.detach(), patch_size=torch.tensor(float(p)))
+        return out
+
+    @torch.no_grad()
+    def on_step_end(self, step: int, max_steps: int) -> None:
+        """EMA teacher and schedules (DINOv2), back to the base patch size, then the step callbacks."""
+        super().on_step_end(step, max_steps)
+        self.set_patch_size(self.student["backbone"].base_patch_size)  # embed() and exports: a fixed size
+        run_step_callbacks(self, step)
+
+    # ---------------------------------------------------------------- pictures
+    @torch.no_grad()
+    def reconstruct(
+        self, x: torch.Tensor, generator: torch.Generator | None = None, patch_size: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        """MAE pictures of the student at ``patch_size`` (default: the largest that divides ``x``)."""
+        p = patch_size or max(q for q in self.cfg.patch_sizes if x.shape[-1] % q == 0 and x.shape[-2] % q == 0)
+        was_training = self.training
+        self.eval()
+        try:
+            B, C, H, W = x.shape
+            pred, mask = self.mae_predict(x, p, generator)
+            target = patchify(x, p)
+            err = mae_loss(pred, target, mask, self.cfg.norm_pix_loss)
+            if self.cfg.norm_pix_loss:
+                pred = denormalize_patches(pred, target)
+            img = unpatchify(pred, p, (H // p, W // p), C)
+            return {**picture_set(x, img, mask, p, self.img_mean, self.img_std), "mse": err}
+        finally:
+            self.train(was_training)
+
+    def attach_reconstructions(
+        self, images: torch.Tensor, out_dir: str | os.PathLike[str], every: int = 100
+    ) -> ReconstructionCallback:
+        """Save MAE reconstructions of ``images`` to ``out_dir`` now and every ``every`` steps."""
+        return attach_reconstructions(self, images, out_dir, every)
+
+
+# --------------------------------------------------------------------------- builder
+def build(
+    name: str, arch: str = "pluto", *, img_size: int = 224, overrides: dict[str, Any] | None = None
+) -> tuple[PLUTO, PLUTOTransform]:
+    """``histofm pretrain --method pluto``: the method and its multi-scale, multi-crop transform.
+
+    ``arch`` must be a FlexiViT (``"pluto"``); backbone arguments go in
+    ``overrides["backbone_kwargs"]`` (as for DINOv2), e.g. ``{"depth": 2, "embed_dim": 64}``.
+    """
+    overrides = dict(overrides or {})
+    backbone = dict(overrides.pop("backbone", None) or {})
+    for key in [k for k in overrides if k.startswith("backbone.")]:
+        backbone[key.split(".", 1)[1]] = overrides.pop(key)
+    if backbone:
+        overrides["backbone_kwargs"] = {**dict(overrides.get("backbone_kwargs") or {}), **backbone}
+    cfg = make_config(PLUTOConfig, overrides, PRESETS)
+    method = PLUTO(arch, cfg, img_size=img_size)
+    crops = multicrop_transform(cfg, img_size, max(cfg.patch_sizes))  # local crops: multiples of every patch size
+    return method, PLUTOTransform(MultiScaleTile(img_size, cfg.mpps, cfg.source_mpp), crops)
