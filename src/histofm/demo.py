@@ -57,7 +57,7 @@ class DemoConfig:
     arch: str = "vit_tiny_patch8_224"
     backbone_kwargs: dict[str, Any] = field(default_factory=lambda: {"depth": 4})
     img_size: int = 48
-    steps: int = 300
+    steps: int = 120
     batch_size: int = 64
     tile_cut: int = 64
     tiles_per_source: int = 600
