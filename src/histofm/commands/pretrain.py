@@ -162,6 +162,8 @@ def run(args: argparse.Namespace) -> int:
     if is_main():
         print(f"histofm pretrain: {s['method']} on {s['arch']} ({sum(p.numel() for p in method.backbone.parameters()) / 1e6:.2f}M "
               f"backbone parameters), {len(dataset)} samples from {s['data']}, {cfg.steps} steps of {cfg.batch_size}.")
+    if is_main() and cfg.out_dir and hasattr(method, "attach_reconstructions"):
+        _attach_reconstructions(method, dataset, transform, Path(cfg.out_dir) / "reconstructions", cfg.steps)
     history = fit(method, dataset, cfg, transform=transform)
     if is_main() and history:
         out = Path(cfg.out_dir or ".")
@@ -170,3 +172,21 @@ def run(args: argparse.Namespace) -> int:
         print(f"backbone: {out / 'backbone.safetensors'} (load: histofm.train.load_backbone({str(out)!r}))")
         print(f"log: {out / 'log.jsonl'}, curve: {out / 'loss_curve.png'}")
     return 0
+
+
+def _attach_reconstructions(method: Any, dataset: Any, transform: Any, out: Path, steps: int) -> None:  # noqa: ANN401
+    """Masked-image methods (MAE, PLUTO): save reconstructions of 8 fixed tiles during training."""
+    import torch
+
+    images = []
+    for i in range(min(8, len(dataset))):
+        item = dataset[i]
+        item = item[0] if isinstance(item, tuple) else item
+        view = transform(item) if transform is not None else item
+        while isinstance(view, (list, tuple)):  # multi-crop: the first global crop
+            view = view[0]
+        if not isinstance(view, torch.Tensor):
+            return  # a view this picture helper does not know how to show
+        images.append(view)
+    if images:
+        method.attach_reconstructions(torch.stack(images), out, every=max(steps // 5, 1))
