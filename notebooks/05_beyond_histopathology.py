@@ -164,7 +164,7 @@ print(f"{len(crops)} crops, classes {crops.classes}")
 # the question "does a pathology encoder transfer to radiology?" in miniature.
 
 # %%
-pretrain = PretrainConfig(steps=10 if TINY else 300, batch_size=32 if TINY else 64)
+pretrain = PretrainConfig(steps=10 if TINY else 300, batch_size=32 if TINY else 64, progress=not TINY)
 extra = {}
 if not TINY:
     from histofm.data.datasets import bundled_tiles
@@ -181,6 +181,11 @@ for r in bench.results.values():
     assert r.confusion.sum() == len(crops)  # every crop is tested exactly once
 for h in bench.histories:
     assert np.isfinite([s["loss"] for s in h]).all()
+acc = {name: r.accuracy for name, r in bench.results.items()}
+assert acc["histogram"] > 0.35, "grey-level statistics alone should beat chance (0.25)"
+if not TINY:
+    # Measured at full settings: histogram 0.521, random 0.268, SimCLR on DICOM 0.430, SimCLR on H&E 0.396.
+    assert acc["ssl"] > acc["random"] + 0.05, "pretraining on the training files should lift the random ViT"
 
 # %% [markdown]
 # Where do the mistakes go? Rows are the true modality, columns the prediction, summed over
@@ -196,7 +201,7 @@ for ax, r in zip(np.atleast_1d(axes), bench.results.values()):
     ax.set_yticks(range(len(crops.classes)), crops.classes)
     ax.set_title(f"{r.name}\nbalanced acc. {r.accuracy:.2f}", fontsize=8)
 fig.tight_layout()
-fig.savefig(OUT / "confusion.png", dpi=80)
+fig.savefig(OUT / "confusion.png", dpi=80, bbox_inches="tight")
 plt.close(fig)
 print("confusion matrices:", OUT / "confusion.png")
 
@@ -207,6 +212,7 @@ print("confusion matrices:", OUT / "confusion.png")
 # * With two files per modality, the split by file is what makes the task honest: a random
 #   split of crops would put crops of the same image on both sides and measure memorisation of
 #   each file.
-# * Grey-level statistics carry much of the modality signal; augmentations designed for H&E
-#   (colour and contrast jitter) teach an encoder to ignore exactly those. See
-#   `docs/beyond-histopathology.md` for the measured numbers and the discussion.
+# * Grey-level statistics carry much of the modality signal: at full settings a 48-number
+#   intensity histogram (0.52) beats every ViT here, SimCLR on the DICOM training crops lifts
+#   the random ViT from chance (0.27) to 0.43, and the same recipe on H&E tiles reaches 0.40.
+#   See `docs/beyond-histopathology.md` for the discussion.
