@@ -213,7 +213,17 @@ def _knn_balanced_accuracy(z: torch.Tensor, y: torch.Tensor, train: torch.Tensor
     return float(torch.stack([(pred[truth == c] == c).float().mean() for c in truth.unique()]).mean())
 
 
-def test_dinov2_cpu_small_pretrains_on_real_tiles(tmp_path) -> None:
+@pytest.fixture
+def _one_thread():
+    # Tiny matrices gain nothing from a second thread, and on a busy 2-core machine
+    # spinning threads cost several times the work.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_dinov2_cpu_small_pretrains_on_real_tiles(tmp_path, _one_thread) -> None:
     import histofm
     from histofm.data.datasets import bundled_tiles
     from histofm.methods.dinov2 import PRESET_TRAIN
@@ -244,4 +254,4 @@ def test_dinov2_cpu_small_pretrains_on_real_tiles(tmp_path) -> None:
     trained = _knn_balanced_accuracy(_embed(method.backbone, crops), y, train)
     print(f"nucleus kNN balanced accuracy: random init {random_init:.3f}, after 200 steps {trained:.3f}; "
           f"rankme {last['rankme']:.1f}, embed_std {last['embed_std']:.3f}")
-    assert trained > random_init + 0.005
+    assert trained > random_init + 0.015  # measured: 0.696 -> 0.731 (seed 0), 0.694 -> 0.723 (seed 1)
