@@ -154,7 +154,7 @@ print(f"{len(crops)} crops, classes {crops.classes}")
 # %% [markdown]
 # Three feature sets, one kNN (cosine, k = 20, votes weighted by `exp(cos / 0.07)`):
 #
-# * **SSL**: a small ViT (patch 16, 3 blocks) pretrained with SimCLR and histofm's pathology
+# * **SSL**: a small ViT (patch 8, width 96, 3 blocks) pretrained with SimCLR and histofm's pathology
 #   view recipe (random resized crops, flips, 90-degree rotations, colour jitter, blur) on the
 #   *training* crops of each fold only;
 # * **random init**: the same ViT, same seed, untrained;

@@ -310,7 +310,8 @@ class PretrainConfig:
     Attributes:
         method: a name of :func:`histofm.methods.registry.list_methods`.
         arch: the backbone architecture; ``backbone`` overrides its constructor arguments.
-        method_overrides: fields of the method's config (head sizes, augmentation recipe).
+        method_overrides: fields of the method's config (head sizes, augmentation recipe); the
+            defaults are SimCLR's, so replace them when you change ``method``.
         steps, batch_size, lr, warmup_steps, weight_decay: the engine's schedule.
         seed: initialisation, data order and augmentations.
         progress: show the engine's progress bar.
