@@ -83,6 +83,9 @@ def dinov2_steps(args: argparse.Namespace, device: torch.device) -> StepPair:
     heads (2048 hidden, 256 bottleneck, 65536 prototypes), running-mean centering (what
     lightly's losses implement), KoLeo weight 0.1, half of the global crops block-masked
     with ratios in [0.1, 0.5] (the same masks for both), AdamW, EMA momentum 0.992.
+    Ours: the registry's method (efficient stochastic depth, one foreach EMA update)
+    and the engine's optimiser; peer: lightly's DINOv2 example (``torch.optim.AdamW``,
+    ``update_momentum`` parameter by parameter).
     """
     import timm
     from lightly.loss import DINOLoss, IBOTPatchLoss, KoLeoLoss
@@ -111,7 +114,10 @@ def dinov2_steps(args: argparse.Namespace, device: torch.device) -> StepPair:
         },
     )
     method = method.to(device).train()
-    opt_ours = torch.optim.AdamW(method.trainable_parameters(), lr=1e-4, weight_decay=0.04)
+    from histofm.train import TrainConfig, build_optimizer
+
+    # the engine's optimiser: AdamW, no decay on norms/biases/tokens, fused step when possible
+    opt_ours = build_optimizer(method, method.trainable_parameters(), TrainConfig(lr=1e-4, weight_decay=0.04))
     batch = {"crops": globals_ + locals_, "masks": masks}
 
     def ours() -> None:
