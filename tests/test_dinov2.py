@@ -255,3 +255,8 @@ def test_dinov2_cpu_small_pretrains_on_real_tiles(tmp_path, _one_thread) -> None
     print(f"nucleus kNN balanced accuracy: random init {random_init:.3f}, after 200 steps {trained:.3f}; "
           f"rankme {last['rankme']:.1f}, embed_std {last['embed_std']:.3f}")
     assert trained > random_init + 0.015  # measured: 0.696 -> 0.731 (seed 0), 0.694 -> 0.723 (seed 1)
+
+
+def test_backbone_arguments_in_command_line_form() -> None:
+    cfg = config_for("dinov2", {"backbone": {"depth": 2}, "backbone.embed_dim": 48, "preset": "cpu_small"})
+    assert cfg.backbone_kwargs == {"depth": 2, "embed_dim": 48}

@@ -188,8 +188,17 @@ class DINOConfig:
 
 
 def make_config(base: Any, overrides: dict[str, Any], presets: dict[str, dict[str, Any]] | None = None) -> Any:
-    """``base`` (a config or its class) with ``overrides["preset"]`` applied first, then the other overrides."""
+    """``base`` (a config or its class) with ``overrides["preset"]`` applied first, then the other overrides.
+
+    Backbone ``create_model`` arguments may come as ``backbone_kwargs``, a ``"backbone"`` dict or
+    ``"backbone.<arg>"`` keys (the command line's form); they are merged into ``backbone_kwargs``.
+    """
     overrides = dict(overrides)
+    backbone = dict(overrides.pop("backbone", None) or {})
+    for key in [k for k in overrides if k.startswith("backbone.")]:
+        backbone[key.split(".", 1)[1]] = overrides.pop(key)
+    if backbone:
+        overrides["backbone_kwargs"] = {**backbone, **dict(overrides.get("backbone_kwargs") or {})}
     preset = overrides.pop("preset", None)
     cfg = base() if isinstance(base, type) else base
     if preset is not None:
