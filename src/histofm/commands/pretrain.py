@@ -150,9 +150,11 @@ def run(args: argparse.Namespace) -> int:
     from histofm.methods.registry import build_method
     from histofm.train import TrainConfig, fit
     from histofm.train.distributed import is_main
+    from histofm.utils import seed_everything
 
     s = resolve_settings(args)
     cfg = TrainConfig.from_dict(s["train"])
+    seed_everything(cfg.seed)  # the initial weights too: the same --seed gives the same run
     overrides = dict(s["method_args"])
     if s["backbone"]:
         overrides["backbone"] = dict(s["backbone"])
