@@ -78,11 +78,20 @@ def load_training_state(path: Path) -> dict[str, Any]:
     return state
 
 
-def export_backbone(backbone: nn.Module, out_dir: Path, extra: dict[str, Any] | None = None) -> Path:
-    """Save ``backbone.safetensors`` and ``backbone.json`` in ``out_dir``; returns the weights path."""
+def export_backbone(
+    backbone: nn.Module,
+    out_dir: Path,
+    extra: dict[str, Any] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Save ``backbone.safetensors`` and ``backbone.json`` in ``out_dir``; returns the weights path.
+
+    ``state_dict``: the tensors to write when ``backbone.state_dict()`` would give shards (FSDP).
+    """
     from safetensors.torch import save_file
 
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in backbone.state_dict().items()}
+    source = backbone.state_dict() if state_dict is None else state_dict
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in source.items()}
     weights = out_dir / "backbone.safetensors"
     with atomic_path(weights) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})

@@ -46,6 +46,12 @@ class TrainConfig:
         device: ``"auto"`` (CUDA, then MPS, then CPU) or a torch device string.
         progress: show a rich progress bar (on the main process).
         tensorboard: also log to TensorBoard when it is installed.
+        parallel: with several processes (``torchrun``): ``"ddp"`` (DistributedDataParallel, a full
+            replica per rank) or ``"fsdp"`` (FSDP2: parameters, gradients and optimiser states
+            sharded over the ranks, each Transformer block its own unit; for ViT-L and larger).
+            Both give the single-process result for the same global batch.
+        compile: ``torch.compile`` each Transformer block (regional compilation; the first steps
+            include the compilation).
         find_unused_parameters: passed to DistributedDataParallel.
         sync_batchnorm: under multi-GPU data parallelism, convert BatchNorm layers to SyncBatchNorm
             (CPU/gloo has no SyncBatchNorm: there each rank normalises its own slice).
@@ -76,6 +82,8 @@ class TrainConfig:
     device: str = "auto"
     progress: bool = True
     tensorboard: bool = True
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    compile: bool = False
     find_unused_parameters: bool = False
     sync_batchnorm: bool = True
 
@@ -88,6 +96,8 @@ class TrainConfig:
             raise HistofmError(f"precision must be 'fp32', 'bf16' or 'fp16', got {self.precision!r}.")
         if self.optimizer not in ("adamw", "sgd"):
             raise HistofmError(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}.")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise HistofmError(f"parallel must be 'ddp' or 'fsdp', got {self.parallel!r}.")
         if self.warmup_steps < 0 or self.warmup_steps > self.steps:
             raise HistofmError(f"warmup_steps must be between 0 and steps={self.steps}, got {self.warmup_steps}.")
         if self.resume and self.out_dir is None:

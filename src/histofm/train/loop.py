@@ -26,8 +26,12 @@ Outputs in ``cfg.out_dir``: ``checkpoint.pt`` (every ``ckpt_every`` steps and at
 the end; ``resume=True`` continues from it exactly), ``log.jsonl``,
 ``loss_curve.png``, ``backbone.safetensors`` + ``backbone.json``, and
 ``config.json``. Under ``torchrun`` the method is wrapped in
-DistributedDataParallel, every rank reads its slice of each global batch, and
-only rank 0 writes files.
+DistributedDataParallel (``parallel="ddp"``) or sharded with FSDP2
+(``parallel="fsdp"``, :func:`histofm.accel.shard_fsdp`), every rank reads its
+slice of each global batch, and only rank 0 writes files. Checkpoints always hold
+full (unsharded) tensors keyed by parameter name, so a run may resume with another
+number of ranks or the other parallel mode. ``compile=True`` compiles each
+Transformer block (:func:`histofm.accel.compile_blocks`).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, default_collate
 
+from histofm import accel
 from histofm.errors import HistofmError
 from histofm.layers.moe import add_aux_losses
 from histofm.methods.base import SSLMethod
@@ -124,6 +129,13 @@ def fit(
         out_dir.mkdir(parents=True, exist_ok=True)
 
     method.to(device)
+    fsdp = distributed and cfg.parallel == "fsdp"
+    if cfg.parallel == "fsdp" and not distributed:
+        warnings.warn("parallel='fsdp' needs several processes (torchrun); training on this one", stacklevel=2)
+    if fsdp:
+        accel.shard_fsdp(method)  # parameters become shards: build the optimiser after this
+    if cfg.compile:
+        accel.compile_blocks(method)
     params = method.trainable_parameters()
     if not params:
         raise HistofmError("The method has no trainable parameters.")
@@ -137,8 +149,7 @@ def fit(
     if cfg.resume and ckpt_path is not None and ckpt_path.is_file():
         state = load_training_state(ckpt_path)
         _check_resume_config(state.get("config", {}), cfg)
-        method.load_state_dict(state["method"])
-        optimizer.load_state_dict(state["optimizer"])
+        _load_states(method, optimizer, state, fsdp)
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         start_step, history, streak = int(state["step"]), list(state["history"]), int(state.get("nonfinite_streak", 0))
@@ -183,7 +194,7 @@ def fit(
         seed_everything(cfg.seed + rank)
 
     model: nn.Module = method
-    if distributed:
+    if distributed and not fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         if device.type == "cuda" and cfg.sync_batchnorm:
@@ -199,13 +210,14 @@ def fit(
 
     def save(next_step: int) -> None:
         rngs = dist_utils.all_gather_object(capture_rng())
+        method_state, optim_state = _full_states(method, optimizer, fsdp)  # collective under FSDP
         if main and ckpt_path is not None:
             save_training_state(
                 ckpt_path,
                 {
                     "step": next_step,
-                    "method": method.state_dict(),
-                    "optimizer": optimizer.state_dict(),
+                    "method": method_state,
+                    "optimizer": optim_state,
                     "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                     "rng": rngs,
                     "nonfinite_streak": streak,
@@ -244,7 +256,7 @@ def fit(
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)
                 max_norm = cfg.grad_clip if cfg.grad_clip is not None else float("inf")
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+                grad_norm = float(accel.full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm)))
                 finite = math.isfinite(grad_norm) or scaler.is_enabled()  # the scaler skips inf steps itself
             if finite:
                 scaler.step(optimizer)
@@ -257,7 +269,8 @@ def fit(
             method.on_step_end(step, cfg.steps)
 
             record = {"step": step, **_scalars(out), "lr": lr, "wd": wd, "grad_norm": grad_norm, "skipped": not finite}
-            if cfg.monitor_every > 0 and monitor_images is not None and main and (
+            # Under FSDP every rank takes part in the monitor's forward (its parameters are sharded).
+            if cfg.monitor_every > 0 and monitor_images is not None and (main or fsdp) and (
                 step % cfg.monitor_every == 0 or step == cfg.steps - 1
             ):
                 record.update(_monitor(method, monitor_images, device, autocast_dtype))
@@ -272,8 +285,7 @@ def fit(
 
             if streak >= cfg.max_nonfinite:
                 save(step + 1)
-                if main and out_dir is not None:
-                    export_backbone(method.backbone, out_dir, {"steps": step + 1, "stopped": "non-finite loss"})
+                _export(method, out_dir, main, fsdp, {"steps": step + 1, "stopped": "non-finite loss"})
                 where = f"; checkpoint saved in {out_dir}" if out_dir is not None else ""
                 raise HistofmError(
                     f"The loss was not finite for {streak} steps in a row (step {step}){where}; "
@@ -288,15 +300,57 @@ def fit(
 
     if ckpt_path is not None and stop_step > start_step:
         save(stop_step)
+    _export(method, out_dir, main, fsdp, {"steps": stop_step, "finished": stop_step >= cfg.steps})
     if main and out_dir is not None:
-        finished = stop_step >= cfg.steps
-        export_backbone(method.backbone, out_dir, {"steps": stop_step, "finished": finished})
         if history:
             plot_loss_curve(history, out_dir / "loss_curve.png", title=f"{type(method).__name__}: training loss")
     return history
 
 
 # ------------------------------------------------------------------------ helpers
+def _full_states(method: SSLMethod, optimizer: torch.optim.Optimizer, fsdp: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Method and optimiser states with full tensors, the optimiser's keyed by parameter name.
+
+    Under FSDP this is a collective (every rank must call it; rank 0 receives the tensors).
+    """
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True) if fsdp else None
+    return get_model_state_dict(method, options=opts), get_optimizer_state_dict(method, optimizer, options=opts)
+
+
+def _load_states(method: SSLMethod, optimizer: torch.optim.Optimizer, state: dict[str, Any], fsdp: bool) -> None:
+    """Inverse of :func:`_full_states`; every rank loads the full tensors and keeps its shard."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    opts = StateDictOptions(full_state_dict=True) if fsdp else None
+    try:
+        set_model_state_dict(method, state["method"], options=opts)
+        set_optimizer_state_dict(method, optimizer, state["optimizer"], options=opts)
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise HistofmError(
+            f"The checkpoint does not fit this method or optimiser ({type(e).__name__}); "
+            "resume with the settings of the original run or choose another out_dir."
+        ) from None
+
+
+def _export(method: SSLMethod, out_dir: Path | None, main: bool, fsdp: bool, extra: dict[str, Any]) -> None:
+    """Write the backbone on rank 0 (under FSDP every rank first helps gather the shards)."""
+    if out_dir is None:
+        return
+    tensors = accel.full_state_dict(method.backbone) if fsdp else None
+    if main:
+        export_backbone(method.backbone, out_dir, extra, state_dict=tensors)
+
+
 def _check_resume_config(saved: dict[str, Any], cfg: TrainConfig) -> None:
     for key in ("batch_size", "seed"):
         if key in saved and saved[key] != getattr(cfg, key):
@@ -373,7 +427,7 @@ def _monitor(method: SSLMethod, images: torch.Tensor, device: torch.device, dtyp
     was_training = method.training
     method.eval()
     try:
-        with torch.random.fork_rng(devices=[]), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with accel.unsharded(method), torch.random.fork_rng(devices=[]), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             z = torch.cat([method.embed(images[i : i + 256].to(device)) for i in range(0, len(images), 256)])
     finally:
         method.train(was_training)

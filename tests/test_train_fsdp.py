@@ -1,0 +1,115 @@
+"""FSDP2: two gloo ranks with sharded parameters train like one process with the same global batch.
+
+DINO exercises what sharding makes delicate: a frozen EMA teacher updated from the
+student's shards, centering buffers all-reduced over ranks, the collapse monitor
+(a forward outside ``forward``), gradient clipping over sharded gradients, and a
+checkpoint that must hold full tensors so that a run sharded over two ranks can
+resume on one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from histofm import accel
+from histofm.data.datasets import bundled_tiles
+from histofm.methods.registry import build_method
+from histofm.train import TrainConfig, fit
+
+STEPS, BATCH = 4, 8  # drop path off below: per-rank random depth would make ranks differ from one process
+TINY = {"out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16, "n_local_crops": 2, "drop_path_rate": 0.0,
+        "backbone_kwargs": {"depth": 2, "embed_dim": 32, "num_heads": 2}}
+
+
+def _method():
+    torch.manual_seed(0)
+    return build_method("dino", "vit_tiny_patch8_224", img_size=32, overrides=TINY)
+
+
+def _data():
+    return bundled_tiles(32, sources=("hgsc_nest", "hgsc_stroma"), mode="random", num_per_source=12, seed=0)
+
+
+def _cfg(out_dir: str, **kw) -> TrainConfig:
+    return TrainConfig(steps=STEPS, batch_size=BATCH, lr=1e-3, progress=False, monitor_every=2, monitor_samples=8,
+                       out_dir=out_dir, ckpt_every=0, seed=5, **kw)
+
+
+def _worker(rank: int, world: int, port: int, root: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        method, transform = _method()
+        hist = fit(method, _data(), _cfg(os.path.join(root, "fsdp"), parallel="fsdp"), transform=transform)
+        assert accel.is_fsdp(method)
+        # the student's parameters really are shards: this rank holds about half of each
+        w = method.student.backbone.blocks[0].mlp.fc1.weight
+        assert w.to_local().shape[0] == w.shape[0] // world
+        if rank == 0:
+            torch.save({"history": hist}, os.path.join(root, "fsdp.pt"))
+        # an interrupted sharded run: its checkpoint is resumed below on ONE process
+        method, transform = _method()
+        fit(method, _data(), _cfg(os.path.join(root, "cut"), parallel="fsdp", stop_after=2), transform=transform)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_fsdp_two_ranks_match_one_process_and_resume_on_one(tmp_path) -> None:
+    root = tmp_path
+    mp.spawn(_worker, args=(2, _free_port(), str(root)), nprocs=2, join=True)
+    fsdp_hist = torch.load(root / "fsdp.pt", weights_only=True)["history"]
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        method, transform = _method()
+        single = fit(method, _data(), _cfg(str(root / "single")), transform=transform)
+        shutil.copytree(root / "cut", root / "resumed")
+        method, transform = _method()
+        resumed = fit(method, _data(), _cfg(str(root / "resumed"), resume=True), transform=transform)
+    finally:
+        torch.set_num_threads(n)
+
+    losses = torch.tensor([h["loss"] for h in single])
+    assert losses[-1] != losses[0]  # it trained
+    torch.testing.assert_close(torch.tensor([h["loss"] for h in fsdp_hist]), losses, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor([h["grad_norm"] for h in fsdp_hist]),
+                               torch.tensor([h["grad_norm"] for h in single]), rtol=1e-4, atol=1e-6)
+    # the monitor ran on the sharded model too, and saw the same embeddings
+    monitored = [h["step"] for h in single if "rankme" in h]
+    assert monitored and monitored == [h["step"] for h in fsdp_hist if "rankme" in h]
+    torch.testing.assert_close(torch.tensor([h["embed_std"] for h in fsdp_hist if "embed_std" in h]),
+                               torch.tensor([h["embed_std"] for h in single if "embed_std" in h]), rtol=1e-4, atol=1e-6)
+    # rank 0 exported the gathered (full) backbone, equal to the single-process one
+    a, b = load_file(root / "fsdp" / "backbone.safetensors"), load_file(root / "single" / "backbone.safetensors")
+    assert a.keys() == b.keys()
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=3e-5, msg=k)
+    # two ranks -> checkpoint -> one rank: the same run
+    torch.testing.assert_close(torch.tensor([h["loss"] for h in resumed]), losses, rtol=1e-5, atol=1e-6)
+    c = load_file(root / "resumed" / "backbone.safetensors")
+    for k in b:
+        torch.testing.assert_close(c[k], b[k], rtol=1e-4, atol=3e-5, msg=k)
+
+
+def test_fsdp_without_a_process_group_is_a_clear_error() -> None:
+    import pytest
+
+    from histofm.errors import HistofmError
+
+    with pytest.raises(HistofmError, match="torchrun"):
+        accel.shard_fsdp(torch.nn.Linear(2, 2))
