@@ -30,6 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: best available)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--overwrite", action="store_true", help="redo slides whose output exists")
+    p.add_argument("--compile", action="store_true", help="torch.compile each Transformer block (slow first batch)")
+    p.add_argument("--channels-last", action="store_true", help="NHWC images and convolution weights")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
 
@@ -48,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     config = ExtractConfig(
         target_mpp=args.target_mpp, tile_size=args.tile_size, overlap=args.overlap, min_tissue=args.min_tissue,
         batch_size=args.batch_size, num_workers=args.workers, device=device, precision=args.precision,
-        backend=args.backend, overwrite=args.overwrite,
+        backend=args.backend, overwrite=args.overwrite, compile=args.compile, channels_last=args.channels_last,
     )
     model = histofm.create_model(args.model, checkpoint_path=args.checkpoint)
     console = Console()

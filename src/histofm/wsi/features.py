@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, default_collate
 
+from histofm import accel
 from histofm.errors import HistofmError
 from histofm.utils import atomic_path, default_device, remove_stale_temps
 from histofm.wsi.dataset import SlideTileDataset
@@ -60,6 +61,10 @@ class ExtractConfig:
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast; features are stored as float32).
         backend: slide reader backend (see :func:`histofm.wsi.open_slide`).
         overwrite: redo slides whose output already exists.
+        compile: ``torch.compile`` each Transformer block of the encoder (regional compilation;
+            the first batch includes the compilation, worth it for long runs on a GPU).
+        channels_last: feed the encoder NHWC images with NHWC convolution weights (helps
+            convolutional encoders on GPUs; a ViT only has its patch-embedding convolution).
     """
 
     target_mpp: float = 0.5
@@ -72,6 +77,8 @@ class ExtractConfig:
     precision: str = "fp32"
     backend: str = "auto"
     overwrite: bool = False
+    compile: bool = False
+    channels_last: bool = False
 
 
 @dataclass
@@ -195,9 +202,12 @@ class _Preprocess:
     no per-tile Python work. Otherwise the model's own ``eval_transform`` runs per tile.
     """
 
-    def __init__(self, model_name: str, tile_size: int, transform: Callable[..., Any] | None) -> None:
+    def __init__(
+        self, model_name: str, tile_size: int, transform: Callable[..., Any] | None, *, channels_last: bool = False
+    ) -> None:
         from histofm.registry import IMAGENET_MEAN, IMAGENET_STD, model_info
 
+        self.channels_last = channels_last
         self.tile_transform = transform
         self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
         if transform is not None:
@@ -224,7 +234,7 @@ class _Preprocess:
         """The model input ``(B, 3, S, S)`` on ``device`` from a collated batch."""
         x = x.to(device, non_blocking=True)
         if self.tile_transform is not None:
-            return x
+            return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
         mean = torch.tensor(self.mean, device=device) * 255.0  # (3,) broadcast over the last dim
         inv_std = 1.0 / (torch.tensor(self.std, device=device) * 255.0)
         # Normalise in place on the dense (B, S, S, 3) memory, then hand the model a channels-last
@@ -334,7 +344,11 @@ def extract_features(
     name = _model_name(model)
     device = torch.device(cfg.device) if cfg.device else default_device()
     model = model.to(device).eval()
-    pre = _Preprocess(name, cfg.tile_size, transform)
+    if cfg.channels_last:
+        accel.channels_last(model)
+    if cfg.compile:
+        accel.compile_blocks(model)
+    pre = _Preprocess(name, cfg.tile_size, transform, channels_last=cfg.channels_last)
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, "bad")
     if dtype == "bad":
         raise HistofmError(f"Unknown precision {cfg.precision!r}; choose fp32, bf16 or fp16.")
