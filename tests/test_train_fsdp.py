@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from histofm import accel
 from histofm.data.datasets import bundled_tiles
 from histofm.methods.registry import build_method
-from histofm.train import TrainConfig, fit
+from histofm.train import TrainConfig, fit, read_log
 
 STEPS, BATCH = 4, 8  # drop path off below: per-rank random depth would make ranks differ from one process
 TINY = {"out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16, "n_local_crops": 2, "drop_path_rate": 0.0,
@@ -113,3 +113,31 @@ def test_fsdp_without_a_process_group_is_a_clear_error() -> None:
 
     with pytest.raises(HistofmError, match="torchrun"):
         accel.shard_fsdp(torch.nn.Linear(2, 2))
+
+
+def test_torchrun_pretrain_with_fsdp_matches_one_process(tmp_path) -> None:
+    """The documented launch: ``torchrun --nproc-per-node 2 -m histofm pretrain ... --set parallel=fsdp``."""
+    import subprocess
+    import sys
+
+    args = ["-m", "histofm", "pretrain", "--method", "dino", "--arch", "vit_tiny_patch8_224", "--data", "bundled",
+            "--img-size", "32", "--batch-size", "8", "--steps", "3", "--no-progress", "--seed", "2",
+            "--set", "backbone.depth=2", "--set", "backbone.embed_dim=32", "--set", "backbone.num_heads=2",
+            "--set", "out_dim=64", "--set", "hidden_dim=32", "--set", "bottleneck_dim=16", "--set", "n_local_crops=2",
+            "--set", "drop_path_rate=0", "--set", "monitor_every=0", "--set", "log_every=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], capture_output=True, text=True,
+                         timeout=600, env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          *args, "--out", str(tmp_path / "two"), "--set", "parallel=fsdp"],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("final loss") == 1  # rank 0 reports
+    a, b = load_file(tmp_path / "one" / "backbone.safetensors"), load_file(tmp_path / "two" / "backbone.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=3e-5, msg=k)
+    la, lb = ([r["loss"] for r in read_log(tmp_path / d / "log.jsonl")] for d in ("one", "two"))
+    assert len(la) == 3 and la[-1] != la[0]
+    torch.testing.assert_close(torch.tensor(lb), torch.tensor(la), rtol=1e-5, atol=1e-6)
