@@ -2,7 +2,7 @@
 
     python benchmarks/ssl_step.py --method dinov2                        # CPU fp32, ViT-S/14, 2 x 224 + 8 x 98 crops
     python benchmarks/ssl_step.py --method dinov2 --threads 1 --cpu-time # busy shared machine
-    python benchmarks/ssl_step.py --method dinov2 --device cuda          # bf16 autocast, images/s, matmul-peak fraction
+    python benchmarks/ssl_step.py --method dinov2 --device cuda          # ViT-L/14, batch 32, bf16 autocast
 
 A step is everything one optimiser update costs: forward of student and
 teacher, the losses, backward, AdamW step, zero_grad and the EMA update of the
@@ -13,6 +13,23 @@ lightly's ``DINOLoss``, ``IBOTPatchLoss``, ``KoLeoLoss``, ``DINOv2ProjectionHead
 get the same configuration, the same crops and the same masks. Each repeat
 times one step of each, alternating the order; medians after warm-up. The
 ratio is peer time / our time (> 1: ours is faster).
+
+Images/s counts source images (each one gives 2 global + 8 local crops for
+``dinov2``). The peak fraction divides achieved FLOP/s by a large square matmul
+timed in the same run, same dtype and clock (bf16 on CUDA, fp32 on CPU). FLOPs
+are matmuls only, 2 per multiply-add, counted analytically for the crop shapes
+used (:func:`dinov2_step_flops`): the student's forward + backward is 3x its
+forward (less the patch embedding's input gradient, which no one needs), the
+teacher's is one forward, and the DINO and iBOT heads are counted on the rows
+they see. This *nominal* count is the same for both sides; ours also prints the
+fraction on the FLOPs it really executes, since efficient stochastic depth
+skips the residual branches of dropped samples (at ``--drop-path 0`` the two
+counts agree). ``tests/test_benchmarks.py`` checks the count against
+``torch.utils.flop_counter`` on a small step.
+
+``--arch`` picks the DINOv2 backbone: ``vit_small_patch14_dinov2`` (ViT-S/14, the
+CPU default), ``vit_base_patch14_dinov2`` or ``vit_large_patch14_dinov2`` (ViT-L/14:
+1024 wide, 24 blocks, 16 heads, LayerScale 1e-5; the CUDA default).
 
 ``STEP_BUILDERS`` maps a method name to a function ``(args, device) -> StepPair``;
 add an entry per method.
@@ -40,6 +57,7 @@ class StepPair:
     images: int  # source images per step
     flops: float | None = None  # matmul FLOPs of one step (forward + backward), if known
     note: str = ""
+    ours_executed_flops: float | None = None  # what ours really computes, when it skips work (stochastic depth)
 
 
 def _sync(device: torch.device) -> None:
@@ -47,8 +65,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 8192, repeats: int = 10) -> float:
-    """Measured FLOP/s of a large square matmul (the practical peak of this device)."""
+def matmul_peak(
+    device: torch.device,
+    dtype: torch.dtype,
+    n: int = 8192,
+    repeats: int = 10,
+    clock: Callable[[], float] = time.perf_counter,
+) -> float:
+    """Measured FLOP/s of a large square matmul (the practical peak of this device and dtype)."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
@@ -56,28 +80,88 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 8192, repeats
     _sync(device)
     times = []
     for _ in range(repeats):
-        t = time.perf_counter()
+        t = clock()
         a @ b
         _sync(device)
-        times.append(time.perf_counter() - t)
+        times.append(clock() - t)
     return 2 * n**3 / statistics.median(times)
 
 
-def vit_flops(model: torch.nn.Module, batch: int, img_size: int) -> float:
-    """Matmul FLOPs (2 per multiply-add) of one forward of a timm-style ViT on square images."""
+def vit_flops(model: torch.nn.Module, batch: int, img_size: int, keep: list[float] | None = None) -> float:
+    """Matmul FLOPs (2 per multiply-add) of one forward of a timm-style ViT on square images.
+
+    Same count as ``benchmarks/vit_vs_timm.py`` (patch embedding, qkv, scores, attention-weighted
+    sum, projection, MLP; class and register tokens included). ``keep[i]``: the expected fraction of
+    samples for which block ``i``'s residual branches are computed (efficient stochastic depth).
+    """
     D, p = model.embed_dim, model.patch_size
     n_patches = (img_size // p) ** 2
     N = n_patches + model.num_prefix_tokens
     flops = 2 * n_patches * 3 * p * p * D
-    for blk in model.blocks:
-        flops += 2 * N * D * 3 * D + 4 * N * N * D + 2 * N * D * D
-        flops += 2 * N * D * blk.mlp.fc1.out_features + 2 * N * blk.mlp.fc2.in_features * D
+    for i, blk in enumerate(model.blocks):
+        block = 2 * N * D * 3 * D + 4 * N * N * D + 2 * N * D * D
+        block += 2 * N * D * blk.mlp.fc1.out_features + 2 * N * blk.mlp.fc2.in_features * D
+        flops += block * (1.0 if keep is None else keep[i])
     return float(flops * batch)
 
 
+def vit_train_flops(model: torch.nn.Module, batch: int, img_size: int, keep: list[float] | None = None) -> float:
+    """Forward + backward matmul FLOPs of a ViT: backward is twice the forward (gradients of the
+    inputs and of the weights of every matmul), except the patch embedding, whose input (the image)
+    needs no gradient: ``3 F_blocks + 2 F_patch``."""
+    p = model.patch_size
+    patch = 2 * (img_size // p) ** 2 * 3 * p * p * model.embed_dim * batch
+    return 3 * vit_flops(model, batch, img_size, keep) - patch
+
+
+def head_macs(in_dim: int, hidden: int = 2048, bottleneck: int = 256, out: int = 65536) -> int:
+    """Multiply-adds per row of a DINO head: 3-layer MLP to the bottleneck, then the prototypes."""
+    return in_dim * hidden + hidden * hidden + hidden * bottleneck + bottleneck * out
+
+
+def dinov2_step_flops(
+    backbone: torch.nn.Module,
+    batch: int,
+    n_global: int,
+    n_local: int,
+    global_px: int,
+    local_px: int,
+    n_masked: int,
+    head: int,
+    keep: list[float] | None = None,
+) -> float:
+    """Matmul FLOPs of one DINOv2 step (2 per multiply-add)::
+
+        student  3 x [ViT(G B global) + ViT(L B local)] - patch-embedding input gradients
+                 + 3 x 2 head x (G B + L B class rows + M masked patch rows)     (DINO and iBOT heads)
+        teacher  ViT(G B global) + 2 head x (G B class rows + M masked rows)     (forward only)
+
+    ``head``: multiply-adds per head row (:func:`head_macs`); ``M``: masked patches over the
+    global crops. ``keep``: the student's expected kept fraction per block (efficient
+    stochastic depth); ``None`` counts every residual branch (the nominal model).
+    Losses, softmax, Sinkhorn/centering, KoLeo and the optimiser are not matmuls of this size
+    and are not counted.
+    """
+    G, L = n_global, n_local
+    student = vit_train_flops(backbone, G * batch, global_px, keep) + vit_train_flops(backbone, L * batch, local_px, keep)
+    student += 3 * 2 * head * ((G + L) * batch + n_masked)
+    teacher = vit_flops(backbone, G * batch, global_px) + 2 * head * (G * batch + n_masked)
+    return float(student + teacher)
+
+
 # ------------------------------------------------------------------------ dinov2
+#: --arch -> (histofm architecture, its overrides, timm architecture). histofm registers no
+#: plain ViT-L/14 DINOv2 name, so ViT-L/16 with patch 14 builds the identical network
+#: (checked below against timm's parameter shapes).
+DINOV2_ARCHS: dict[str, tuple[str, dict[str, int], str]] = {
+    "vit_small_patch14_dinov2": ("vit_small_patch14_dinov2", {}, "vit_small_patch14_dinov2"),
+    "vit_base_patch14_dinov2": ("vit_base_patch16_224", {"patch_size": 14}, "vit_base_patch14_dinov2"),
+    "vit_large_patch14_dinov2": ("vit_large_patch16_224", {"patch_size": 14}, "vit_large_patch14_dinov2"),
+}
+
+
 def dinov2_steps(args: argparse.Namespace, device: torch.device) -> StepPair:
-    """DINOv2 on ViT-S/14: 2 global crops of 224 px and 8 local crops of 98 px per image.
+    """DINOv2 on a ViT-/14 (``--arch``): 2 global crops of 224 px and 8 local crops of 98 px per image.
 
     Both sides: LayerScale 1e-5, stochastic depth ``--drop-path``, separate DINO and iBOT
     heads (2048 hidden, 256 bottleneck, 65536 prototypes), running-mean centering (what
@@ -96,7 +180,7 @@ def dinov2_steps(args: argparse.Namespace, device: torch.device) -> StepPair:
     from histofm.methods.registry import build_method
 
     B, dp, n_local = args.batch, args.drop_path, 8
-    arch = "vit_small_patch14_dinov2"
+    ours_arch, ours_kwargs, timm_arch = DINOV2_ARCHS[args.arch]
     g = torch.Generator().manual_seed(0)
     globals_ = [torch.randn(B, 3, 224, 224, generator=g).to(device) for _ in range(2)]
     locals_ = [torch.randn(B, 3, 98, 98, generator=g).to(device) for _ in range(n_local)]
@@ -107,10 +191,11 @@ def dinov2_steps(args: argparse.Namespace, device: torch.device) -> StepPair:
 
     # ---- ours
     method, _ = build_method(
-        "dinov2", arch, img_size=224,
+        "dinov2", ours_arch, img_size=224,
         overrides={
             "centering": "centering", "norm_last_layer": False, "drop_path_rate": dp, "n_local_crops": n_local,
             "freeze_last_layer": 0.0,  # lightly's example does not freeze the prototypes either
+            "backbone": ours_kwargs,
         },
     )
     method = method.to(device).train()
@@ -129,13 +214,19 @@ def dinov2_steps(args: argparse.Namespace, device: torch.device) -> StepPair:
         method.on_step_end(0, 1000)
 
     # ---- peer: lightly's DINOv2 example, same configuration
-    vit = timm.create_model(arch, img_size=224, dynamic_img_size=True, drop_path_rate=dp, init_values=1e-5, num_classes=0)
+    vit = timm.create_model(timm_arch, img_size=224, dynamic_img_size=True, drop_path_rate=dp, init_values=1e-5, num_classes=0)
+    bb = method.student["backbone"]
+    ours_shapes = {k: tuple(v.shape) for k, v in bb.state_dict().items() if k != "mask_token"}
+    peer_shapes = {k: tuple(v.shape) for k, v in vit.state_dict().items()}
+    if ours_shapes != peer_shapes:
+        raise SystemExit(f"--arch {args.arch}: our backbone and timm's {timm_arch} differ in their parameters")
+    D = bb.embed_dim
     backbone = MaskedVisionTransformerTIMM(vit=vit, antialias=False, pos_embed_initialization="skip")
     teacher_backbone = copy.deepcopy(backbone)  # heads cannot be deep-copied (old-style weight_norm): build twice
 
-    def branch(bb: torch.nn.Module) -> torch.nn.ModuleDict:
-        heads = {"dino_head": DINOv2ProjectionHead(input_dim=384), "ibot_head": DINOv2ProjectionHead(input_dim=384)}
-        return torch.nn.ModuleDict({"backbone": bb, **heads})
+    def branch(module: torch.nn.Module) -> torch.nn.ModuleDict:
+        heads = {"dino_head": DINOv2ProjectionHead(input_dim=D), "ibot_head": DINOv2ProjectionHead(input_dim=D)}
+        return torch.nn.ModuleDict({"backbone": module, **heads})
 
     student, teacher = branch(backbone).to(device), branch(teacher_backbone).to(device)
     teacher.load_state_dict(student.state_dict())
@@ -170,13 +261,15 @@ def dinov2_steps(args: argparse.Namespace, device: torch.device) -> StepPair:
         opt_peer.zero_grad(set_to_none=True)
         update_momentum(student, teacher, m=0.992)
 
-    bb = method.student["backbone"]
     n_params = [sum(p.numel() for p in m.parameters()) for m in (method.student, student)]
-    head_rows = 2 * B * (1 + n_local) + 2 * B + 2 * int(masks.sum())  # class + patch rows (student + teacher)
-    head = 2 * (384 * 2048 + 2048 * 2048 + 2048 * 256 + 256 * 65536)
-    flops = 3 * (vit_flops(bb, 2 * B, 224) + vit_flops(bb, n_local * B, 98)) + vit_flops(bb, 2 * B, 224)
-    flops += 2 * head_rows * head  # roughly: student rows x3, teacher rows x1
-    return StepPair(ours, peer, B, flops, note=f"student params ours {n_params[0] / 1e6:.1f}M, peer {n_params[1] / 1e6:.1f}M")
+    shape = dict(batch=B, n_global=2, n_local=n_local, global_px=224, local_px=98, n_masked=int(masks.sum()), head=head_macs(D))
+    # ours computes a residual branch only for the samples stochastic depth keeps (on average 1 - p per block)
+    keep = [1.0 - (blk.drop_path1.drop_prob if hasattr(blk.drop_path1, "drop_prob") else 0.0) for blk in bb.blocks]
+    flops = dinov2_step_flops(bb, **shape)
+    executed = dinov2_step_flops(bb, **shape, keep=keep)
+    note = (f"{args.arch}, student params ours {n_params[0] / 1e6:.1f}M, peer {n_params[1] / 1e6:.1f}M; "
+            f"{flops / 1e12:.2f} TFLOP/step nominal, ours executes {executed / 1e12:.2f} on average (drop path {dp})")
+    return StepPair(ours, peer, B, flops, note=note, ours_executed_flops=executed)
 
 
 # ------------------------------------------------------------------------ simclr
@@ -232,7 +325,7 @@ def simclr_steps(args: argparse.Namespace, device: torch.device) -> StepPair:
         opt_peer.zero_grad(set_to_none=True)
 
     head_flops = 2 * 2 * B * (384 * 2048 + 2048 * 128)
-    flops = 3 * (vit_flops(method.backbone, 2 * B, 224) + head_flops)
+    flops = vit_train_flops(method.backbone, 2 * B, 224) + 3 * head_flops
     n_params = [sum(p.numel() for p in m.parameters()) for m in (method, peer_model)]
     return StepPair(ours, peer, B, flops, note=f"params ours {n_params[0] / 1e6:.1f}M, peer {n_params[1] / 1e6:.1f}M")
 
@@ -261,41 +354,75 @@ def time_steps(pair: StepPair, device: torch.device, warmup: int, repeats: int, 
     return {n: statistics.median(v) for n, v in times.items()}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """The command line; ``--parse-only`` stops after validating it (used by tests and gpu_check.sh)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--method", default="dinov2", choices=sorted(STEP_BUILDERS))
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--batch", type=int, default=0, help="images per step (default: 4 on CPU, 64 on CUDA)")
+    p.add_argument("--arch", default="", choices=["", *DINOV2_ARCHS],
+                   help="dinov2 backbone (default: vit_small_patch14_dinov2 on CPU, vit_large_patch14_dinov2 on CUDA)")
+    p.add_argument("--batch", type=int, default=0,
+                   help="images per step (default: 4 on CPU; on CUDA 32 for dinov2 ViT-L/14, else 64)")
     p.add_argument("--drop-path", type=float, default=0.3, help="stochastic depth of the student (DINOv2: 0.3-0.4)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast on CPU too (always on for CUDA)")
     p.add_argument("--cpu-time", action="store_true", help="time with process CPU time (CPU only; busy machines)")
+    p.add_argument("--peak-n", type=int, default=0, help="side of the peak matmul (default: 8192 on CUDA, 4096 on CPU)")
+    p.add_argument("--no-peak", action="store_true", help="skip the matmul peak and the peak fractions")
+    p.add_argument("--parse-only", action="store_true", help="validate the arguments and exit")
     args = p.parse_args(argv)
     if args.cpu_time and args.device != "cpu":
         p.error("--cpu-time only makes sense with --device cpu")
+    if args.arch and args.method != "dinov2":
+        p.error("--arch applies to --method dinov2 only")
+    if args.batch < 0 or args.repeats < 1 or args.warmup < 0 or not 0.0 <= args.drop_path < 1.0:
+        p.error("--batch must be >= 0, --repeats >= 1, --warmup >= 0 and --drop-path in [0, 1)")
+    cuda = args.device.startswith("cuda")
+    if args.method == "dinov2":
+        args.arch = args.arch or ("vit_large_patch14_dinov2" if cuda else "vit_small_patch14_dinov2")
+    large = args.arch == "vit_large_patch14_dinov2"
+    args.batch = args.batch or ((32 if large else 64) if cuda else 4)
+    return p, args
+
+
+def main(argv: list[str] | None = None) -> int:
+    p, args = parse_args(argv)
+    if args.parse_only:
+        print(f"arguments ok: {vars(args)}")
+        return 0
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda was asked for but torch sees no CUDA GPU")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    args.batch = args.batch or (64 if device.type == "cuda" else 4)
     torch.manual_seed(0)
-    peak = matmul_peak(device, torch.bfloat16) if device.type == "cuda" else None
-    pair = STEP_BUILDERS[args.method](args, device)
     clock = time.process_time if args.cpu_time else time.perf_counter
+    dtype = torch.bfloat16 if device.type == "cuda" or args.bf16 else torch.float32
+    peak = None
+    if not args.no_peak:
+        n = args.peak_n or (8192 if device.type == "cuda" else 4096)
+        peak = matmul_peak(device, dtype, n=n, repeats=10 if device.type == "cuda" else 5, clock=clock)
+    pair = STEP_BUILDERS[args.method](args, device)
     secs = time_steps(pair, device, args.warmup, args.repeats, clock)
     where = f"{device}" + (f" ({torch.cuda.get_device_name(device)}, bf16 autocast)" if device.type == "cuda" else
                            f", {torch.get_num_threads()} threads, {'bf16' if args.bf16 else 'fp32'}, "
                            f"{'process CPU time' if args.cpu_time else 'wall clock'}")
-    print(f"{args.method}: {where}; batch {args.batch}, warm-up {args.warmup}, median of {args.repeats}; {pair.note}")
+    if peak is not None:
+        where += f", measured {str(dtype).removeprefix('torch.')} matmul peak {peak / 1e12:.3f} TFLOP/s"
+    print(f"{args.method}: {where}; batch {args.batch}, warm-up {args.warmup}, median of {args.repeats}; "
+          f"torch {torch.__version__}; {pair.note}")
     line = (
-        f"ours {secs['ours'] * 1e3:8.1f} ms/step ({pair.images / secs['ours']:7.1f} img/s)   "
-        f"peer {secs['peer'] * 1e3:8.1f} ms/step ({pair.images / secs['peer']:7.1f} img/s)   "
+        f"ours {secs['ours'] * 1e3:8.1f} ms/step ({pair.images / secs['ours']:7.2f} img/s)   "
+        f"peer {secs['peer'] * 1e3:8.1f} ms/step ({pair.images / secs['peer']:7.2f} img/s)   "
         f"ratio peer/ours {secs['peer'] / secs['ours']:.3f}x"
     )
     if peak is not None and pair.flops:
-        line += (f"   matmul peak {peak / 1e12:.0f} TFLOP/s: ours {pair.flops / secs['ours'] / peak:.1%}, "
+        line += (f"   peak fraction (nominal FLOPs) ours {pair.flops / secs['ours'] / peak:.1%}, "
                  f"peer {pair.flops / secs['peer'] / peak:.1%}")
+        if pair.ours_executed_flops:
+            line += f"; ours on the FLOPs it executes {pair.ours_executed_flops / secs['ours'] / peak:.1%}"
     print(line, flush=True)
     return 0
 
