@@ -130,7 +130,7 @@ def test_torchrun_pretrain_with_fsdp_matches_one_process(tmp_path) -> None:
                          timeout=600, env=env)
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          *args, "--out", str(tmp_path / "two"), "--set", "parallel=fsdp"],
+                          *args, "--out", str(tmp_path / "two"), "--parallel", "fsdp"],
                          capture_output=True, text=True, timeout=600, env=env)
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("final loss") == 1  # rank 0 reports

@@ -4,6 +4,12 @@
         --steps 1000 --batch-size 64 --out runs/simclr [--config run.yaml] [--resume] \\
         [--img-size 224] [--set lr=1e-3 --set temperature=0.2 --set backbone.depth=6]
 
+On several GPUs or machines, launch the same command with ``torchrun`` (no other launcher)::
+
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
+        -m histofm pretrain --method dinov2 --arch vit_large_patch14_reg4_dinov2 --data slides/ \\
+        --batch-size 1024 --precision bf16 --parallel fsdp --compile --out runs/dinov2_l
+
 Settings are merged in this order (later wins): defaults, the YAML ``--config``,
 the explicit flags, then ``--set key=value`` pairs. A YAML file may hold::
 
@@ -54,6 +60,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target-mpp", type=float, help="microns per pixel of slide tiles (default 0.5)")
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="mixed precision")
+    p.add_argument("--parallel", choices=["ddp", "fsdp"],
+                   help="under torchrun: ddp (replicas) or fsdp (FSDP2 sharding, for ViT-L and larger)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each Transformer block")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--workers", type=int, help="data-loading worker processes")
     p.add_argument("--seed", type=int, help="random seed")
@@ -113,7 +122,8 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
              "img_size": args.img_size, "tile_size": args.tile_size, "target_mpp": args.target_mpp}
     s.update({k: v for k, v in flags.items() if v is not None})
     train_flags = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "precision": args.precision,
-                   "device": args.device, "num_workers": args.workers, "seed": args.seed}
+                   "device": args.device, "num_workers": args.workers, "seed": args.seed,
+                   "parallel": args.parallel, "compile": True if args.compile else None}
     s["train"].update({k: v for k, v in train_flags.items() if v is not None})
     if args.resume:
         s["train"]["resume"] = True
