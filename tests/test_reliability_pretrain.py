@@ -1,0 +1,219 @@
+"""Kill -9 during `histofm pretrain`, then rerun with --resume: no partial files, same outputs as one clean run.
+
+One real ``histofm pretrain`` subprocess after another is SIGKILLed at five points (during start-up,
+right after the first checkpoint, half-way through writing a checkpoint, in the middle of the run,
+half-way through writing the final checkpoint), each rerun resuming what the previous kill left.
+After every kill the test checks that everything readable is complete; then a last rerun resumes
+to the end and is compared with an uninterrupted reference run: the exported backbone bit for
+bit, the final checkpoint's method state and history, and ``log.jsonl`` (one record per step, no
+duplicates, no torn lines). All runs use one thread (``OMP_NUM_THREADS=1``) so the
+floating-point reductions, and hence the results, are the same in every process.
+
+"Checkpoint write" kill points are made exact with a small wrapper around the CLI: on its Nth call,
+``torch.save`` writes half of the checkpoint's bytes into the temporary file, touches a marker and
+stalls, and the test kills the process then (a real kill mid-write, without timing luck).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from histofm.train.checkpoint import load_training_state
+
+STEPS, CKPT_EVERY = 16, 2
+ARGS = [
+    "pretrain", "--method", "simclr", "--arch", "vit_tiny_patch16_224", "--data", "bundled", "--img-size", "32",
+    "--batch-size", "8", "--steps", str(STEPS), "--workers", "0", "--no-progress", "--device", "cpu",
+    "--set", f"ckpt_every={CKPT_EVERY}", "--set", "log_every=1", "--set", "monitor_every=0",
+    "--set", "proj_hidden_dim=32", "--set", "backbone.depth=1", "--set", "backbone.patch_size=8",
+    "--set", "backbone.embed_dim=32", "--set", "backbone.num_heads=2",
+    "--set", "backbone.drop_rate=0.1",  # dropout draws from torch's global RNG: a resume must restore it
+]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+TIMING = ("sec_per_step", "samples_per_sec")  # wall-clock fields of log.jsonl, different in every run
+
+# The CLI, with torch.save stalling half-way through its Nth call: argv = [stall_at, marker, *cli_args].
+STALLING_CLI = """
+import io, os, sys, time
+import torch
+stall_at, marker = int(sys.argv[1]), sys.argv[2]
+real_save, calls = torch.save, [0]
+def save(obj, f, *args, **kwargs):
+    calls[0] += 1
+    if calls[0] == stall_at:
+        buf = io.BytesIO()
+        real_save(obj, buf, *args, **kwargs)
+        data = buf.getvalue()
+        with open(f, "wb") as fh:
+            fh.write(data[: len(data) // 2])
+            fh.flush()
+            os.fsync(fh.fileno())
+        open(marker, "w").close()
+        time.sleep(600)
+    return real_save(obj, f, *args, **kwargs)
+torch.save = save
+from histofm.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def _cmd(out: Path, *, resume: bool, stall: tuple[int, Path] | None = None) -> list[str]:
+    args = [*ARGS, "--out", str(out), *(["--resume"] if resume else [])]
+    if stall is None:
+        return [sys.executable, "-m", "histofm", *args]
+    return [sys.executable, "-c", STALLING_CLI, str(stall[0]), str(stall[1]), *args]
+
+
+def _visible(out: Path) -> set[str]:
+    return {f.name for f in out.iterdir() if not f.name.startswith(".")}
+
+
+def _log_lines(out: Path) -> list[str]:
+    p = out / "log.jsonl"
+    return p.read_text().splitlines(keepends=True) if p.exists() else []
+
+
+def _outputs(out: Path) -> dict[str, Any]:
+    """Everything that must match between runs (and must be complete)."""
+    lines = _log_lines(out)
+    assert all(line.endswith("\n") for line in lines), "torn line in log.jsonl"
+    log = [json.loads(line) for line in lines]
+    state = load_training_state(out / "checkpoint.pt")
+    Image.open(out / "loss_curve.png").verify()
+    return {
+        "files": _visible(out),
+        "backbone": load_file(out / "backbone.safetensors"),
+        "backbone.json": json.loads((out / "backbone.json").read_text()),
+        "step": state["step"],
+        "method": state["method"],
+        "history": state["history"],
+        "log": [{k: v for k, v in r.items() if k not in TIMING} for r in log],
+    }
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("clean") / "run"
+    proc = subprocess.run(_cmd(out, resume=False), env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    ref = _outputs(out)
+    assert ref["step"] == STEPS and [r["step"] for r in ref["log"]] == list(range(STEPS))
+    assert not [f for f in out.iterdir() if f.name.startswith(".")]
+    return ref
+
+
+# ------------------------------------------------------------------------------------------ kill points
+def _checkpoint_step(out: Path) -> int:
+    p = out / "checkpoint.pt"
+    return int(load_training_state(p)["step"]) if p.exists() else 0  # weights_only=True: a torn file raises
+
+
+def _mtime(path: Path) -> int:
+    return path.stat().st_mtime_ns if path.exists() else 0
+
+
+def _saves(start: int) -> list[int]:
+    """The steps of the checkpoints a run started (or resumed) at ``start`` writes, in order."""
+    return [d for d in range(start + 1, STEPS) if d % CKPT_EVERY == 0] + [STEPS]
+
+
+# Kill points, in the order the test visits them (each rerun resumes what the previous kill left):
+# name -> (which torch.save call of that run stalls, or None; "kill now" given out_dir, marker, mtime at launch)
+KILL_POINTS: dict[str, tuple[Callable[[int], int] | None, Callable[[Path, Path, int], bool]]] = {
+    "start-up": (None, lambda out, marker, t0: True),  # after a fixed 0.5 s: still importing
+    "first checkpoint": (None, lambda out, marker, t0: (out / "checkpoint.pt").exists()),
+    "mid checkpoint write": (lambda start: 2, lambda out, marker, t0: marker.exists()),
+    "middle": (  # a checkpoint newer than at launch and the log past half the run
+        None, lambda out, marker, t0: _mtime(out / "checkpoint.pt") != t0 and len(_log_lines(out)) > STEPS // 2
+    ),
+    "final checkpoint write": (lambda start: len(_saves(start)), lambda out, marker, t0: marker.exists()),
+}
+
+
+def _kill_at(out: Path, marker: Path, point: str, *, resume: bool) -> int | None:
+    """Run the CLI, SIGKILL it at ``point``; returns the step whose checkpoint write was stalled, if any."""
+    stall_fn, ready = KILL_POINTS[point]
+    start = _checkpoint_step(out)
+    stall_at = stall_fn(start) if stall_fn is not None else None
+    marker.unlink(missing_ok=True)
+    t0 = _mtime(out / "checkpoint.pt")
+    cmd = _cmd(out, resume=resume, stall=(stall_at, marker) if stall_at is not None else None)
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        if point == "start-up":
+            time.sleep(0.5)
+        deadline = time.monotonic() + 300
+        while not ready(out, marker, t0) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert proc.poll() is None, f"the run ended before the kill point {point!r}: {proc.stderr.read().decode()[-2000:]}"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    return _saves(start)[stall_at - 1] if stall_at is not None else None
+
+
+def _check_after_kill(out: Path, point: str, stalled: int | None) -> None:
+    """What a kill leaves: complete files under their real names; temporaries only under hidden names."""
+    if not out.exists():
+        return
+    for f in out.iterdir():
+        if f.name.startswith("."):  # an atomic_path temporary: `.{name}.{random}.tmp`, never read as output
+            assert f.name.endswith(".tmp") and f.name.split(".")[1] in {"checkpoint", "log", "config", "backbone", "loss_curve"}
+    step = _checkpoint_step(out)
+    lines = _log_lines(out)
+    complete = [json.loads(line) for line in lines if line.endswith("\n")]
+    assert len(lines) - len(complete) <= 1  # at most the last line is torn (appends are not atomic)
+    assert [r["step"] for r in complete] == list(range(len(complete)))
+    assert step == STEPS or step % CKPT_EVERY == 0
+    assert len(complete) >= step  # the log is written before the checkpoint of the same step
+    if point == "start-up":
+        assert step == 0 and not lines
+    if stalled is not None:
+        # Killed half-way through writing the checkpoint of step `stalled`: the previous one is intact
+        # (it is what --resume reads), the half-written bytes sit in a hidden temporary.
+        assert step == stalled - CKPT_EVERY and len(complete) == stalled
+        assert [f for f in out.iterdir() if f.name.startswith(".checkpoint.pt.") and f.stat().st_size > 0]
+
+
+def test_kills_then_resume_equal_clean_run(reference, tmp_path: Path) -> None:
+    """Five SIGKILLs in a row (each rerun resumes the last), then a rerun to the end."""
+    out, marker = tmp_path / "run", tmp_path / "stalled"
+    kills = []
+    for i, point in enumerate(KILL_POINTS):
+        stalled = _kill_at(out, marker, point, resume=i > 0)
+        _check_after_kill(out, point, stalled)
+        kills.append((point, _checkpoint_step(out), len(_log_lines(out))))
+    # The log ran ahead of the checkpoint at some kill, so the resume had log records to drop.
+    assert any(n_log > step for _, step, n_log in kills), kills
+    rerun = subprocess.run(_cmd(out, resume=True), env=ENV, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert not [f.name for f in out.iterdir() if f.name.startswith(".")], "temporary files left behind"
+    got = _outputs(out)
+    assert got["files"] == reference["files"]
+    assert got["backbone.json"] == reference["backbone.json"]
+    assert got["step"] == STEPS
+    assert got["log"] == reference["log"]  # one record per step, no duplicates, same losses
+    assert got["history"] == reference["history"]
+    assert got["backbone"].keys() == reference["backbone"].keys()
+    for name, ref_tensor in reference["backbone"].items():
+        assert torch.equal(got["backbone"][name], ref_tensor), name  # bit-identical
+    for name, ref_tensor in reference["method"].items():
+        assert torch.equal(got["method"][name], ref_tensor), name
