@@ -65,12 +65,25 @@ class ImageFolderTiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> Image.Image:
-        path = self.paths[index]
-        try:
-            with Image.open(path) as im:
-                return im.convert("RGB")
-        except (OSError, ValueError) as e:
-            raise HistofmError(f"Cannot read image {path} ({type(e).__name__}); remove or replace it.") from None
+        return _load_rgb(self.paths[index])
+
+
+def _load_rgb(path: Path) -> Image.Image:
+    """Decode one image file to RGB, turning every decoder failure into one sentence naming the file."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Image.DecompressionBombError:
+        raise HistofmError(
+            f"Image {path} declares more pixels than Pillow will decode safely; replace it or cut it into tiles."
+        ) from None
+    except MemoryError:
+        raise HistofmError(f"Image {path} needs more memory to decode than is available; replace it.") from None
+    except Image.UnidentifiedImageError:
+        raise HistofmError(f"Cannot read image {path}: it is not an image format Pillow knows; remove or replace it.") from None
+    except Exception as e:  # Pillow's plugins raise OSError, SyntaxError, ValueError, struct.error ...
+        reason = " ".join(f"{type(e).__name__}: {e}".split())[:160] if str(e) else type(e).__name__
+        raise HistofmError(f"Cannot read image {path} ({reason}); it is probably truncated or corrupt, so remove or replace it.") from None
 
 
 class _PILSlideTiles(Dataset):
@@ -277,8 +290,7 @@ class CaptionedImages(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Image.Image, str]:
         path, caption = self.items[index]
-        with Image.open(path) as im:
-            return im.convert("RGB"), caption
+        return _load_rgb(path), caption
 
 
 # ------------------------------------------------------------------------ CLI entry

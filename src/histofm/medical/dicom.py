@@ -17,12 +17,18 @@ matter for transfer (see ``docs/beyond-histopathology.md``):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from histofm.errors import HistofmError
+
+# A header that declares more decoded bytes than this is refused before decoding (a corrupt
+# Rows / Columns / NumberOfFrames would otherwise make a decoder allocate terabytes).
+MAX_DECODED_BYTES = 8 * 2**30
 
 CT_WINDOWS: dict[str, tuple[float, float]] = {
     "soft_tissue": (40.0, 400.0),
@@ -67,11 +73,39 @@ def _first(value: object) -> float | None:
         return None
 
 
+def _reason(e: BaseException) -> str:
+    """A library's exception as a short single-line quote."""
+    text = " ".join(str(e).split())
+    text = text if len(text) <= 120 else text[:117].rstrip() + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _check_declared_size(ds: object, path: Path) -> None:
+    """Refuse a header that declares more pixels than can be decoded in memory (before decoding)."""
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)  # type: ignore[attr-defined]
+        frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+        samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
+        nbytes = max(1, (int(getattr(ds, "BitsAllocated", 8) or 8) + 7) // 8)
+    except Exception:  # missing or malformed: pydicom's decoder reports it
+        return
+    total = rows * cols * frames * samples * nbytes
+    if total > MAX_DECODED_BYTES:
+        raise HistofmError(
+            f"{path} declares {frames} frame(s) of {cols} x {rows} pixels ({total / 2**30:.0f} GiB decoded), more than "
+            f"histofm loads at once ({MAX_DECODED_BYTES / 2**30:.0f} GiB), so its header is probably corrupt."
+        )
+
+
 def read_dicom(path: str | Path) -> DicomImage:
-    """Read one DICOM file (single or multi-frame) into a :class:`DicomImage`."""
+    """Read one DICOM file (single or multi-frame) into a :class:`DicomImage`.
+
+    Raises:
+        HistofmError: missing, non-DICOM, truncated or corrupt file, no pixel data, a header that
+            declares an implausibly large image, or pixels no installed decoder can read.
+    """
     import pydicom
     from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_color_lut, apply_modality_lut
 
     path = Path(path)
     if not path.is_file():
@@ -81,16 +115,45 @@ def read_dicom(path: str | Path) -> DicomImage:
     except InvalidDicomError:
         raise HistofmError(f"{path} is not a DICOM file (no DICM preamble); check the path.") from None
     except Exception as e:
-        raise HistofmError(f"{path} could not be parsed as DICOM ({type(e).__name__}); is it truncated?") from None
-    if "PixelData" not in ds and "FloatPixelData" not in ds:
+        raise HistofmError(
+            f"{path} could not be parsed as DICOM ({_reason(e)}); it is probably truncated or corrupt, "
+            "so copy or export it again."
+        ) from None
+    try:
+        has_pixels = "PixelData" in ds or "FloatPixelData" in ds
+    except Exception as e:  # pydicom parses elements lazily: a damaged one fails on first access
+        raise HistofmError(f"{path} has a corrupt DICOM header ({_reason(e)}); copy or export it again.") from None
+    if not has_pixels:
+        if "Rows" in ds:  # an image header whose pixels never arrived: a copy that stopped early
+            raise HistofmError(
+                f"{path} describes an image but holds no pixel data, so it is probably truncated; copy or export it again."
+            )
         raise HistofmError(f"{path} holds no image (no pixel data); it may be a structured report or a segmentation.")
+    _check_declared_size(ds, path)
     try:
         pixels = ds.pixel_array
+    except MemoryError:
+        raise HistofmError(f"Decoding the pixels of {path} needs more memory than is available.") from None
     except Exception as e:
         raise HistofmError(
-            f"Could not decode the pixels of {path} ({type(e).__name__}: {str(e)[:80]}); "
-            "its compression may need an extra decoder such as pylibjpeg."
+            f"Could not decode the pixels of {path} ({_reason(e)}); the file may be truncated or corrupt, "
+            "or its compression may need an extra decoder such as pylibjpeg."
         ) from None
+    try:
+        return _to_image(ds, pixels, path)
+    except HistofmError:
+        raise
+    except Exception as e:  # a damaged LUT, rescale or colour element
+        raise HistofmError(
+            f"{path} has pixels but a corrupt header element needed to display them ({_reason(e)}); "
+            "copy or export it again."
+        ) from None
+
+
+def _to_image(ds: Any, pixels: np.ndarray, path: Path) -> DicomImage:
+    """Apply the header's colour, modality and polarity rules to decoded ``pixels``."""
+    from pydicom.pixels import apply_color_lut, apply_modality_lut
+
     frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2"))
     modality = str(getattr(ds, "Modality", "OT"))
@@ -115,7 +178,8 @@ def read_dicom(path: str | Path) -> DicomImage:
     if frames == 1 and values.ndim == 2:
         values = values[None]
     center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
-    window = (center, width) if center is not None and width else None
+    usable = center is not None and width is not None and math.isfinite(center) and math.isfinite(width) and width > 0
+    window = (center, width) if usable else None
     if window is not None and photometric == "MONOCHROME1":
         lo, hi = float(pixels.min()), float(pixels.max())
         window = (lo + hi - window[0], window[1])

@@ -23,12 +23,13 @@ one-level slide). ``open_slide(path, backend="auto")`` tries them in that order.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import os
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -41,6 +42,12 @@ from histofm.errors import HistofmError
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
 BACKENDS = ("openslide", "tiffslide", "image")
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+# File signatures named in "cannot read" messages (a known start means a damaged file, not a wrong one).
+_MAGIC_KINDS = (
+    *((m, "TIFF/SVS slide") for m in _TIFF_MAGIC),
+    (b"\xff\xd8\xff", "JPEG image"),
+    (b"\x89PNG\r\n\x1a\n", "PNG image"),
+)
 # A resolution read from image metadata is trusted only inside this range (um/px):
 # 72 or 96 dpi defaults of ordinary pictures (353 / 265 um/px) are not microscopy.
 _PLAUSIBLE_MPP = (0.02, 50.0)
@@ -49,6 +56,13 @@ _PLAUSIBLE_MPP = (0.02, 50.0)
 _LEVEL_TOLERANCE = 0.01
 # Thumbnails of levels larger than this are assembled band by band (bounded memory).
 _THUMBNAIL_BAND_PIXELS = 16_000_000
+# A slide side longer than this (about 1 m at 0.25 um/px) can only come from a corrupt header;
+# reading such a file would try to allocate petabytes or loop over billions of empty tiles.
+_MAX_SIDE = 2**22
+# At most this many TIFF pages (and SubIFDs of each) have their tile tables checked on opening.
+_MAX_CHECKED_PAGES = 64
+# Longest library message quoted inside one of our sentences.
+_MAX_REASON = 160
 
 
 class SlideReader(ABC):
@@ -178,9 +192,14 @@ class SlideReader(ABC):
             array = self._read(location, level, size)
         except HistofmError:
             raise
+        except MemoryError:
+            raise HistofmError(
+                f"Reading {self.path.name} at {location} (level {level}, {size[0]} x {size[1]} pixels) needs more "
+                "memory than is available; read smaller regions or a coarser level."
+            ) from None
         except Exception as e:  # backend errors carry no hint of what to do
             raise HistofmError(
-                f"Reading {self.path.name} at {location} (level {level}) failed ({type(e).__name__}: {e}); "
+                f"Reading {self.path.name} at {location} (level {level}) failed ({_reason(e)}); "
                 "the file is probably truncated or corrupt, so copy or export it again."
             ) from None
         if array.shape != (size[1], size[0], 3):  # a backend that returned less than asked
@@ -306,11 +325,19 @@ class ImageReader(SlideReader):
     def __init__(self, path: str | os.PathLike[str], mpp: float | None = None) -> None:
         super().__init__(path, mpp)
         self._tag_mpp: float | None = None
+        too_large = HistofmError(
+            f"{self.path.name} is too large to load whole as a plain image; convert it to a "
+            "tiled pyramidal TIFF (for example `vips tiffsave in out.tif --tile --pyramid`)."
+        )
         if self.path.suffix.lower() in {".tif", ".tiff"}:
             import tifffile
 
             with tifffile.TiffFile(self.path) as tif:
                 page = tif.pages[0]
+                # Check the declared size before tifffile allocates it (Pillow's limit for the same case).
+                pixels = page.imagewidth * page.imagelength * max(1, page.imagedepth)
+                if Image.MAX_IMAGE_PIXELS is not None and pixels > 2 * Image.MAX_IMAGE_PIXELS:
+                    raise too_large
                 self._tag_mpp = _tiff_tag_mpp(page)
                 array = page.asarray()
         else:
@@ -319,10 +346,7 @@ class ImageReader(SlideReader):
                     im.load()
                     array = np.asarray(im.convert("RGB"))
             except Image.DecompressionBombError:
-                raise HistofmError(
-                    f"{self.path.name} is too large to load whole as a plain image; convert it to a "
-                    "tiled pyramidal TIFF (for example `vips tiffsave in out.tif --tile --pyramid`)."
-                ) from None
+                raise too_large from None
         self._array = _to_rgb(np.asarray(array))  # (H, W, 3) uint8
         h, w = self._array.shape[:2]
         self.dimensions = (w, h)
@@ -380,19 +404,84 @@ def open_slide(
         order = ["image"]
     else:
         order = list(BACKENDS)
+    if path.is_file() and _head(path) in _TIFF_MAGIC:
+        _check_tiff_tables(path)
+    errors: list[BaseException] = []
     for name in order:
         try:
             with _quiet("tifffile", "tiffslide"):
                 reader = _READERS[name](path, mpp)
         except HistofmError:
             raise
-        except Exception:  # each library raises its own types; try the next one
+        except MemoryError:  # a header that declares more than any real slide holds
+            raise HistofmError(
+                f"Opening {path.name} with {_library(name, path)} needs more memory than is available, so its "
+                "header is probably corrupt; copy or export it again."
+            ) from None
+        except Exception as e:  # each library raises its own types; try the next one
+            errors.append(e)
             continue
         if min(reader.dimensions) <= 0:
             reader.close()
             continue
+        try:
+            _check_geometry(reader)
+        except HistofmError:
+            reader.close()
+            raise
         return reader
-    raise HistofmError(_unreadable_message(path, order))
+    raise HistofmError(_unreadable_message(path, order, errors))
+
+
+def _head(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4)
+    except OSError:
+        return b""
+
+
+def _check_geometry(reader: SlideReader) -> None:
+    """Refuse levels whose size or downsample no real slide has (a corrupt header)."""
+    for (w, h), ds in zip(reader.level_dimensions, reader.level_downsamples):
+        if not (0 < w <= _MAX_SIDE and 0 < h <= _MAX_SIDE and math.isfinite(ds) and ds > 0):
+            raise HistofmError(
+                f"{reader.path.name} declares a level of {w} x {h} pixels (downsample {ds:g}), which no real slide "
+                "has, so its header is probably corrupt; copy or export it again."
+            )
+
+
+def _check_tiff_tables(path: Path) -> None:
+    """Refuse a TIFF whose tile or strip table is shorter than its declared image needs.
+
+    libtiff and tifffile read the missing entries as empty tiles, so a flipped width or height
+    turns a small file into a huge blank slide whose thumbnail takes hours (or whose whole-image
+    load allocates gigabytes). Files tifffile cannot parse are left to the backends to judge.
+    """
+    import tifffile
+
+    try:
+        with _quiet("tifffile"), tifffile.TiffFile(path) as tif:
+            if tif.is_ndpi:  # tifffile rewrites NDPI's JPEG layout; its tables are not TIFF's
+                return
+            for i, page in enumerate(tif.pages):
+                if i >= _MAX_CHECKED_PAGES:
+                    break
+                subs = page.pages if isinstance(page, tifffile.TiffPage) else None
+                for p in [page, *itertools.islice(subs or (), _MAX_CHECKED_PAGES)]:
+                    if not isinstance(p, tifffile.TiffPage) or not p.shape:
+                        continue
+                    needed, listed = math.prod(p.chunked), len(p.dataoffsets)
+                    if listed < needed:
+                        raise HistofmError(
+                            f"{path.name} declares a {p.imagewidth} x {p.imagelength} pixel image of {needed} tiles or "
+                            f"strips but lists only {listed}, so it is probably truncated or corrupt; copy or export "
+                            "it again."
+                        )
+    except HistofmError:
+        raise
+    except Exception:  # unparseable here: the backends give the error
+        return
 
 
 @contextlib.contextmanager
@@ -411,21 +500,39 @@ def _quiet(*names: str) -> Iterator[None]:
             lg.setLevel(level)
 
 
-def _unreadable_message(path: Path, tried: list[str]) -> str:
+def _library(backend: str, path: Path) -> str:
+    if backend == "image" and path.suffix.lower() in {".tif", ".tiff"}:
+        return "tifffile"
+    return _LIBRARY[backend]
+
+
+def _reason(e: BaseException) -> str:
+    """A library's exception as a short single-line quote."""
+    if isinstance(e, Image.UnidentifiedImageError):  # its text only repeats the file's path
+        return "not a format Pillow knows"
+    text = " ".join(str(e).split())
+    text = text if len(text) <= _MAX_REASON else text[: _MAX_REASON - 3].rstrip() + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _unreadable_message(path: Path, tried: list[str], errors: Sequence[BaseException] = ()) -> str:
     try:
         with open(path, "rb") as f:
-            head = f.read(4)
+            head = f.read(8)
     except OSError as e:
         return f"Cannot read {path} ({e}); check the file's permissions."
-    names = [_LIBRARY[name] for name in tried]
+    names = [_library(name, path) for name in tried]
     readers = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
-    if head in _TIFF_MAGIC:
+    # With one reader tried, its own words say what is wrong (e.g. "image file is truncated").
+    why = f" ({_reason(errors[0])})" if len(tried) == 1 and errors else ""
+    kind = next((k for magic, k in _MAGIC_KINDS if head.startswith(magic)), None)
+    if kind is not None:
         return (
-            f"{path.name} starts like a TIFF/SVS slide but {readers} cannot read it, so it is probably "
+            f"{path.name} starts like a {kind} but {readers} cannot read it{why}, so it is probably "
             "truncated or corrupt; copy or export it again."
         )
     return (
-        f"{path.name} is not a slide or image that {readers} can read; check that the file really is "
+        f"{path.name} is not a slide or image that {readers} can read{why}; check that the file really is "
         "a whole-slide image (.svs, .ndpi, .tif ...) or a PNG/JPEG."
     )
 
