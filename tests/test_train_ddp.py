@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from gloo import free_port, gloo_rank
 from histofm.data.datasets import bundled_tiles
 from histofm.methods.registry import build_method
 from histofm.train import TrainConfig, fit
@@ -37,11 +36,7 @@ def _cfg(out_dir: str) -> TrainConfig:
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_rank(rank, world, port):
         # the gradient-preserving gather: d(sum of squares of gathered x)/dx = 2 x * world (every rank's loss uses x)
         x = torch.full((2, 3), float(rank + 1), requires_grad=True)
         (gather_with_grad(x) ** 2).sum().backward()
@@ -50,18 +45,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         hist = fit(method, _data(), _cfg(out_dir), transform=transform)
         if rank == 0:
             torch.save({"losses": [h["loss"] for h in hist], "state": method.state_dict()}, os.path.join(out_dir, "ddp.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_gloo_ranks_match_one_process(tmp_path) -> None:
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "ddp")), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path / "ddp")), nprocs=2, join=True)
     ddp = torch.load(tmp_path / "ddp" / "ddp.pt", weights_only=True)
     n = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+from gloo import free_port, gloo_rank
 from histofm import accel
 from histofm.data.datasets import bundled_tiles
 from histofm.methods.registry import build_method
@@ -43,11 +42,7 @@ def _cfg(out_dir: str, **kw) -> TrainConfig:
 
 
 def _worker(rank: int, world: int, port: int, root: str) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_rank(rank, world, port):
         method, transform = _method()
         hist = fit(method, _data(), _cfg(os.path.join(root, "fsdp"), parallel="fsdp"), transform=transform)
         assert accel.is_fsdp(method)
@@ -59,19 +54,11 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
         # an interrupted sharded run: its checkpoint is resumed below on ONE process
         method, transform = _method()
         fit(method, _data(), _cfg(os.path.join(root, "cut"), parallel="fsdp", stop_after=2), transform=transform)
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_fsdp_two_ranks_match_one_process_and_resume_on_one(tmp_path) -> None:
     root = tmp_path
-    mp.spawn(_worker, args=(2, _free_port(), str(root)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(root)), nprocs=2, join=True)
     fsdp_hist = torch.load(root / "fsdp.pt", weights_only=True)["history"]
     n = torch.get_num_threads()
     torch.set_num_threads(1)
