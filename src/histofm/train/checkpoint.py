@@ -94,7 +94,9 @@ def export_backbone(
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in source.items()}
     weights = out_dir / "backbone.safetensors"
     with atomic_path(weights) as tmp:
+        mode = tmp.stat().st_mode
         save_file(tensors, str(tmp), metadata={"format": "pt"})
+        tmp.chmod(mode)  # safetensors recreates the file as 0600; keep the usual permissions
     meta = {
         "arch": getattr(backbone, "histofm_name", None),
         "overrides": _jsonable(getattr(backbone, "histofm_overrides", {})),
