@@ -65,10 +65,10 @@ class ImageFolderTiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> Image.Image:
-        return _load_rgb(self.paths[index])
+        return load_rgb(self.paths[index])
 
 
-def _load_rgb(path: Path) -> Image.Image:
+def load_rgb(path: Path) -> Image.Image:
     """Decode one image file to RGB, turning every decoder failure into one sentence naming the file."""
     try:
         with Image.open(path) as im:
@@ -290,7 +290,7 @@ class CaptionedImages(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Image.Image, str]:
         path, caption = self.items[index]
-        return _load_rgb(path), caption
+        return load_rgb(path), caption
 
 
 # ------------------------------------------------------------------------ CLI entry

@@ -67,11 +67,9 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Any, int]:
         path, label = self.samples[i]
-        try:
-            with Image.open(path) as im:
-                array = np.asarray(im.convert("RGB"))
-        except OSError as e:
-            raise HistofmError(f"Cannot read image {path} ({e}); remove or replace it.") from None
+        from histofm.data.datasets import load_rgb
+
+        array = np.asarray(load_rgb(path))  # every decoder failure becomes one sentence naming the file
         return _to_item(array, self.transform), label
 
 

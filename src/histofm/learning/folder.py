@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from histofm.errors import HistofmError
 
@@ -62,16 +62,14 @@ def read_label_csv(path: str | os.PathLike[str]) -> list[tuple[str, str]]:
 
 def load_image(path: Path, size: int) -> np.ndarray:
     """An RGB image resized (shorter side) and centre-cropped to ``size``: ``(size, size, 3)`` uint8."""
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            w, h = im.size
-            scale = size / min(w, h)
-            im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BILINEAR)
-            left, top = (im.width - size) // 2, (im.height - size) // 2
-            return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError) as e:
-        raise HistofmError(f"Cannot read image {path} ({type(e).__name__}); remove or replace it.") from None
+    from histofm.data.datasets import load_rgb
+
+    im = load_rgb(path)  # every decoder failure becomes one sentence naming the file
+    w, h = im.size
+    scale = size / min(w, h)
+    im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BILINEAR)
+    left, top = (im.width - size) // 2, (im.height - size) // 2
+    return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
 def _stack(folder: Path, rels: list[str], size: int) -> torch.Tensor:
