@@ -112,3 +112,36 @@ def test_embeddings_of_a_vit_and_a_plain_module() -> None:
     assert token_embedding(plain, x).shape == (3, 5)
     with pytest.raises(HistofmError, match="RGB"):
         to_model_input(torch.zeros(2, 1, 8, 8), (0,) * 3, (1,) * 3)
+
+
+def test_broken_images_in_a_folder_are_one_sentence(tmp_path: Path) -> None:
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    from histofm.learning.folder import load_image
+
+    (tmp_path / "a").mkdir()
+    good = tmp_path / "a" / "good.png"
+    Image.fromarray(np.full((16, 16, 3), 200, np.uint8)).save(good)
+    data = good.read_bytes()
+    # a valid header declaring 60000 x 60000 pixels: Pillow refuses it with DecompressionBombError (not an OSError)
+    ihdr = b"IHDR" + struct.pack(">IIBBBBB", 60000, 60000, 8, 2, 0, 0, 0)
+    bomb = data[:8] + struct.pack(">I", 13) + ihdr + struct.pack(">I", zlib.crc32(ihdr)) + data[33:]
+    cases = {
+        "cut.png": data[: len(data) // 2],  # truncated inside the pixel data
+        "bomb.png": bomb,
+        "text.png": b"not an image at all",
+    }
+    for name, payload in cases.items():
+        (tmp_path / "a" / name).write_bytes(payload)
+    ds = ImageFolderDataset(tmp_path)
+    for i, (path, _) in enumerate(ds.samples):
+        if path.name == "good.png":
+            assert ds[i][0] is not None
+            continue
+        with pytest.raises(HistofmError, match=path.name):
+            ds[i]
+        with pytest.raises(HistofmError, match=path.name):
+            load_image(path, 8)
