@@ -62,3 +62,16 @@ def test_extraction_options_keep_the_features(tmp_path, options) -> None:
     assert len(ref) > 4
     np.testing.assert_array_equal(xy, ref_xy)
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_activation_checkpointing_gives_the_same_run() -> None:
+    data = bundled_tiles(32, sources=("hgsc_nest", "hgsc_stroma"), mode="random", num_per_source=8, seed=0)
+    cfg = TrainConfig(steps=3, batch_size=8, lr=1e-3, progress=False, monitor_every=0, seed=1)
+    method, tf = _simclr()
+    plain = fit(method, data, cfg, transform=tf)
+    method_c, tf = _simclr()
+    ckpt = fit(method_c, data, cfg.replace(grad_checkpointing=True), transform=tf)
+    assert method_c.backbone.grad_checkpointing and not method.backbone.grad_checkpointing
+    torch.testing.assert_close(torch.tensor([h["loss"] for h in ckpt]), torch.tensor([h["loss"] for h in plain]),
+                               rtol=1e-5, atol=1e-6)
+    assert plain[-1]["loss"] != plain[0]["loss"]

@@ -52,6 +52,8 @@ class TrainConfig:
             Both give the single-process result for the same global batch.
         compile: ``torch.compile`` each Transformer block (regional compilation; the first steps
             include the compilation).
+        grad_checkpointing: recompute each block's activations in backward instead of storing
+            them (less memory for large backbones, about a third more compute).
         find_unused_parameters: passed to DistributedDataParallel.
         sync_batchnorm: under multi-GPU data parallelism, convert BatchNorm layers to SyncBatchNorm
             (CPU/gloo has no SyncBatchNorm: there each rank normalises its own slice).
@@ -84,6 +86,7 @@ class TrainConfig:
     tensorboard: bool = True
     parallel: Literal["ddp", "fsdp"] = "ddp"
     compile: bool = False
+    grad_checkpointing: bool = False
     find_unused_parameters: bool = False
     sync_batchnorm: bool = True
 

@@ -132,6 +132,8 @@ def fit(
     fsdp = distributed and cfg.parallel == "fsdp"
     if cfg.parallel == "fsdp" and not distributed:
         warnings.warn("parallel='fsdp' needs several processes (torchrun); training on this one", stacklevel=2)
+    if cfg.grad_checkpointing and not accel.grad_checkpointing(method):
+        warnings.warn("grad_checkpointing=True but no backbone of this method supports it", stacklevel=2)
     if fsdp:
         accel.shard_fsdp(method)  # parameters become shards: build the optimiser after this
     if cfg.compile:
