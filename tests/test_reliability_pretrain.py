@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -112,6 +113,8 @@ def reference(tmp_path_factory) -> dict[str, Any]:
     ref = _outputs(out)
     assert ref["step"] == STEPS and [r["step"] for r in ref["log"]] == list(range(STEPS))
     assert not [f for f in out.iterdir() if f.name.startswith(".")]
+    # Every output gets the same, usual permissions (no 0600 file left by a temporary's mkstemp).
+    assert len({stat.S_IMODE(f.stat().st_mode) for f in out.iterdir()}) == 1
     return ref
 
 
