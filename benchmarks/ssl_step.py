@@ -384,6 +384,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, 
         args.arch = args.arch or ("vit_large_patch14_dinov2" if cuda else "vit_small_patch14_dinov2")
     large = args.arch == "vit_large_patch14_dinov2"
     args.batch = args.batch or ((32 if large else 64) if cuda else 4)
+    if args.batch < 2:
+        p.error("--batch must be >= 2 (KoLeo and NT-Xent compare images within the batch)")
     return p, args
 
 
