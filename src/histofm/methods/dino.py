@@ -87,13 +87,16 @@ def _stack(views: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
     return views if isinstance(views, torch.Tensor) else torch.stack(list(views))
 
 
-class DINOLoss(nn.Module):
-    """Centred, sharpened teacher targets and the multi-view cross-entropy (Eq. 3 of DINO).
+class CenteredTeacher(nn.Module):
+    """Teacher targets ``softmax((t - c) / tau_t)`` with a center ``c`` kept as an EMA of the teacher's outputs.
+
+    ``c <- m c + (1 - m) mean(t)``, the mean taken over every row on every rank. Shared by
+    DINO's class-token loss and iBOT's patch loss.
 
     Args:
         out_dim: number of prototypes ``K``.
         student_temp: ``tau_s`` (0.1).
-        center_momentum: EMA momentum of the center (0.9).
+        center_momentum: EMA momentum ``m`` of the center (0.9).
     """
 
     center: torch.Tensor
@@ -112,9 +115,19 @@ class DINOLoss(nn.Module):
 
     @torch.no_grad()
     def update_center(self, teacher_logits: torch.Tensor) -> None:
-        """``c <- m c + (1 - m) mean(t)`` over every row of ``teacher_logits`` (all ranks)."""
-        batch_center = all_reduce_mean(teacher_logits.float().reshape(-1, teacher_logits.shape[-1]).mean(dim=0))
+        """``c <- m c + (1 - m) mean(t)`` over every row of ``teacher_logits`` (all ranks); no rows: no change."""
+        rows = teacher_logits.float().reshape(-1, teacher_logits.shape[-1])
+        if rows.shape[0] == 0:
+            return  # e.g. nothing was masked in this batch
+        batch_center = all_reduce_mean(rows.mean(dim=0))
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1.0 - self.center_momentum)
+
+
+class DINOLoss(CenteredTeacher):
+    """Centred, sharpened teacher targets and the multi-view cross-entropy (Eq. 3 of DINO).
+
+    Args: those of :class:`CenteredTeacher`.
+    """
 
     def forward(
         self,

@@ -30,12 +30,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from histofm.methods.dino import DINO, DINOConfig, make_config, multicrop_transform, split_crops
+from histofm.methods.dino import (
+    DINO,
+    CenteredTeacher,
+    DINOConfig,
+    make_config,
+    multicrop_transform,
+    split_crops,
+)
 from histofm.methods.masking import BlockMaskCollator
-from histofm.train.distributed import all_reduce_mean
 
 
 # ----------------------------------------------------------------------------- loss
@@ -60,34 +65,11 @@ def ibot_cross_entropy(
         return (ce * weight).sum() / m.shape[0]
 
 
-class IBOTPatchLoss(nn.Module):
+class IBOTPatchLoss(CenteredTeacher):
     """Centred teacher targets for masked patches and :func:`ibot_cross_entropy`.
 
-    Args:
-        out_dim: number of patch prototypes.
-        student_temp: ``tau_s``.
-        center_momentum: EMA momentum of the patch center.
+    Args: those of :class:`~histofm.methods.dino.CenteredTeacher` (``out_dim``: number of patch prototypes).
     """
-
-    center: torch.Tensor
-
-    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
-        super().__init__()
-        self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.register_buffer("center", torch.zeros(1, out_dim))
-
-    @torch.no_grad()
-    def teacher_probs(self, teacher_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:
-        with torch.autocast(teacher_logits.device.type, enabled=False):
-            return F.softmax((teacher_logits.float() - self.center) / teacher_temp, dim=-1)
-
-    @torch.no_grad()
-    def update_center(self, teacher_logits: torch.Tensor) -> None:
-        if teacher_logits.shape[0] == 0:
-            return  # nothing was masked in this batch
-        batch_center = all_reduce_mean(teacher_logits.float().mean(dim=0))
-        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1.0 - self.center_momentum)
 
     def forward(
         self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, masks: torch.Tensor, teacher_temp: float
