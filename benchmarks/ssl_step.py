@@ -40,12 +40,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from benchlib import matmul_peak, time_alternating, vit_flops
 
 
 @dataclass
@@ -58,51 +58,6 @@ class StepPair:
     flops: float | None = None  # matmul FLOPs of one step (forward + backward), if known
     note: str = ""
     ours_executed_flops: float | None = None  # what ours really computes, when it skips work (stochastic depth)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def matmul_peak(
-    device: torch.device,
-    dtype: torch.dtype,
-    n: int = 8192,
-    repeats: int = 10,
-    clock: Callable[[], float] = time.perf_counter,
-) -> float:
-    """Measured FLOP/s of a large square matmul (the practical peak of this device and dtype)."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        t = clock()
-        a @ b
-        _sync(device)
-        times.append(clock() - t)
-    return 2 * n**3 / statistics.median(times)
-
-
-def vit_flops(model: torch.nn.Module, batch: int, img_size: int, keep: list[float] | None = None) -> float:
-    """Matmul FLOPs (2 per multiply-add) of one forward of a timm-style ViT on square images.
-
-    Same count as ``benchmarks/vit_vs_timm.py`` (patch embedding, qkv, scores, attention-weighted
-    sum, projection, MLP; class and register tokens included). ``keep[i]``: the expected fraction of
-    samples for which block ``i``'s residual branches are computed (efficient stochastic depth).
-    """
-    D, p = model.embed_dim, model.patch_size
-    n_patches = (img_size // p) ** 2
-    N = n_patches + model.num_prefix_tokens
-    flops = 2 * n_patches * 3 * p * p * D
-    for i, blk in enumerate(model.blocks):
-        block = 2 * N * D * 3 * D + 4 * N * N * D + 2 * N * D * D
-        block += 2 * N * D * blk.mlp.fc1.out_features + 2 * N * blk.mlp.fc2.in_features * D
-        flops += block * (1.0 if keep is None else keep[i])
-    return float(flops * batch)
 
 
 def vit_train_flops(model: torch.nn.Module, batch: int, img_size: int, keep: list[float] | None = None) -> float:
@@ -338,20 +293,7 @@ STEP_BUILDERS: dict[str, Callable[[argparse.Namespace, torch.device], StepPair]]
 
 def time_steps(pair: StepPair, device: torch.device, warmup: int, repeats: int, clock: Callable[[], float]) -> dict[str, float]:
     """Median seconds per step of ours and the peer, alternating their order every repeat."""
-    fns = {"ours": pair.ours, "peer": pair.peer}
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    _sync(device)
-    times: dict[str, list[float]] = {n: [] for n in fns}
-    for r in range(repeats):
-        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
-            _sync(device)
-            t = clock()
-            fns[name]()
-            _sync(device)
-            times[name].append(clock() - t)
-    return {n: statistics.median(v) for n, v in times.items()}
+    return time_alternating({"ours": pair.ours, "peer": pair.peer}, device, warmup, repeats, clock)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:

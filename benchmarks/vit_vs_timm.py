@@ -47,12 +47,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
+from benchlib import matmul_peak, time_alternating, vit_flops
 from torch import nn
 
 #: zoo name -> (timm architecture, timm kwargs of the hub config.json, index of the first patch token
@@ -71,77 +71,6 @@ ZOO_PEERS: dict[str, tuple[str, dict[str, Any], int | None]] = {
         1,
     ),
 }
-
-
-def vit_forward_flops(model: nn.Module, batch: int, img_size: int) -> float:
-    """Matmul FLOPs (2 per multiply-add) of one forward of a timm-style ViT (formula in the module docstring)."""
-    D = model.embed_dim
-    p = model.patch_size
-    n_patches = (img_size // p) ** 2
-    N = n_patches + model.num_prefix_tokens  # class + register tokens take part in every block
-    flops = 2 * n_patches * (3 * p * p) * D  # patch embedding
-    for blk in model.blocks:
-        hidden = blk.mlp.fc1.out_features  # H1: 4D (GELU) or 2h (packed SwiGLU)
-        fc2_in = blk.mlp.fc2.in_features  # H2: 4D (GELU) or h (SwiGLU's gated half)
-        flops += 2 * N * D * 3 * D  # qkv
-        flops += 2 * 2 * N * N * D  # q k^T and attn v
-        flops += 2 * N * D * D  # output projection
-        flops += 2 * N * D * hidden + 2 * N * fc2_in * D  # MLP
-    return float(flops * batch)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def matmul_peak(
-    device: torch.device,
-    dtype: torch.dtype,
-    n: int = 8192,
-    repeats: int = 10,
-    clock: Callable[[], float] = time.perf_counter,
-) -> float:
-    """Measured FLOP/s of a large ``n x n`` matmul (the practical peak of this device and dtype)."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        t = clock()
-        a @ b
-        _sync(device)
-        times.append(clock() - t)
-    return 2 * n**3 / statistics.median(times)
-
-
-def time_pair(
-    fns: dict[str, Callable[[], Any]],
-    device: torch.device,
-    warmup: int,
-    repeats: int,
-    clock: Callable[[], float] = time.perf_counter,
-    iters: int = 1,
-) -> dict[str, float]:
-    """Median seconds per call of each function, alternating their order every repeat."""
-    names = list(fns)
-    for _ in range(warmup):
-        for name in names:
-            fns[name]()
-    _sync(device)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(repeats):
-        order = names if r % 2 == 0 else names[::-1]
-        for name in order:
-            _sync(device)
-            t = clock()
-            for _ in range(iters):
-                fns[name]()
-            _sync(device)
-            times[name].append((clock() - t) / iters)
-    return {n: statistics.median(v) for n, v in times.items()}
 
 
 def build_pair(
@@ -221,8 +150,8 @@ def bench_one(name: str, args: argparse.Namespace, device: torch.device, peak: f
     clock = time.process_time if args.cpu_time else time.perf_counter
     with torch.inference_mode(), autocast:
         fns = {"ours": lambda: run_ours(x), "timm": lambda: run_ref(x)}
-        secs = time_pair(fns, device, args.warmup, args.repeats, clock, args.iters)
-    flops = vit_forward_flops(ours, args.batch, img)
+        secs = time_alternating(fns, device, args.warmup, args.repeats, clock, args.iters)
+    flops = vit_flops(ours, args.batch, img)
     res = {
         "ours_img_s": args.batch / secs["ours"],
         "timm_img_s": args.batch / secs["timm"],
