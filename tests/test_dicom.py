@@ -48,6 +48,17 @@ def test_ct_is_in_hounsfield_units() -> None:
     assert -100 < np.median(img.array[0, 230:280, 230:280]) < 150
 
 
+def test_enhanced_ct_takes_its_rescale_from_the_functional_groups() -> None:
+    """Enhanced CT keeps slope and intercept inside (per-frame or shared) functional groups."""
+    ds = pydicom.dcmread(DICOM_DIR / "eCT_Supplemental.dcm")
+    assert "RescaleIntercept" not in ds  # nothing at the top level: a plain modality LUT would miss it
+    pvt = ds.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence[0]
+    img = read_dicom(DICOM_DIR / "eCT_Supplemental.dcm")
+    expected = ds.pixel_array.astype(np.float64) * float(pvt.RescaleSlope) + float(pvt.RescaleIntercept)
+    np.testing.assert_allclose(img.array, expected, rtol=0, atol=1e-3)
+    assert img.array.min() < -900  # air is about -1000 HU (stored 0 with intercept -1024)
+
+
 def test_window_math() -> None:
     hu = np.array([-1000.0, -160.0, 40.0, 240.0, 3000.0])
     out = apply_window(hu, *CT_WINDOWS["soft_tissue"])  # [-160, 240]

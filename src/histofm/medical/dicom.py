@@ -172,11 +172,16 @@ def _to_image(ds: Any, pixels: np.ndarray, path: Path) -> DicomImage:
         array = pixels.astype(np.uint8) if frames > 1 else pixels.astype(np.uint8)[None]
         return DicomImage(array=array, modality=modality, window=None, path=path)
 
-    values = apply_modality_lut(pixels, ds).astype(np.float32)  # HU for CT
+    if _enhanced(ds) and "RescaleSlope" not in ds and "ModalityLUTSequence" not in ds:
+        values = _enhanced_rescale(ds, pixels, frames)  # HU for enhanced CT
+    else:
+        values = apply_modality_lut(pixels, ds).astype(np.float32)  # HU for CT
     if photometric == "MONOCHROME1":
         values = values.max() + values.min() - values  # bright = dense, as in MONOCHROME2
     if frames == 1 and values.ndim == 2:
         values = values[None]
+    # Only a top-level window is used; an enhanced object's FrameVOILUTSequence window is not (yet):
+    # such images are shown with each slice's percentile range (see to_rgb_slices).
     center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
     usable = center is not None and width is not None and math.isfinite(center) and math.isfinite(width) and width > 0
     window = (center, width) if usable else None
@@ -184,6 +189,36 @@ def _to_image(ds: Any, pixels: np.ndarray, path: Path) -> DicomImage:
         lo, hi = float(pixels.min()), float(pixels.max())
         window = (lo + hi - window[0], window[1])
     return DicomImage(array=values, modality=modality, window=window, path=path)
+
+
+def _enhanced(ds: Any) -> bool:
+    """An enhanced multi-frame object: per-frame attributes live in functional group sequences."""
+    return "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
+
+
+def _frame_value(ds: Any, frame: int, sequence: str, keyword: str) -> Any:  # noqa: ANN401
+    """``keyword`` inside ``sequence`` of frame ``frame``'s functional group, else of the shared group, else top level."""
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    shared = ds.get("SharedFunctionalGroupsSequence") or []
+    groups = ([per_frame[frame]] if frame < len(per_frame) else []) + list(shared[:1])
+    for group in groups:
+        items = group.get(sequence) or []
+        if items and keyword in items[0]:
+            return items[0].get(keyword)
+    return ds.get(keyword)
+
+
+def _enhanced_rescale(ds: Any, pixels: np.ndarray, frames: int) -> np.ndarray:
+    """``stored * slope + intercept`` with each frame's Pixel Value Transformation (enhanced CT, MR, PET)."""
+    stack = pixels[None] if frames == 1 and pixels.ndim == 2 else pixels
+    out = np.empty(stack.shape, dtype=np.float32)
+    for i in range(stack.shape[0]):
+        slope = _first(_frame_value(ds, i, "PixelValueTransformationSequence", "RescaleSlope"))
+        intercept = _first(_frame_value(ds, i, "PixelValueTransformationSequence", "RescaleIntercept"))
+        slope = 1.0 if slope is None or not math.isfinite(slope) else slope
+        intercept = 0.0 if intercept is None or not math.isfinite(intercept) else intercept
+        out[i] = stack[i].astype(np.float32) * slope + intercept
+    return out  # (F, H, W)
 
 
 def _already_rgb(ds: object) -> bool:
