@@ -4,7 +4,8 @@ DINO exercises what sharding makes delicate: a frozen EMA teacher updated from t
 student's shards, centering buffers all-reduced over ranks, the collapse monitor
 (a forward outside ``forward``), gradient clipping over sharded gradients, and a
 checkpoint that must hold full tensors so that a run sharded over two ranks can
-resume on one.
+resume on one (that sharded run also has its blocks compiled: FSDP2 with
+``torch.compile`` gives the eager numbers).
 """
 
 from __future__ import annotations
@@ -51,9 +52,11 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
         assert w.to_local().shape[0] == w.shape[0] // world
         if rank == 0:
             torch.save({"history": hist}, os.path.join(root, "fsdp.pt"))
-        # an interrupted sharded run: its checkpoint is resumed below on ONE process
+        # an interrupted sharded run, its blocks compiled: its checkpoint is resumed below on ONE eager process
         method, transform = _method()
-        fit(method, _data(), _cfg(os.path.join(root, "cut"), parallel="fsdp", stop_after=2), transform=transform)
+        fit(method, _data(), _cfg(os.path.join(root, "cut"), parallel="fsdp", compile=True, stop_after=2),
+            transform=transform)
+        assert method.student.backbone.blocks[0]._compiled_call_impl is not None
 
 
 def test_fsdp_two_ranks_match_one_process_and_resume_on_one(tmp_path) -> None:
