@@ -5,6 +5,7 @@ Imported by sibling scripts (``python benchmarks/<script>.py`` puts this folder 
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable
@@ -86,3 +87,26 @@ def time_alternating(
             sync(device)
             times[name].append((clock() - t) / iters)
     return {n: statistics.median(v) for n, v in times.items()}
+
+
+def setup_run(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> tuple[torch.device, Callable[[], float], torch.dtype, float | None]:
+    """Common start of a benchmark: device, threads, seed, clock, dtype and the measured matmul peak.
+
+    Reads ``args.device``, ``threads``, ``cpu_time``, ``bf16``, ``no_peak`` and ``peak_n``; bf16 on CUDA
+    (or with ``--bf16``), fp32 otherwise. Returns ``(device, clock, dtype, peak FLOP/s or None)``.
+    """
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda was asked for but torch sees no CUDA GPU")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    clock = time.process_time if args.cpu_time else time.perf_counter
+    dtype = torch.bfloat16 if device.type == "cuda" or args.bf16 else torch.float32
+    peak = None
+    if not args.no_peak:
+        n = args.peak_n or (8192 if device.type == "cuda" else 4096)
+        peak = matmul_peak(device, dtype, n=n, repeats=10 if device.type == "cuda" else 5, clock=clock)
+    return device, clock, dtype, peak

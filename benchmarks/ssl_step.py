@@ -40,12 +40,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from benchlib import matmul_peak, time_alternating, vit_flops
+from benchlib import setup_run, time_alternating, vit_flops
 
 
 @dataclass
@@ -336,18 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.parse_only:
         print(f"arguments ok: {vars(args)}")
         return 0
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error("--device cuda was asked for but torch sees no CUDA GPU")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    torch.manual_seed(0)
-    clock = time.process_time if args.cpu_time else time.perf_counter
-    dtype = torch.bfloat16 if device.type == "cuda" or args.bf16 else torch.float32
-    peak = None
-    if not args.no_peak:
-        n = args.peak_n or (8192 if device.type == "cuda" else 4096)
-        peak = matmul_peak(device, dtype, n=n, repeats=10 if device.type == "cuda" else 5, clock=clock)
+    device, clock, dtype, peak = setup_run(p, args)
     pair = STEP_BUILDERS[args.method](args, device)
     secs = time_steps(pair, device, args.warmup, args.repeats, clock)
     where = f"{device}" + (f" ({torch.cuda.get_device_name(device)}, bf16 autocast)" if device.type == "cuda" else

@@ -52,7 +52,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from benchlib import matmul_peak, time_alternating, vit_flops
+from benchlib import setup_run, time_alternating, vit_flops
 from torch import nn
 
 #: zoo name -> (timm architecture, timm kwargs of the hub config.json, index of the first patch token
@@ -206,19 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.parse_only:
         print(f"arguments ok: {vars(args)}")
         return 0
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error("--device cuda was asked for but torch sees no CUDA GPU")
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    torch.manual_seed(0)
-    clock = time.process_time if args.cpu_time else time.perf_counter
-    dtype = torch.bfloat16 if device.type == "cuda" or args.bf16 else torch.float32
-    peak = None
-    if not args.no_peak:
-        n = args.peak_n or (8192 if device.type == "cuda" else 4096)
-        peak = matmul_peak(device, dtype, n=n, repeats=10 if device.type == "cuda" else 5, clock=clock)
+    device, clock, dtype, peak = setup_run(p, args)
     header = f"device={device}"
     if device.type == "cuda":
         header += f" ({torch.cuda.get_device_name(device)}), bf16 autocast"
