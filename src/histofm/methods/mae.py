@@ -223,7 +223,26 @@ def images_of(batch: Any) -> torch.Tensor:
     return x
 
 
-class MAE(SSLMethod):
+class ReconstructionPictures:
+    """Mixin of the masked-image methods: pictures of reconstructions saved while training.
+
+    The method must define ``reconstruct(images)`` (the pictures to draw); see
+    :func:`attach_reconstructions`.
+    """
+
+    @torch.no_grad()
+    def on_step_end(self, step: int, max_steps: int) -> None:
+        """Runs the attached step callbacks (reconstruction pictures) with the number of steps done."""
+        run_step_callbacks(self, step)
+
+    def attach_reconstructions(
+        self, images: torch.Tensor, out_dir: str | os.PathLike[str], every: int = 100
+    ) -> ReconstructionCallback:
+        """Save reconstructions of ``images`` to ``out_dir`` now and every ``every`` steps of training."""
+        return attach_reconstructions(self, images, out_dir, every)
+
+
+class MAE(ReconstructionPictures, SSLMethod):
     """Masked autoencoder around a ViT ``backbone`` (kept after pretraining) and a throw-away decoder.
 
     Args:
@@ -294,17 +313,6 @@ class MAE(SSLMethod):
             return {**picture_set(x, unpatchify(pred, p, grid, C), mask, p, self.img_mean, self.img_std), "mse": mse}
         finally:
             self.train(was_training)
-
-    @torch.no_grad()
-    def on_step_end(self, step: int, max_steps: int) -> None:
-        """Runs the attached step callbacks (reconstruction pictures) with the number of steps done."""
-        run_step_callbacks(self, step)
-
-    def attach_reconstructions(
-        self, images: torch.Tensor, out_dir: str | os.PathLike[str], every: int = 100
-    ) -> ReconstructionCallback:
-        """Save reconstructions of ``images`` to ``out_dir`` now and every ``every`` steps of training."""
-        return attach_reconstructions(self, images, out_dir, every)
 
 
 # --------------------------------------------------------------------------- pictures

@@ -32,7 +32,6 @@ images before training, and then frozen.
 from __future__ import annotations
 
 import math
-import os
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -45,14 +44,12 @@ from torch import nn
 from histofm.errors import HistofmError
 from histofm.methods.base import SSLMethod
 from histofm.methods.mae import (
-    ReconstructionCallback,
-    attach_reconstructions,
+    ReconstructionPictures,
     images_of,
     make_config,
     patchify,
     picture_set,
     pretrain_transform,
-    run_step_callbacks,
     split_overrides,
     unpatchify,
 )
@@ -172,7 +169,7 @@ def token_loss(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -
 
 
 # --------------------------------------------------------------------------- method
-class MIM(SSLMethod):
+class MIM(ReconstructionPictures, SSLMethod):
     """SimMIM (``cfg.target="pixels"``) or BEiT-style MIM (``"tokens"``) around a ViT with a mask token.
 
     Args:
@@ -289,17 +286,6 @@ class MIM(SSLMethod):
             return {**extra, **pics, "mse": out["loss"].detach()}
         finally:
             self.train(was_training)
-
-    @torch.no_grad()
-    def on_step_end(self, step: int, max_steps: int) -> None:
-        """Runs the attached step callbacks (reconstruction pictures) with the number of steps done."""
-        run_step_callbacks(self, step)
-
-    def attach_reconstructions(
-        self, images: torch.Tensor, out_dir: str | os.PathLike[str], every: int = 100
-    ) -> ReconstructionCallback:
-        """Save reconstructions of ``images`` to ``out_dir`` now and every ``every`` steps of training."""
-        return attach_reconstructions(self, images, out_dir, every)
 
 
 # --------------------------------------------------------------------------- builder
