@@ -262,7 +262,33 @@ class TransformerDecoderLayer(nn.Module):
         return self.norm3(x + self._ff(x))
 
 
-class TransformerEncoder(nn.Module):
+class _LayerStack(nn.Module):
+    """``num_layers`` layers of ``layer_cls`` and, with pre-norm, one final LayerNorm (arguments below)."""
+
+    layer_cls: type[nn.Module]
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        num_layers: int,
+        d_ff: int,
+        dropout: float = 0.0,
+        norm_first: bool = True,
+        activation: Activation = "relu",
+        layer_norm_eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        self.d_model = d_model
+        self.layers = nn.ModuleList(
+            self.layer_cls(d_model, num_heads, d_ff, dropout, norm_first, activation, layer_norm_eps)
+            for _ in range(num_layers)
+        )
+        # Pre-norm leaves the residual stream un-normalised: one LayerNorm closes the stack.
+        self.norm = nn.LayerNorm(d_model, eps=layer_norm_eps) if norm_first else nn.Identity()
+
+
+class TransformerEncoder(_LayerStack):
     """A stack of :class:`TransformerEncoderLayer`, with a final LayerNorm when ``norm_first``.
 
     Args:
@@ -276,25 +302,7 @@ class TransformerEncoder(nn.Module):
         layer_norm_eps: LayerNorm epsilon.
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        num_heads: int,
-        num_layers: int,
-        d_ff: int,
-        dropout: float = 0.0,
-        norm_first: bool = True,
-        activation: Activation = "relu",
-        layer_norm_eps: float = 1e-5,
-    ) -> None:
-        super().__init__()
-        self.d_model = d_model
-        self.layers = nn.ModuleList(
-            TransformerEncoderLayer(d_model, num_heads, d_ff, dropout, norm_first, activation, layer_norm_eps)
-            for _ in range(num_layers)
-        )
-        # Pre-norm leaves the residual stream un-normalised: one LayerNorm closes the stack.
-        self.norm = nn.LayerNorm(d_model, eps=layer_norm_eps) if norm_first else nn.Identity()
+    layer_cls = TransformerEncoderLayer
 
     def forward(
         self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None, causal: bool = False
@@ -305,30 +313,13 @@ class TransformerEncoder(nn.Module):
         return self.norm(x)
 
 
-class TransformerDecoder(nn.Module):
+class TransformerDecoder(_LayerStack):
     """A stack of :class:`TransformerDecoderLayer`, with a final LayerNorm when ``norm_first``.
 
     Takes the same arguments as :class:`TransformerEncoder`.
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        num_heads: int,
-        num_layers: int,
-        d_ff: int,
-        dropout: float = 0.0,
-        norm_first: bool = True,
-        activation: Activation = "relu",
-        layer_norm_eps: float = 1e-5,
-    ) -> None:
-        super().__init__()
-        self.d_model = d_model
-        self.layers = nn.ModuleList(
-            TransformerDecoderLayer(d_model, num_heads, d_ff, dropout, norm_first, activation, layer_norm_eps)
-            for _ in range(num_layers)
-        )
-        self.norm = nn.LayerNorm(d_model, eps=layer_norm_eps) if norm_first else nn.Identity()
+    layer_cls = TransformerDecoderLayer
 
     def forward(
         self,
