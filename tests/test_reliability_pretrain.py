@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import stat
 import subprocess
@@ -108,9 +109,11 @@ def _outputs(out: Path) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("clean") / "run"
+    t0 = time.monotonic()
     proc = subprocess.run(_cmd(out, resume=False), env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     ref = _outputs(out)
+    ref["seconds"] = time.monotonic() - t0
     assert ref["step"] == STEPS and [r["step"] for r in ref["log"]] == list(range(STEPS))
     assert not [f for f in out.iterdir() if f.name.startswith(".")]
     # Every output gets the same, usual permissions (no 0600 file left by a temporary's mkstemp).
@@ -220,3 +223,22 @@ def test_kills_then_resume_equal_clean_run(reference, tmp_path: Path) -> None:
         assert torch.equal(got["backbone"][name], ref_tensor), name  # bit-identical
     for name, ref_tensor in reference["method"].items():
         assert torch.equal(got["method"][name], ref_tensor), name
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_kill_at_a_random_moment_then_resume_equals_clean_run(reference, tmp_path: Path, seed: int) -> None:
+    """SIGKILL after a seeded random delay within a clean run's length, then resume: the same outputs."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_cmd(out, resume=False), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(random.Random(seed).uniform(0.5, reference["seconds"]))
+    if proc.poll() is None:  # on a fast machine the run may already be over: then there is nothing to kill
+        proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    _check_after_kill(out, "random", None)
+    rerun = subprocess.run(_cmd(out, resume=True), env=ENV, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    got = _outputs(out)
+    for key in ("files", "backbone.json", "step", "log", "history"):
+        assert got[key] == reference[key], key
+    for name, ref_tensor in reference["backbone"].items():
+        assert torch.equal(got["backbone"][name], ref_tensor), name
