@@ -15,15 +15,23 @@ Usage::
     python benchmarks/load_memory.py [--depth 40] [--dir /tmp] [--skip-peer]
 
 Ratios are peak-RSS growth divided by the file size; the issue asks for < 1.3.
-Measured once on a shared 2-core CPU machine (full depth, 4.23 GiB file)::
+Measured on a shared 2-core CPU machine (full depth, 4.23 GiB file)::
 
     loader           peak RSS growth  x file size  seconds
     histofm                  4.24 GiB         1.00      5.2
-    histofm-bf16             6.34 GiB         1.50     10.0
+    histofm-bf16             6.34 GiB         1.50     10.0   (first version: read all, then cast)
     peer                     8.47 GiB         2.00     93.9
 
-With ``dtype=torch.bfloat16`` the fp32 file pages are touched once during the cast
-(clean, reclaimable page cache) next to the 0.5 x bf16 copy, hence 1.5 x.
+and again after ``dtype`` loads started casting while reading (2026-11-27,
+``--skip-peer``, file pages already in the page cache, hence the short times)::
+
+    histofm                  4.23 GiB         1.00      0.3
+    histofm-bf16             2.29 GiB         0.54      1.9
+
+The first bf16 version touched every fp32 page of the memory-mapped file (resident
+while mapped) next to the 0.5 x bf16 copy, hence 1.5 x. Now the file is mapped and
+cast in groups of about 256 MiB, each mapping released before the next
+(``histofm.models.convert.read_state_dict(path, dtype)``).
 """
 
 from __future__ import annotations
