@@ -104,13 +104,10 @@ def dinov2_step_flops(
 
 
 # ------------------------------------------------------------------------ dinov2
-#: --arch -> (histofm architecture, its overrides, timm architecture). histofm registers no
-#: plain ViT-L/14 DINOv2 name, so ViT-L/16 with patch 14 builds the identical network
-#: (checked below against timm's parameter shapes).
+#: --arch -> (histofm architecture, its overrides, timm architecture): the same names on both sides
+#: (their parameter shapes are checked against timm's in tests/test_benchmarks.py).
 DINOV2_ARCHS: dict[str, tuple[str, dict[str, int], str]] = {
-    "vit_small_patch14_dinov2": ("vit_small_patch14_dinov2", {}, "vit_small_patch14_dinov2"),
-    "vit_base_patch14_dinov2": ("vit_base_patch16_224", {"patch_size": 14}, "vit_base_patch14_dinov2"),
-    "vit_large_patch14_dinov2": ("vit_large_patch16_224", {"patch_size": 14}, "vit_large_patch14_dinov2"),
+    name: (name, {}, name) for name in ("vit_small_patch14_dinov2", "vit_base_patch14_dinov2", "vit_large_patch14_dinov2")
 }
 
 

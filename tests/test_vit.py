@@ -91,6 +91,8 @@ TIMM_FULL = [
     ("vit_small_patch8_224", {}),
     ("vit_base_patch16_224", {}),
     ("vit_large_patch16_224", {}),
+    ("vit_base_patch14_dinov2", {}),
+    ("vit_large_patch14_dinov2", {}),
     ("vit_large_patch14_reg4_dinov2", {}),
     ("vit_huge_patch14_224", {}),
     ("vit_giant_patch14_reg4_dinov2", {}),

@@ -42,6 +42,11 @@ def vit_small_patch14_dinov2(**kwargs: Any) -> VisionTransformer:
 
 
 @register_model
+def vit_base_patch14_dinov2(**kwargs: Any) -> VisionTransformer:
+    return _vit(dict(img_size=518, patch_size=14, embed_dim=768, depth=12, num_heads=12, init_values=1e-5), kwargs)
+
+
+@register_model
 def vit_base_patch16_224(**kwargs: Any) -> VisionTransformer:
     return _vit(dict(patch_size=16, embed_dim=768, depth=12, num_heads=12), kwargs)
 
@@ -54,6 +59,11 @@ def vit_base_patch8_224(**kwargs: Any) -> VisionTransformer:
 @register_model
 def vit_large_patch16_224(**kwargs: Any) -> VisionTransformer:
     return _vit(dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16), kwargs)
+
+
+@register_model
+def vit_large_patch14_dinov2(**kwargs: Any) -> VisionTransformer:
+    return _vit(dict(img_size=518, patch_size=14, embed_dim=1024, depth=24, num_heads=16, init_values=1e-5), kwargs)
 
 
 @register_model
