@@ -276,3 +276,22 @@ def _has_zoo_transforms() -> bool:
     except ModuleNotFoundError:
         return False
     return True
+
+
+def test_an_encoder_returning_a_view_of_its_input_keeps_every_batch(tmp_path, coords):
+    """The CPU path reuses one float input buffer; features that alias it are copied before the next batch."""
+
+    class FirstPixel(torch.nn.Module):  # returns a view of its input: the normalised top-left pixel
+        def forward(self, x):
+            return x[:, :, 0, 0]
+
+    report = extract_features([SVS], FirstPixel(), tmp_path, config=ExtractConfig(batch_size=4, device="cpu"),
+                              progress=False)
+    assert report.tiles == len(coords) > 8
+    feats, xy, _ = read_features(tmp_path / "cmu_small_region.h5")
+    mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+    with open_slide(SVS) as s:
+        for i in range(len(coords)):
+            x, y = (int(v) for v in xy[i])
+            pixel = torch.from_numpy(np.array(s.read_region_mpp(x, y, 224, 0.5))[0, 0]).float() / 255
+            np.testing.assert_allclose(feats[i], ((pixel - mean) / std).numpy(), atol=1e-5, err_msg=f"tile {i}")

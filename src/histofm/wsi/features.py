@@ -208,6 +208,7 @@ class _Preprocess:
         from histofm.registry import IMAGENET_MEAN, IMAGENET_STD, model_info
 
         self.channels_last = channels_last
+        self._buffer: torch.Tensor | None = None  # reused float input on CPU (see batch)
         self.tile_transform = transform
         self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
         if transform is not None:
@@ -235,12 +236,24 @@ class _Preprocess:
         x = x.to(device, non_blocking=True)
         if self.tile_transform is not None:
             return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-        mean = torch.tensor(self.mean, device=device) * 255.0  # (3,) broadcast over the last dim
-        inv_std = 1.0 / (torch.tensor(self.std, device=device) * 255.0)
-        # Normalise in place on the dense (B, S, S, 3) memory, then hand the model a channels-last
-        # view: no transpose copy, and 2-3x faster than broadcasting over (1, 3, 1, 1) on CPU.
-        x = x.float().sub_(mean).mul_(inv_std)  # (B, S, S, 3)
+        scale = 1.0 / (torch.tensor(self.std, device=device) * 255.0)  # (3,) broadcast over the last dim
+        shift = -torch.tensor(self.mean, device=device) * 255.0 * scale
+        # Normalise on the dense (B, S, S, 3) memory, then hand the model a channels-last view:
+        # no transpose copy, and 2-3x faster than broadcasting over (1, 3, 1, 1) on CPU.
+        if device.type == "cpu":
+            # One reused float buffer (a fresh 38 MB array per batch costs its page faults every
+            # time) and one fused x * scale + shift pass: 3x faster than x.float().sub_().mul_().
+            if self._buffer is None or self._buffer.shape[1:] != x.shape[1:] or len(self._buffer) < len(x):
+                self._buffer = torch.empty(x.shape, dtype=torch.float32)
+            buf = self._buffer[: len(x)].copy_(x)
+            x = torch.addcmul(shift, buf, scale, out=buf)  # (B, S, S, 3)
+        else:
+            x = torch.addcmul(shift, x.float(), scale)  # (B, S, S, 3)
         return x.permute(0, 3, 1, 2)  # (B, 3, S, S)
+
+    def owns(self, t: torch.Tensor) -> bool:
+        """True when ``t`` shares memory with the reused input buffer (a model returning a view of its input)."""
+        return self._buffer is not None and t.untyped_storage().data_ptr() == self._buffer.untyped_storage().data_ptr()
 
 
 def _eval_transform(model_name: str, info: Any) -> Callable[..., Any]:
@@ -468,7 +481,8 @@ def _extract_one(
                         f"The model returned shape {tuple(emb.shape)} for a batch of {len(x)} tiles; "
                         "a tile encoder must return (B, D) embeddings."
                     )
-                chunks.append(emb.float().cpu().numpy())
+                emb = emb.float().cpu()
+                chunks.append((emb.clone() if pre.owns(emb) else emb).numpy())  # the buffer is reused next batch
                 bars.advance(task, len(x))
     finally:
         bars.remove_task(task)
