@@ -111,6 +111,31 @@ DINOV2_ARCHS: dict[str, tuple[str, dict[str, int], str]] = {
 }
 
 
+def _autocast(args: argparse.Namespace, device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """bf16 autocast on CUDA (or with ``--bf16``), nothing otherwise; the same for both sides."""
+    if device.type == "cuda" or args.bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _engine_step(method: torch.nn.Module, batch: object, autocast: contextlib.AbstractContextManager[None]) -> Callable[[], None]:
+    """One training step of a histofm method as the engine takes it, with the engine's optimiser
+    (AdamW, no decay on norms/biases/tokens, fused step when possible)."""
+    from histofm.train import TrainConfig, build_optimizer
+
+    opt = build_optimizer(method, method.trainable_parameters(), TrainConfig(lr=1e-4, weight_decay=0.04))
+
+    def step() -> None:
+        with autocast:
+            loss = method(batch)["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        method.on_step_end(0, 1000)
+
+    return step
+
+
 def dinov2_steps(args: argparse.Namespace, device: torch.device) -> StepPair:
     """DINOv2 on a ViT-/14 (``--arch``): 2 global crops of 224 px and 8 local crops of 98 px per image.
 
@@ -136,9 +161,7 @@ def dinov2_steps(args: argparse.Namespace, device: torch.device) -> StepPair:
     globals_ = [torch.randn(B, 3, 224, 224, generator=g).to(device) for _ in range(2)]
     locals_ = [torch.randn(B, 3, 98, 98, generator=g).to(device) for _ in range(n_local)]
     masks = BlockMaskCollator((16, 16))(2 * B).to(device)  # (2B, 16, 16)
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" or args.bf16 else contextlib.nullcontext()
-    )
+    autocast = _autocast(args, device)
 
     # ---- ours
     method, _ = build_method(
@@ -150,19 +173,7 @@ def dinov2_steps(args: argparse.Namespace, device: torch.device) -> StepPair:
         },
     )
     method = method.to(device).train()
-    from histofm.train import TrainConfig, build_optimizer
-
-    # the engine's optimiser: AdamW, no decay on norms/biases/tokens, fused step when possible
-    opt_ours = build_optimizer(method, method.trainable_parameters(), TrainConfig(lr=1e-4, weight_decay=0.04))
-    batch = {"crops": globals_ + locals_, "masks": masks}
-
-    def ours() -> None:
-        with autocast:
-            loss = method(batch)["loss"]
-        loss.backward()
-        opt_ours.step()
-        opt_ours.zero_grad(set_to_none=True)
-        method.on_step_end(0, 1000)
+    ours = _engine_step(method, {"crops": globals_ + locals_, "masks": masks}, autocast)
 
     # ---- peer: lightly's DINOv2 example, same configuration
     vit = timm.create_model(timm_arch, img_size=224, dynamic_img_size=True, drop_path_rate=dp, init_values=1e-5, num_classes=0)
@@ -242,24 +253,11 @@ def simclr_steps(args: argparse.Namespace, device: torch.device) -> StepPair:
     arch = "vit_small_patch16_224"
     g = torch.Generator().manual_seed(0)
     views = [torch.randn(B, 3, 224, 224, generator=g).to(device) for _ in range(2)]
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" or args.bf16 else contextlib.nullcontext()
-    )
-
-    from histofm.train import TrainConfig, build_optimizer
+    autocast = _autocast(args, device)
 
     method, _ = build_method("simclr", arch, img_size=224, overrides={})
     method = method.to(device).train()
-    # the engine's optimiser: AdamW, no decay on norms/biases/tokens, fused step when possible
-    opt_ours = build_optimizer(method, method.trainable_parameters(), TrainConfig(lr=1e-4, weight_decay=0.04))
-
-    def ours() -> None:
-        with autocast:
-            loss = method(views)["loss"]
-        loss.backward()
-        opt_ours.step()
-        opt_ours.zero_grad(set_to_none=True)
-        method.on_step_end(0, 1000)
+    ours = _engine_step(method, views, autocast)
 
     backbone = timm.create_model(arch, num_classes=0)
     head = SimCLRProjectionHead(384, 2048, 128)
