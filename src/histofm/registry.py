@@ -181,3 +181,102 @@ def create_model(
 def replace_info(info: ModelInfo, **changes: Any) -> ModelInfo:
     """``dataclasses.replace`` for info records (a misspelt field fails loudly)."""
     return dataclasses.replace(info, **changes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Slide encoders: models that turn a slide's tile features and coordinates into one embedding.
+# They live in a registry of their own because their forward takes ``(features, coords)``, not
+# images: ``create_model`` and the tile-encoder tests never see them.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SlideEncoderInfo(ModelInfo):
+    """A :class:`ModelInfo` plus what a slide encoder needs from the tile features it reads."""
+
+    tile_encoder: str = ""  # zoo name of the tile encoder whose features it was trained on
+    in_dim: int = 0  # width of those tile features
+    tile_px: int = 256  # tile side in pixels at ``mpp`` that the tile encoder saw
+    verified: str = ""  # what the tests compare against, or "unverified" and why
+
+
+_SLIDE_REGISTRY: dict[str, _Entry] = {}
+
+
+def register_slide_encoder(
+    fn: Callable[..., nn.Module] | None = None,
+    *,
+    info: SlideEncoderInfo | None = None,
+    filter_fn: Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]] | None = None,
+    name: str | None = None,
+) -> Any:
+    """Register a slide-encoder builder (``@register_slide_encoder(info=...)``)."""
+
+    def wrap(f: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        key = name or f.__name__
+        if key in _SLIDE_REGISTRY:
+            raise ValueError(f"slide encoder {key!r} is registered twice")
+        _SLIDE_REGISTRY[key] = _Entry(f, info, filter_fn)
+        return f
+
+    return wrap(fn) if fn is not None else wrap
+
+
+def list_slide_encoders(pattern: str | None = None) -> list[str]:
+    """Sorted names of the registered slide encoders, optionally filtered by a shell pattern."""
+    _ensure_loaded()
+    names = sorted(_SLIDE_REGISTRY)
+    return [n for n in names if fnmatch.fnmatch(n, pattern)] if pattern else names
+
+
+def _slide_entry(name: str) -> _Entry:
+    _ensure_loaded()
+    if name not in _SLIDE_REGISTRY:
+        close = difflib.get_close_matches(name, list(_SLIDE_REGISTRY), n=3, cutoff=0.5)
+        hint = f"Did you mean {', '.join(close)}?" if close else f"Known: {', '.join(sorted(_SLIDE_REGISTRY))}."
+        raise HistofmError(f"Unknown slide encoder {name!r}; pass one of the registered names to --slide-encoder. {hint}")
+    return _SLIDE_REGISTRY[name]
+
+
+def slide_encoder_info(name: str) -> SlideEncoderInfo:
+    """The info record of a registered slide encoder."""
+    info = _slide_entry(name).info
+    assert isinstance(info, SlideEncoderInfo)
+    return info
+
+
+def create_slide_encoder(
+    name: str,
+    *,
+    pretrained: bool = False,
+    checkpoint_path: str | os.PathLike[str] | None = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    **overrides: Any,
+) -> nn.Module:
+    """Build a registered slide encoder, optionally loading its official checkpoint.
+
+    Arguments as :func:`create_model`; the model's ``forward(features (B, N, C), coords (B, N, 2),
+    tile_size=None)`` returns ``(B, D)`` slide embeddings.
+    """
+    entry = _slide_entry(name)
+    if pretrained and checkpoint_path is None:
+        from histofm.hub import download_weights
+
+        checkpoint_path = download_weights(slide_encoder_info(name))
+    try:
+        model = entry.fn(**overrides)
+    except TypeError as e:
+        raise HistofmError(f"Slide encoder {name!r} does not accept these arguments: {e}.") from None
+    if checkpoint_path is not None:
+        from histofm.models.convert import load_checkpoint
+
+        load_checkpoint(model, Path(checkpoint_path), filter_fn=entry.filter_fn, dtype=dtype)
+        model.eval()
+    if dtype is not None:
+        model = model.to(dtype=dtype)
+    if device is not None:
+        model = model.to(device=device)
+    model.histofm_name = name  # type: ignore[assignment]
+    model.histofm_overrides = dict(overrides)  # type: ignore[assignment]
+    return model
