@@ -58,7 +58,7 @@ def _reference_dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                 real = [j < w and pos < N for j, pos in rows]
                 keys = [k[pos, h] if ok else torch.zeros(d, dtype=torch.float64) for (j, pos), ok in zip(rows, real)]
                 vals = [v[pos, h] if ok else torch.zeros(d, dtype=torch.float64) for (j, pos), ok in zip(rows, real)]
-                for (j, pos), ok in zip(rows, real):
+                for (_, pos), ok in zip(rows, real):
                     if not ok:
                         continue
                     for key, val in zip(keys, vals):
@@ -128,7 +128,8 @@ def test_encoder_layout_matches_torchscale_in_the_full_attention_regime() -> Non
 
 
 def _sincos_table(dim: int, grid: int) -> torch.Tensor:
-    from lightly.models.utils import get_2d_sine_cosine_positional_embedding  # MAE's table, as the official code
+    # MAE's table, as the official code uses
+    from lightly.models.utils import get_2d_sine_cosine_positional_embedding
 
     return torch.from_numpy(get_2d_sine_cosine_positional_embedding(dim, grid, cls_token=True)).float()
 

@@ -31,7 +31,7 @@ def _tiny(**kw) -> TitanSlideEncoder:
     args = dict(in_chans=12, embed_dim=16, depth=2, num_heads=4, tile_size=512, pooler_heads=2)
     model = TitanSlideEncoder(**{**args, **kw}).eval()
     with torch.no_grad():  # non-trivial norms and biases so a swapped module shows
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.add_(0.1 * torch.randn_like(p))
     return model

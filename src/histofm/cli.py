@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "models",
     "tile",
     "extract",
+    "slide_embed",
     "pretrain",
     "eval",
     "mil",

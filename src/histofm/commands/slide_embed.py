@@ -1,0 +1,95 @@
+"""``histofm slide-embed``: slide embeddings from tile-feature files with a slide encoder.
+
+Reads every ``*.h5`` of FEATURES_DIR (written by ``histofm extract``) and writes one
+``<slide>.h5`` per slide into ``--out`` (default ``FEATURES_DIR/slide_embeddings_<encoder>``);
+the layout is described in :mod:`histofm.wsi.slide_embed`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from histofm.commands._common import add_command
+from histofm.errors import HistofmError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = add_command(
+        sub, "slide-embed", help="embed slides from their tile features with a slide encoder (Prov-GigaPath, TITAN)",
+        example=(
+            "histofm slide-embed --slide-encoder prov_gigapath_slide --pretrained features/ --out slide_emb/\n"
+            "histofm slide-embed --slide-encoder titan --checkpoint TITAN/model.safetensors features/"
+        ),
+    )
+    p.add_argument("features", type=Path, metavar="FEATURES_DIR", help="folder of tile-feature .h5 files")
+    p.add_argument("--slide-encoder", required=True, help="registered slide encoder (prov_gigapath_slide, titan)")
+    p.add_argument("--checkpoint", type=Path, default=None, help="official weights file or snapshot folder")
+    p.add_argument("--pretrained", action="store_true", help="download the official weights (gated: set HF_TOKEN)")
+    p.add_argument("--random-weights", action="store_true", help="run with random weights (tests and demos only)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output directory; unset: FEATURES_DIR/slide_embeddings_<encoder>")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="constructor override (depth=2 ...); tile_size=<level-0 px> sets the tile step")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: best available)")
+    p.add_argument("--any-tile-encoder", action="store_true",
+                   help="embed features of another tile encoder than the one the slide encoder was trained on")
+    p.add_argument("--overwrite", action="store_true", help="redo slides whose output exists")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=run)
+
+
+def parse_settings(items: list[str]) -> dict[str, Any]:
+    """``["depth=2", "global_pool=true"]`` -> ``{"depth": 2, "global_pool": True}`` (values read as YAML)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise HistofmError(f"--set expects KEY=VALUE, got {item!r}.")
+        key, raw = item.split("=", 1)
+        try:
+            out[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from histofm.registry import create_slide_encoder
+    from histofm.utils import default_device
+    from histofm.wsi.slide_embed import embed_feature_dir, slide_embedding_dir
+
+    if not args.features.is_dir():
+        raise HistofmError(f"Feature folder not found: {args.features}; pass the --out folder of `histofm extract`.")
+    files = sorted(args.features.glob("*.h5"))
+    if not files:
+        raise HistofmError(f"No tile-feature files (*.h5) in {args.features}; run `histofm extract` first.")
+    if not (args.checkpoint or args.pretrained or args.random_weights):
+        raise HistofmError(
+            f"{args.slide_encoder} needs weights: pass --checkpoint PATH or --pretrained (or --random-weights to test)."
+        )
+    settings = parse_settings(args.set)
+    tile_size = settings.pop("tile_size", None)
+    model = create_slide_encoder(
+        args.slide_encoder, pretrained=args.pretrained, checkpoint_path=args.checkpoint, **settings
+    )
+    device = args.device or default_device()
+    model = model.to(device)
+    out = args.out or slide_embedding_dir(args.features, args.slide_encoder)
+    report = embed_feature_dir(
+        files, model, out, tile_size=tile_size, device=device, any_tile_encoder=args.any_tile_encoder,
+        overwrite=args.overwrite, checkpoint=args.checkpoint, progress=not args.no_progress,
+    )
+    console = Console()
+    console.print(
+        f"{len(report.written)} slide embeddings written to {out}, {len(report.skipped)} already there, "
+        f"{len(report.failures)} failed.", highlight=False,
+    )
+    for slide, error in report.failures:
+        print(f"histofm: error: {slide}: {error}", file=sys.stderr)
+    return 2 if report.failures else 0
