@@ -87,7 +87,7 @@ def dilated_branch(
 
     Returns:
         ``out (B, N, H, d)`` (zero where the branch does not cover a row for a head) and
-        ``lse (B, N, H)``, the log of the softmax denominator (``-1e8`` where not covered).
+        ``lse (B, N, H)`` float32, the log of the softmax denominator (``-1e8`` where not covered).
     """
     B, N, H, d = q.shape
     w, r = min(segment_length, N), dilation
@@ -96,7 +96,7 @@ def dilated_branch(
     S, w_pad = q.shape[1], q.shape[2]
     heads_per_group = math.ceil(H / r)  # heads padded to a multiple of r, padding heads dropped
     out = q.new_zeros(B, S, w_pad, H, d)
-    lse = q.new_full((B, S, w_pad, H), _UNCOVERED_LSE)
+    lse = torch.full((B, S, w_pad, H), _UNCOVERED_LSE, device=q.device)  # float32 even for half inputs
     for g in range(r):
         heads = slice(g * heads_per_group, min((g + 1) * heads_per_group, H))
         if heads.start >= H:
@@ -106,7 +106,7 @@ def dilated_branch(
         scores_lse = torch.logsumexp(scores.float(), dim=-1)  # (B, S, h_g, L)
         probs = torch.exp(scores.float() - scores_lse[..., None]).to(vg.dtype)
         out[:, :, g::r, heads] = torch.einsum("bshlm,bsmhd->bslhd", probs, vg)
-        lse[:, :, g::r, heads] = scores_lse.transpose(2, 3).to(lse.dtype)
+        lse[:, :, g::r, heads] = scores_lse.transpose(2, 3)
     out = out[:, :, :w].reshape(B, S * w, H, d)[:, :N]
     lse = lse[:, :, :w].reshape(B, S * w, H)[:, :N]
     return out, lse
