@@ -218,3 +218,17 @@ def test_bad_inputs_name_the_cause() -> None:
         model(torch.randn(1, 3, 9), torch.zeros(1, 3, 2))
     with pytest.raises(HistofmError, match="Unknown slide encoder 'gigapath'.*--slide-encoder"):
         create_slide_encoder("gigapath")
+
+
+@pytest.mark.parametrize("name", list_slide_encoders())
+def test_every_slide_encoder_builds_and_embeds(name: str) -> None:
+    """Registered width and input, one layer: a finite embedding of the documented size per slide."""
+    info = slide_encoder_info(name)
+    torch.manual_seed(5)
+    model = create_slide_encoder(name, depth=1).eval()
+    feats = torch.randn(2, 20, info.in_dim)
+    coords = (torch.randperm(100)[:40].view(2, 20, 1) * torch.tensor([1, 7]) % 10).float() * info.tile_px
+    with torch.no_grad():
+        emb = model(feats, coords, tile_size=info.tile_px)
+    assert emb.shape == (2, info.embed_dim) and torch.isfinite(emb).all()
+    assert not torch.allclose(emb[0], emb[1])
