@@ -105,14 +105,14 @@ def test_cli_and_probe_recover_a_planted_signal(tmp_path, capsys) -> None:
     args = ["slide-embed", "--slide-encoder", "prov_gigapath_slide", str(feat_dir), "--device", "cpu", "--no-progress"]
     assert main(args) == 2  # no weights named
     assert "needs weights: pass --checkpoint PATH or --pretrained" in capsys.readouterr().err
-    assert main(["slide-embed", "--slide-encoder", "titan", str(tmp_path / "nope"), "--random-weights"]) == 2
+    assert main(["slide-embed", "--slide-encoder", "titan", str(tmp_path / "nope"), "--random-init"]) == 2
     assert "Feature folder not found" in capsys.readouterr().err
-    assert main(["slide-embed", "--slide-encoder", "gigapath", str(feat_dir), "--random-weights"]) == 2
+    assert main(["slide-embed", "--slide-encoder", "gigapath", str(feat_dir), "--random-init"]) == 2
     err = capsys.readouterr().err
     assert "Unknown slide encoder 'gigapath'" in err and err.count("\n") == 1
     torch.manual_seed(0)
     tiny = ["--set", "in_chans=16", "--set", "embed_dim=32", "--set", "depth=1", "--set", "num_heads=4",
-            "--set", "global_pool=true", "--random-weights"]
+            "--set", "global_pool=true", "--random-init"]
     assert main(args + tiny) == 0
     out = slide_embedding_dir(feat_dir, "prov_gigapath_slide")
     assert len(list(out.glob("*.h5"))) == 40

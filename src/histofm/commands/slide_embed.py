@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--slide-encoder", required=True, help="registered slide encoder (prov_gigapath_slide, titan)")
     p.add_argument("--checkpoint", type=Path, default=None, help="official weights file or snapshot folder")
     p.add_argument("--pretrained", action="store_true", help="download the official weights (gated: set HF_TOKEN)")
-    p.add_argument("--random-weights", action="store_true", help="run with random weights (tests and demos only)")
+    p.add_argument("--random-init", action="store_true", help="run with random weights (tests and demos only)")
     p.add_argument("--out", type=Path, default=None,
                    help="output directory; unset: FEATURES_DIR/slide_embeddings_<encoder>")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -69,9 +69,9 @@ def run(args: argparse.Namespace) -> int:
     files = sorted(args.features.glob("*.h5"))
     if not files:
         raise HistofmError(f"No tile-feature files (*.h5) in {args.features}; run `histofm extract` first.")
-    if not (args.checkpoint or args.pretrained or args.random_weights):
+    if not (args.checkpoint or args.pretrained or args.random_init):
         raise HistofmError(
-            f"{args.slide_encoder} needs weights: pass --checkpoint PATH or --pretrained (or --random-weights to test)."
+            f"{args.slide_encoder} needs weights: pass --checkpoint PATH or --pretrained (or --random-init to test)."
         )
     settings = parse_settings(args.set)
     tile_size = settings.pop("tile_size", None)
