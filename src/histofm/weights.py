@@ -111,6 +111,49 @@ def _hub_revision(path: Path) -> str:
     return ""
 
 
+def resolve_weights(
+    name: str,
+    *,
+    checkpoint: str | os.PathLike[str] | None = None,
+    pretrained: bool = False,
+    random_init: bool = False,
+) -> tuple[Path | None, Weights]:
+    """``(local weights path or None for random-init, record)`` from exactly one source.
+
+    ``pretrained`` downloads the official weights (or finds them in the hub cache).
+
+    Raises:
+        HistofmError: no source or several; a missing checkpoint; a model without published
+            weights asked for ``pretrained``; the hub's refusals, one sentence each.
+    """
+    import histofm
+
+    chosen = [flag for flag, on in (("--checkpoint", checkpoint is not None), ("--pretrained", pretrained),
+                                    ("--random-init", random_init)) if on]
+    info = histofm.model_info(name)  # unknown names fail here, with suggestions
+    if not chosen:
+        raise HistofmError(f"{name} needs weights, and histofm never embeds with random ones unless asked: {_WAYS_OUT}.")
+    if len(chosen) > 1:
+        raise HistofmError(f"Give one source of weights, not {' and '.join(chosen)}; {_WAYS_OUT}.")
+    if random_init:
+        return None, Weights(RANDOM_INIT)
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        if not path.exists():
+            raise HistofmError(f"Checkpoint not found: {path}; fix --checkpoint, or use --pretrained or --random-init.")
+        file = _weights_file(path)
+        return path, Weights("checkpoint", file=file.name, sha256=sha256_file(file))
+    if not info.public_weights or not info.hub_id:
+        raise HistofmError(
+            f"{name} has no published weights to fetch with --pretrained; pass --checkpoint PATH or --random-init."
+        )
+    from histofm.hub import download_weights
+
+    path = download_weights(info)
+    file = _weights_file(path)
+    return path, Weights("hub", file=file.name, repo=info.hub_id, revision=_hub_revision(file))
+
+
 def load_encoder(
     name: str,
     *,
@@ -129,39 +172,12 @@ def load_encoder(
         **overrides: constructor arguments (``depth=2`` ...).
 
     Raises:
-        HistofmError: no source or several; a missing checkpoint; a model without published
-            weights asked for ``pretrained``; the hub's refusals in one sentence each.
+        HistofmError: see :func:`resolve_weights`.
     """
     import histofm
 
-    chosen = [flag for flag, on in (("--checkpoint", checkpoint is not None), ("--pretrained", pretrained),
-                                    ("--random-init", random_init)) if on]
-    info = histofm.model_info(name)  # unknown names fail here, with suggestions
-    if not chosen:
-        raise HistofmError(f"{name} needs weights, and histofm never embeds with random ones unless asked: {_WAYS_OUT}.")
-    if len(chosen) > 1:
-        raise HistofmError(f"Give one source of weights, not {' and '.join(chosen)}; {_WAYS_OUT}.")
-    if random_init:
-        model = histofm.create_model(name, **overrides)
-        record = Weights(RANDOM_INIT)
-    elif checkpoint is not None:
-        path = Path(checkpoint)
-        if not path.exists():
-            raise HistofmError(f"Checkpoint not found: {path}; fix --checkpoint, or use --pretrained or --random-init.")
-        file = _weights_file(path)
-        model = histofm.create_model(name, checkpoint_path=path, **overrides)
-        record = Weights("checkpoint", file=file.name, sha256=sha256_file(file))
-    else:
-        if not info.public_weights or not info.hub_id:
-            raise HistofmError(
-                f"{name} has no published weights to fetch with --pretrained; pass --checkpoint PATH or --random-init."
-            )
-        from histofm.hub import download_weights
-
-        path = download_weights(info)
-        file = _weights_file(path)
-        model = histofm.create_model(name, checkpoint_path=path, **overrides)
-        record = Weights("hub", file=file.name, repo=info.hub_id, revision=_hub_revision(file))
+    path, record = resolve_weights(name, checkpoint=checkpoint, pretrained=pretrained, random_init=random_init)
+    model = histofm.create_model(name, checkpoint_path=path, **overrides)
     model.histofm_weights = record  # type: ignore[assignment]
     return model
 
