@@ -168,6 +168,11 @@ def test_slides_from_a_folder_and_a_csv_with_per_slide_mpp(tmp_path, capfd) -> N
         assert f["coords"].attrs["level0_mpp"] == pytest.approx(0.499)
     with h5py.File(out / "b.h5") as f:
         assert f["coords"].attrs["level0_mpp"] == pytest.approx(0.5)
+    # extract takes the same list: each slide's own mpp is used and recorded.
+    done = extract_features(resolve_slides([csv_path]), Mean(), tmp_path / "f", mpp=0.5, progress=False,
+                            config=ExtractConfig(device="cpu"))
+    assert [r.status for r in done.results] == ["done", "done"]
+    assert [read_provenance(r.output)["level0_mpp"] for r in done.results] == pytest.approx([0.499, 0.5])
     csv_path.write_text("slide_path,mpp\nslides/a.png,fast\n")
     assert main(["tile", str(csv_path), "--out", str(out)]) == 2
     assert "mpp 'fast' is not a number" in capfd.readouterr().err

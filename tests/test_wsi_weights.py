@@ -65,6 +65,23 @@ def test_no_weights_is_refused_naming_the_three_ways_out(tmp_path, capfd, region
     assert main(["extract", str(region), "--model", TINY, "--out", str(out), "--mpp-override", "0.499"]) == 2
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--random-init" in err[0] and not out.exists()
+    assert main(["cluster", str(region), "--model", TINY, "--out", str(out), "--mpp-override", "0.499"]) == 2
+    err = capfd.readouterr().err
+    assert "--checkpoint PATH" in err and "--random-init" in err and not out.exists()
+
+
+def test_cluster_speaks_its_own_flags(tmp_path, capfd, region) -> None:
+    from histofm.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["cluster"]
+    text = sub.format_help()
+    assert "--mpp-override" in text and "--slide-mpp" not in text and "example:" in text
+    # A PNG records no mpp: the message names --mpp-override, which cluster accepts (and the old alias still works).
+    assert main(["cluster", str(region), "--model", TINY, "--random-init", "--out", str(tmp_path)]) == 2
+    assert "--mpp-override" in capfd.readouterr().err
+    ok = main(["cluster", str(region), "--model", TINY, "--random-init", "--out", str(tmp_path), "--slide-mpp",
+               "0.499", "--k", "2", "--tile-size", "112", "--min-tissue", "0", "--no-progress", "--device", "cpu"])
+    assert ok == 0 and read_provenance(tmp_path / "region.h5")["weights_source"] == "random-init"
 
 
 def test_random_init_is_recorded_and_a_rerun_with_real_weights_is_not_skipped(tmp_path, region, capfd) -> None:
