@@ -115,7 +115,7 @@ def _tile_one(item: Any, args: argparse.Namespace, roi: Any, table: Any) -> int:
     try:
         with open_slide(path, mpp=mpp, backend=args.backend) as slide:
             spec = tile_spec(slide, args.target_mpp, args.tile_size, args.overlap)
-            selection = select_tiles(slide, spec, min_tissue=args.min_tissue, roi=roi)
+            selection = select_tiles(slide, spec, min_tissue=args.min_tissue, roi=roi, want_tissue=True)
             coords, tissue = selection.coords, selection.tissue
             name = slide.name
             out = args.out / f"{name}.{args.format}"

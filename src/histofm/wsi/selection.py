@@ -53,8 +53,11 @@ def select_tiles(
     min_tissue: float = 0.5,
     roi: RoiFilter | None = None,
     coords_dir: str | os.PathLike[str] | None = None,
+    want_tissue: bool = False,
 ) -> TileSelection:
     """The tiles of ``slide`` for ``spec`` (see the module docstring).
+
+    ``want_tissue`` detects tissue even when nothing needs it (``min_tissue = 0``), for pictures.
 
     Raises:
         HistofmError: no tiles are left, with the flag that decides it.
@@ -72,7 +75,7 @@ def select_tiles(
             if len(coords) == 0:
                 raise HistofmError(f"No tile of {slide.path.name} from --coords lies in the --roi region; check the classes.")
         return TileSelection(coords, tissue, source, roi_text)
-    tissue = detect_tissue(slide) if (min_tissue > 0 or roi is not None) else None
+    tissue = detect_tissue(slide) if (min_tissue > 0 or roi is not None or want_tissue) else None
     if roi is not None and tissue is not None:
         tissue = roi.apply(tissue, name)
         if tissue.is_empty:
