@@ -7,7 +7,8 @@ differently (checked against their readers, see ``docs/wsi.md``):
   ``patch_size_level0`` the side in level-0 pixels; a reader picks the level for the
   downsample ``level0_magnification / target_magnification``, reads
   ``round(patch_size_level0 / level_downsample)`` pixels there and resizes to
-  ``patch_size``. Features go to ``<out>/features_<model>/<slide>.h5``.
+  ``patch_size`` (``level0_width`` / ``level0_height`` give the slide's size). Features go to
+  ``<out>/features_<model>/<slide>.h5``.
 * **CLAM** (``Whole_Slide_Bag_FP``): reads ``patch_size`` pixels *at* ``patch_level`` and
   hands them to the encoder's transform. So ``patch_size`` is the size histofm actually
   read (``read_size``) and ``patch_level`` the level it read; ``downsample`` is that level's
@@ -74,7 +75,8 @@ def coords_attrs(spec: TileSpec, layout: str, slide: SlideReader, name: str) -> 
             "level_dim": np.array(dims, dtype=np.int64),
             "name": name,
         }
-    return {**trident_attrs(spec), "name": name}
+    w0, h0 = slide.dimensions
+    return {**trident_attrs(spec), "name": name, "level0_width": int(w0), "level0_height": int(h0)}
 
 
 def trident_attrs(spec: TileSpec) -> dict[str, Any]:
