@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -79,9 +80,19 @@ def test_cluster_speaks_its_own_flags(tmp_path, capfd, region) -> None:
     # A PNG records no mpp: the message names --mpp-override, which cluster accepts (and the old alias still works).
     assert main(["cluster", str(region), "--model", TINY, "--random-init", "--out", str(tmp_path)]) == 2
     assert "--mpp-override" in capfd.readouterr().err
+    # A QuPath region (the left half) restricts the tiles, as in tile and extract.
+    roi = tmp_path / "left.geojson"
+    left = [[0, 0], [250, 0], [250, 500], [0, 500], [0, 0]]
+    roi.write_text(json.dumps([{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [left]},
+                                "properties": {"classification": {"name": "Tumor"}}}]))
     ok = main(["cluster", str(region), "--model", TINY, "--random-init", "--out", str(tmp_path), "--slide-mpp",
-               "0.499", "--k", "2", "--tile-size", "112", "--min-tissue", "0", "--no-progress", "--device", "cpu"])
-    assert ok == 0 and read_provenance(tmp_path / "region.h5")["weights_source"] == "random-init"
+               "0.499", "--k", "2", "--tile-size", "112", "--min-tissue", "0.5", "--no-progress", "--device", "cpu",
+               "--roi", str(roi), "--roi-as-tissue"])
+    prov = read_provenance(tmp_path / "region.h5")
+    assert ok == 0 and prov["weights_source"] == "random-init" and prov["roi"].startswith("tissue:left.geojson")
+    with h5py.File(tmp_path / "region.h5") as f:
+        xy = f["coords"][:]
+    assert len(xy) >= 2 and (xy[:, 0] + 112 * 0.5 / 0.499 <= 250 + 112 * 0.5 / 0.499 / 2).all()  # half a tile in
 
 
 def test_random_init_is_recorded_and_a_rerun_with_real_weights_is_not_skipped(tmp_path, region, capfd) -> None:
