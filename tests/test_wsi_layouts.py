@@ -25,7 +25,7 @@ from PIL import Image
 from histofm.data import sample_path
 from histofm.registry import IMAGENET_MEAN, IMAGENET_STD
 from histofm.wsi import open_slide
-from histofm.wsi.features import ExtractConfig, extract_features
+from histofm.wsi.features import ExtractConfig, extract_features, read_provenance
 
 SVS = sample_path("cmu_small_region")
 
@@ -109,7 +109,23 @@ def test_each_tool_reads_back_exactly_the_encoded_pixels(pyramid, tmp_path) -> N
             pt = torch.load(tmp_path / "clam" / "pt_files" / "pyr40x.pt", weights_only=True)
             assert isinstance(pt, torch.Tensor) and pt.dtype == torch.float32
             np.testing.assert_array_equal(pt.numpy(), feats)
+            # A rerun skips the slide; a missing .pt makes it redo the slide (the pair belongs together).
+            cfg = ExtractConfig(target_mpp=0.5, tile_size=224, min_tissue=0, layout="clam", device="cpu")
+            again = extract_features([pyramid], Recorder(), tmp_path / "clam", config=cfg, progress=False)
+            assert again.results[0].status == "skipped"
+            (tmp_path / "clam" / "pt_files" / "pyr40x.pt").unlink()
+            again = extract_features([pyramid], Recorder(), tmp_path / "clam", config=cfg, progress=False)
+            assert again.results[0].status == "done" and (tmp_path / "clam" / "pt_files" / "pyr40x.pt").is_file()
     wsi.close()
+
+
+def test_read_provenance_of_a_file_from_another_tool(tmp_path) -> None:
+    path = tmp_path / "theirs.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("features", data=np.zeros((2, 4), np.float32))
+        f.create_dataset("coords", data=np.zeros((2, 2), np.int64)).attrs["patch_size"] = 256
+    prov = read_provenance(path)
+    assert prov["weights_source"] == "unrecorded" and prov["model_name"] is None and prov["mpp"] is None
 
 
 def test_clam_patch_size_is_the_size_read_when_no_level_matches(tmp_path) -> None:
