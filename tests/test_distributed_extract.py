@@ -19,7 +19,7 @@ def _args(slides: list[Path], ckpt: Path, out: Path) -> list[str]:
     return [
         "-m", "histofm", "extract", *map(str, slides), "--model", "vit_tiny_patch16_224", "--checkpoint", str(ckpt),
         "--out", str(out), "--tile-size", "112", "--target-mpp", "2.0", "--batch-size", "8", "--workers", "0",
-        "--no-progress", "--device", "cpu",
+        "--no-progress", "--device", "cpu", "--layout", "flat",
     ]
 
 

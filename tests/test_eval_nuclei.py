@@ -80,8 +80,11 @@ def test_cli_prints_the_table_and_writes_json(tmp_path: Path, capsys: pytest.Cap
 
 
 def test_cli_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert main(["eval", "nuclei", "--model", "vit_tiny_patch8_224", "--crop", "4"]) == 2
+    assert main(["eval", "nuclei", "--model", "vit_tiny_patch8_224", "--random-init", "--crop", "4"]) == 2
     assert "--crop" in capsys.readouterr().err
+    assert main(["eval", "nuclei", "--model", "vit_tiny_patch8_224"]) == 2  # no weights named: refused
+    err = capsys.readouterr().err
+    assert all(flag in err for flag in ("--checkpoint PATH", "--pretrained", "--random-init")), err
     assert main(["eval", "nuclei", "--model", "vit_tiny_patch8_224", "--checkpoint", str(tmp_path / "no.pt")]) == 2
     assert "Checkpoint not found" in capsys.readouterr().err
     assert main(["eval", "nuclei", "--model", "vit_tinny_patch8_224"]) == 2

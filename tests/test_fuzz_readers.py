@@ -348,7 +348,7 @@ def test_corpus_reaches_both_outcomes(fuzz_run) -> None:
 
 def _extract(slides: list[Path], out: Path) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "histofm", "extract", *map(str, slides), "--model", "vit_tiny_patch16_224",
-           "--out", str(out), "--tile-size", "112", "--target-mpp", "0.5", "--batch-size", "4", "--workers", "0",
+           "--random-init", "--layout", "flat", "--out", str(out), "--tile-size", "112", "--target-mpp", "0.5", "--batch-size", "4", "--workers", "0",
            "--no-progress"]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"})

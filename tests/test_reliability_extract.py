@@ -52,7 +52,7 @@ def _cmd(slides: list[Path], ckpt: Path, out: Path, stall: tuple[int, Path] | No
     return [
         *head, "extract", *map(str, slides), "--model", "vit_tiny_patch16_224",
         "--checkpoint", str(ckpt), "--out", str(out), "--tile-size", "112", "--target-mpp", "2.0",
-        "--batch-size", "8", "--workers", "0", "--no-progress",
+        "--batch-size", "8", "--workers", "0", "--no-progress", "--layout", "flat",
     ]
 
 

@@ -137,8 +137,8 @@ def test_extract_writes_a_clam_trident_file(tmp_path, model, coords):
         feats, xy = f["features"][:], f["coords"][:]
         assert feats.dtype == np.float32 and feats.shape == (len(coords), 192)
         np.testing.assert_array_equal(xy, coords)
-        assert f["coords"].attrs["patch_size"] == 224 and f["coords"].attrs["patch_level"] == 0
-        assert f["coords"].attrs["patch_size_level0"] == 224
+        assert f["coords"].attrs["patch_size"] == 224 and f["coords"].attrs["patch_size_level0"] == 224
+        assert "patch_level" not in f["coords"].attrs  # flat layout: TRIDENT's meaning only
         assert f.attrs["model_name"] == MODEL and f.attrs["embed_dim"] == 192
         assert f.attrs["mpp"] == 0.5 and f.attrs["tile_size"] == 224 and f.attrs["level"] == 0
         assert f.attrs["histofm_version"] == histofm.__version__
@@ -151,7 +151,7 @@ def test_extract_writes_a_clam_trident_file(tmp_path, model, coords):
             np.testing.assert_allclose(feats[i], model(norm(tile)[None])[0].numpy(), atol=1e-4, rtol=1e-4)
     f2, c2, attrs = read_features(tmp_path / "cmu_small_region.h5")
     np.testing.assert_array_equal(f2, feats)
-    assert attrs["patch_level"] == 0 and attrs["model_name"] == MODEL
+    assert attrs["level"] == 0 and attrs["model_name"] == MODEL and attrs["weights_source"] == "unrecorded"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cmu_small_region.h5"]
 
 
@@ -248,7 +248,7 @@ def test_extract_command_batch_with_a_bad_slide(tmp_path, capfd, bad):
     region = bad / "region.png"  # 700 px of the real slide: 300 px tiles make a 2 x 2 grid
     args = ["extract", "--model", MODEL, "--checkpoint", str(ckpt), str(region), str(bad / "notes.svs"),
             "--out", str(out), "--mpp-override", "0.499", "--tile-size", "300", "--min-tissue", "0.2",
-            "--workers", "0", "--no-progress"]
+            "--workers", "0", "--no-progress", "--layout", "flat"]
     assert main(args) == 2
     captured = capfd.readouterr()
     err = captured.err.strip().splitlines()

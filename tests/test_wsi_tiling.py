@@ -159,7 +159,7 @@ def test_coords_files_round_trip(slide, tissue, tmp_path):
     h5 = save_coords(tmp_path / "c.h5", coords, spec, name="cmu")
     with h5py.File(h5, "r") as f:  # the way CLAM / TRIDENT read it
         np.testing.assert_array_equal(f["coords"][:], coords)
-        assert f["coords"].attrs["patch_size"] == 224 and f["coords"].attrs["patch_level"] == 0
+        assert f["coords"].attrs["patch_size"] == 224 and f["coords"].attrs["level"] == 0
         assert f["coords"].attrs["patch_size_level0"] == 224
         assert f["coords"].attrs["target_magnification"] == pytest.approx(20.0)
     back, attrs = read_coords(h5)

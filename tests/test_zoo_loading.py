@@ -237,7 +237,7 @@ def test_offline_says_how_to_pass_a_local_file(monkeypatch, error) -> None:
     _one_sentence(msg)
     assert "Cannot reach the Hugging Face hub for owkin/phikon" in msg and "checkpoint_path" in msg
     assert "HF_TOKEN" not in msg
-    with pytest.raises(HistofmError, match="gated: accept its terms and set HF_TOKEN"):
+    with pytest.raises(HistofmError, match="it is gated: accept its licence on the model page and log in"):
         download_weights(histofm.model_info("virchow2"))  # gated repo: say so as well
 
 

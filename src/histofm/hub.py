@@ -1,8 +1,11 @@
 """Download official weights through ``huggingface_hub`` (never at import, never in tests).
 
 Every failure ends in one sentence that says what to do: for a gated repository,
-accept its terms on the hub and set ``HF_TOKEN``; offline, pass ``checkpoint_path``
-to a local copy.
+accept its licence on the model page and log in (``huggingface-cli login`` or ``HF_TOKEN``);
+offline, pass a local copy (``--checkpoint PATH``, ``checkpoint_path=`` in Python).
+``huggingface_hub`` honours ``HF_HOME``, ``HF_HUB_OFFLINE`` and its local cache: with
+``HF_HUB_OFFLINE=1`` a cached snapshot (``refs/main`` -> ``snapshots/<commit>/``) is used
+without any network call.
 """
 
 from __future__ import annotations
@@ -45,17 +48,18 @@ def _explain(info: ModelInfo, error: BaseException) -> HistofmError:
     kinds = _hub_errors()
     kind = type(error).__name__
     text = str(error)
-    local = "or download the weights yourself and pass checkpoint_path"
+    local = "or download the weights yourself and pass --checkpoint PATH (checkpoint_path= in Python)"
     if isinstance(error, kinds["gated"]) or " 401" in text or " 403" in text:
         return HistofmError(
-            f"{info.hub_id} is gated: accept its terms on huggingface.co/{info.hub_id} with your account, "
-            f"set HF_TOKEN to a read token and retry, {local} ({kind})."
+            f"{info.hub_id} is gated: accept its licence on https://huggingface.co/{info.hub_id} with your account, "
+            f"then log in with `huggingface-cli login` (or set HF_TOKEN to a read token) and retry, {local} ({kind})."
         )
     if isinstance(error, kinds["offline"] + (ConnectionError, TimeoutError)):
-        token = " (it is gated: accept its terms and set HF_TOKEN first)" if info.gated else ""
+        token = (" (it is gated: accept its licence on the model page and log in with `huggingface-cli login` "
+                 "or HF_TOKEN first)") if info.gated else ""
         return HistofmError(
-            f"Cannot reach the Hugging Face hub for {info.hub_id} and it is not in the local cache{token}; "
-            f"connect and retry, or pass checkpoint_path to a local copy ({kind})."
+            f"Cannot reach the Hugging Face hub for {info.hub_id} and it is not in the local cache (HF_HOME){token}; "
+            f"connect (unset HF_HUB_OFFLINE) and retry, or pass --checkpoint PATH (checkpoint_path= in Python) to a local copy ({kind})."
         )
     if isinstance(error, kinds["missing_repo"]):
         return HistofmError(
@@ -73,13 +77,13 @@ def download_weights(info: ModelInfo) -> Path:
     """
     if not info.public_weights or not info.hub_id:
         raise HistofmError(
-            f"{info.name} has no public weights; build it without pretrained=True or pass checkpoint_path."
+            f"{info.name} has no published weights; pass --checkpoint PATH (checkpoint_path= in Python) or --random-init."
         )
     try:
         from huggingface_hub import hf_hub_download, snapshot_download
     except ImportError:
         raise HistofmError(
-            "pretrained=True needs huggingface_hub (pip install 'histofm[hub]'); or pass checkpoint_path."
+            "--pretrained needs huggingface_hub (pip install huggingface_hub); or pass --checkpoint PATH."
         ) from None
     kinds = _hub_errors()
     try:
@@ -95,7 +99,7 @@ def download_weights(info: ModelInfo) -> Path:
             folder = Path(snapshot_download(info.hub_id, allow_patterns=["config.json", weights]))
             if (folder / weights).is_file():
                 return folder
-        raise HistofmError(f"{info.hub_id} has no {' or '.join(_SNAPSHOT_WEIGHTS)}; pass checkpoint_path instead.")
+        raise HistofmError(f"{info.hub_id} has no {' or '.join(_SNAPSHOT_WEIGHTS)}; pass --checkpoint PATH instead.")
     except HistofmError:
         raise
     except Exception as e:  # huggingface_hub raises many types: gated, offline, not found, HTTP

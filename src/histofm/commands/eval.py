@@ -1,6 +1,9 @@
 """``histofm eval``: frozen-feature evaluation of encoders on real labelled data.
 
-    histofm eval nuclei --model vit_tiny_patch8_224 [--checkpoint ckpt.safetensors] [--crop 48] [--json out.json]
+    histofm eval nuclei --model vit_tiny_patch8_224 --checkpoint ckpt.safetensors [--crop 48] [--json out.json]
+
+The encoder's weights are named explicitly: ``--checkpoint PATH``, ``--pretrained`` or
+``--random-init``. A random-initialisation row is always shown as a labelled reference.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="nucleus-type classification on the bundled HGSC field (with colour-histogram and random-init references)",
     )
     n.add_argument("--model", required=True, help="encoder name (see `histofm models`)")
-    n.add_argument("--checkpoint", type=Path, default=None, help="weights to evaluate besides the random initialisation")
+    from histofm.weights import add_weights_arguments
+
+    add_weights_arguments(n)
     n.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="encoder constructor override, e.g. --option depth=4 (repeatable)")
     n.add_argument("--crop", type=int, default=48, help="crop side in pixels around each nucleus")
@@ -61,8 +66,10 @@ def run_nuclei_command(args: argparse.Namespace) -> int:
             raise HistofmError(f"{name} must be at least 1, got {value}.")
     if args.bootstrap < 0:
         raise HistofmError(f"--bootstrap must be 0 or more, got {args.bootstrap}.")
-    if args.checkpoint is not None and not args.checkpoint.exists():
-        raise HistofmError(f"Checkpoint not found: {args.checkpoint}.")
+    from histofm.weights import resolve_weights
+
+    checkpoint, weights = resolve_weights(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
+                                          random_init=args.random_init)
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -71,7 +78,7 @@ def run_nuclei_command(args: argparse.Namespace) -> int:
     if not console.is_terminal:  # logs and pipes: keep each table row on one line
         console = Console(width=160)
     rows = run_nuclei(
-        args.model, checkpoint=args.checkpoint, crop=args.crop, resize=args.resize, device=device, seed=args.seed,
+        args.model, checkpoint=checkpoint, crop=args.crop, resize=args.resize, device=device, seed=args.seed,
         seeds=args.seeds, shots=args.shots, episodes=args.episodes, n_boot=args.bootstrap, linear_C=args.linear_c,
         overrides=_parse_options(args.option), progress=console.is_terminal,
     )
@@ -90,7 +97,8 @@ def run_nuclei_command(args: argparse.Namespace) -> int:
 
         doc = {
             "task": "hgsc_nest nucleus type", "model": args.model,
-            "checkpoint": str(args.checkpoint) if args.checkpoint else None, "crop": args.crop,
+            "checkpoint": str(args.checkpoint) if args.checkpoint else None, "weights": weights.attrs(),
+            "crop": args.crop,
             "results": [{"features": r.features, "dim": r.dim, "protocol": r.protocol,
                          **{k: asdict(v) for k, v in r.metrics.items()}} for r in rows],
             "baselines": BASELINES,

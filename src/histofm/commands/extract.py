@@ -1,5 +1,8 @@
 """``histofm extract``: embed the tissue tiles of slides with a tile encoder, one HDF5 per slide.
 
+Weights are never random unless asked: give --checkpoint PATH, --pretrained or
+--random-init. Each file records its provenance (model, weights, preprocessing, tiling,
+slide fingerprint, version); a rerun skips a slide only when all of it matches.
 Under ``torchrun`` each process takes its share of the slides (``RANK`` / ``WORLD_SIZE``
 from the environment) and uses the GPU of its ``LOCAL_RANK``.
 """
@@ -12,22 +15,40 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from histofm.commands.tile import add_slide_arguments
+from histofm.commands.tile import add_slide_arguments, roi_filter, slide_inputs
+
+LAYOUT_CHOICES = ("trident", "clam", "flat")
 
 if TYPE_CHECKING:
     from histofm.wsi.features import ExtractionReport
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("extract", help="extract tile features of slides to HDF5 (CLAM / TRIDENT layout)")
-    p.add_argument("slides", nargs="+", type=Path, metavar="SLIDE", help="slide files")
-    p.add_argument("--model", required=True, help="registered model name (see `histofm models`)")
-    p.add_argument("--checkpoint", type=Path, default=None, help="weights file or snapshot directory")
+    from histofm.commands._common import add_command
+    from histofm.weights import add_weights_arguments
+
+    p = add_command(
+        sub, "extract", help="extract tile features of slides to HDF5 (TRIDENT or CLAM layout)",
+        example="""histofm extract slides/ --model uni --checkpoint uni.bin --out feats/
+histofm extract cohort.csv --model kaiko_vits16 --pretrained --layout clam --out feats/
+histofm extract slides/*.svs --model uni --pretrained --coords tiles/ --roi annotations/ --roi-exclude Pen --out feats/""",
+        description=__doc__,
+    )
+    p.add_argument("slides", nargs="+", type=Path, metavar="SLIDE",
+                   help="slide files, folders of slides, or CSV files of slide_path[,mpp] rows")
+    p.add_argument("--model", required=True, help="registered tile encoder (see `histofm models`)")
+    add_weights_arguments(p)
     p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--layout", choices=LAYOUT_CHOICES, default="trident",
+                   help="trident: <out>/features_<model>/<slide>.h5; clam: <out>/h5_files/ + <out>/pt_files/; "
+                   "flat: <out>/<slide>.h5 (TRIDENT attributes)")
     add_slide_arguments(p)
+    p.add_argument("--coords", type=Path, default=None, metavar="DIR",
+                   help="reuse tile coordinates from `histofm tile`, TRIDENT or CLAM patch files in DIR "
+                   "(no tissue detection)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="tile-reading processes")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: best available)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (None: the best available)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--overwrite", action="store_true", help="redo slides whose output exists")
     p.add_argument("--compile", action="store_true", help="torch.compile each Transformer block (slow first batch)")
@@ -40,23 +61,33 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     import histofm
+    from histofm.weights import load_encoder, weights_of
     from histofm.wsi.features import ExtractConfig, extract_features
+    from histofm.wsi.layouts import feature_path
 
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     device = args.device
     if device is None and world_size > 1 and histofm.utils.default_device().type == "cuda":
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    slides = slide_inputs(args)
     config = ExtractConfig(
         target_mpp=args.target_mpp, tile_size=args.tile_size, overlap=args.overlap, min_tissue=args.min_tissue,
         batch_size=args.batch_size, num_workers=args.workers, device=device, precision=args.precision,
         backend=args.backend, overwrite=args.overwrite, compile=args.compile, channels_last=args.channels_last,
+        layout=args.layout, coords_dir=args.coords, roi=roi_filter(args),
     )
-    model = histofm.create_model(args.model, checkpoint_path=args.checkpoint)
+    model = load_encoder(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
+                         random_init=args.random_init)
     console = Console()
+
+    def warn(message: str) -> None:
+        if rank == 0:
+            print(f"histofm: warning: {message}", file=sys.stderr)
+
     report = extract_features(
-        args.slides, model, args.out, config=config, mpp=args.mpp_override,
-        rank=rank, world_size=world_size, progress=not args.no_progress, console=console,
+        slides, model, args.out, config=config, mpp=args.mpp_override,
+        rank=rank, world_size=world_size, progress=not args.no_progress, console=console, warn=warn,
     )
     if world_size > 1:
         report = _gather_reports(report)  # one summary for the whole job, printed by rank 0
@@ -64,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
             return 2 if report.failures else 0
     console.print(report.table())
     console.print(report.summary(), highlight=False)
+    folder = feature_path(args.out, "x", args.model, args.layout).parent
+    console.print(f"features in {folder} (weights: {weights_of(model).describe()})", highlight=False)
     for failure in report.failures:
         print(f"histofm: error: {failure.slide}: {failure.error}", file=sys.stderr)
     return 2 if report.failures else 0

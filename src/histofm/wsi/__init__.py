@@ -8,6 +8,9 @@ See ``docs/wsi.md`` for the conventions (coordinates, mpp, file layout).
 """
 
 from histofm.wsi.readers import ImageReader, OpenSlideReader, SlideReader, TiffSlideReader, open_slide
+from histofm.wsi.roi import RoiFilter, read_annotations
+from histofm.wsi.selection import TileSelection, select_tiles
+from histofm.wsi.slides import SlideInput, resolve_slides
 from histofm.wsi.tiling import (
     TileSpec,
     draw_tiles,
@@ -22,8 +25,11 @@ from histofm.wsi.tissue import TissueMask, detect_tissue, otsu_threshold
 __all__ = [
     "ImageReader",
     "OpenSlideReader",
+    "RoiFilter",
+    "SlideInput",
     "SlideReader",
     "TiffSlideReader",
+    "TileSelection",
     "TileSpec",
     "TissueMask",
     "detect_tissue",
@@ -31,8 +37,11 @@ __all__ = [
     "grid_coords",
     "open_slide",
     "otsu_threshold",
+    "read_annotations",
     "read_coords",
+    "resolve_slides",
     "save_coords",
+    "select_tiles",
     "tile_slide",
     "tile_spec",
 ]

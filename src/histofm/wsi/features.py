@@ -1,31 +1,31 @@
-"""Feature extraction: one HDF5 file per slide, in the layout CLAM and TRIDENT read.
+"""Feature extraction: one HDF5 file per slide, in the layout TRIDENT or CLAM reads.
 
-For each slide: find tissue, tile it, read the tiles with a DataLoader (several workers,
-one slide handle per worker), embed them with a tile encoder and write
-``<out>/<slide name>.h5``:
+For each slide: find the tiles (tissue, a GeoJSON region, or reused coordinates; see
+:mod:`histofm.wsi.selection`), read them with a DataLoader (several workers, one slide
+handle per worker), embed them with a tile encoder and write, by ``layout``
+(:mod:`histofm.wsi.layouts`):
 
 * ``features``: ``(N, D)`` float32, one row per tile;
 * ``coords``: ``(N, 2)`` int64, level-0 ``(x, y)`` of each tile's top-left corner, with the
-  attributes CLAM (``patch_size``, ``patch_level``, ``custom_downsample``) and TRIDENT
-  (``patch_size_level0``, ``level0_magnification``, ``target_magnification``, ``overlap``,
-  ``name``) read;
-* file attributes: ``model_name``, ``embed_dim``, ``mpp``, ``tile_size``, ``level``,
-  ``level0_mpp``, ``overlap``, ``min_tissue``, ``slide``, ``histofm_version``.
+  attributes of the layout's tool, in that tool's meaning;
+* file attributes: the provenance (model, weights, preprocessing, tiling, slide, version;
+  :mod:`histofm.wsi.provenance`), read back with :func:`read_provenance`.
 
 The file is written under a temporary name and renamed, so a crash never leaves a half
-file. A slide whose file already exists with the same settings is skipped; a slide that
-fails is reported at the end and the others go on. :func:`shard_slides` splits a slide
-list by rank, so ``torchrun`` processes can share a batch.
+file. A slide whose file already exists with the same provenance is skipped; with any
+difference the slide is refused in one sentence naming what differs. A slide that fails
+is reported at the end and the others go on. :func:`shard_slides` splits a slide list by
+rank, so ``torchrun`` processes can share a batch.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +37,28 @@ from torch.utils.data import DataLoader, default_collate
 from histofm import accel
 from histofm.errors import HistofmError
 from histofm.utils import atomic_path, default_device, remove_stale_temps
+from histofm.weights import weights_of
 from histofm.wsi.dataset import SlideTileDataset
-from histofm.wsi.readers import open_slide
-from histofm.wsi.tiling import tile_slide, tile_spec
-from histofm.wsi.tissue import detect_tissue
+from histofm.wsi.layouts import (
+    check_layout,
+    coords_attrs,
+    coords_description,
+    feature_path,
+    find_coords_file,
+    pt_path,
+)
+from histofm.wsi.provenance import differences, read_provenance, slide_fingerprint
+from histofm.wsi.readers import SlideReader, open_slide
+from histofm.wsi.report import ExtractionReport, SlideResult, shard_slides
+from histofm.wsi.roi import RoiFilter
+from histofm.wsi.selection import select_tiles
+from histofm.wsi.slides import SlideInput
+from histofm.wsi.tiling import TileSpec, tile_spec
 
-# File attributes that must match for an existing output to count as done.
-_RESUME_KEYS = ("model_name", "mpp", "tile_size", "overlap", "min_tissue")
+__all__ = [
+    "ExtractConfig", "ExtractionReport", "SlideResult", "extract_features", "read_features", "read_provenance",
+    "shard_slides",
+]
 
 
 @dataclass(frozen=True)
@@ -65,6 +80,11 @@ class ExtractConfig:
             the first batch includes the compilation, worth it for long runs on a GPU).
         channels_last: feed the encoder NHWC images with NHWC convolution weights (helps
             convolutional encoders on GPUs; a ViT only has its patch-embedding convolution).
+        layout: ``"trident"``, ``"clam"`` or ``"flat"`` (``<out>/<slide>.h5``, TRIDENT's
+            attributes); see :mod:`histofm.wsi.layouts`.
+        coords_dir: reuse coordinates from ``histofm tile``, TRIDENT or CLAM in this folder
+            instead of detecting tissue.
+        roi: a GeoJSON region or tissue mask (:class:`~histofm.wsi.roi.RoiFilter`).
     """
 
     target_mpp: float = 0.5
@@ -79,79 +99,9 @@ class ExtractConfig:
     overwrite: bool = False
     compile: bool = False
     channels_last: bool = False
-
-
-@dataclass
-class SlideResult:
-    """What happened to one slide."""
-
-    slide: str
-    status: str  # "done", "skipped" or "failed"
-    tiles: int = 0
-    seconds: float = 0.0
-    output: Path | None = None
-    error: str | None = None
-
-    @property
-    def tiles_per_second(self) -> float:
-        return self.tiles / self.seconds if self.seconds > 0 else 0.0
-
-
-@dataclass
-class ExtractionReport:
-    """Per-slide results of :func:`extract_features` and their totals."""
-
-    results: list[SlideResult] = field(default_factory=list)
-
-    @property
-    def failures(self) -> list[SlideResult]:
-        return [r for r in self.results if r.status == "failed"]
-
-    @property
-    def tiles(self) -> int:
-        return sum(r.tiles for r in self.results if r.status == "done")
-
-    @property
-    def seconds(self) -> float:
-        return sum(r.seconds for r in self.results if r.status == "done")
-
-    @property
-    def tiles_per_second(self) -> float:
-        return self.tiles / self.seconds if self.seconds > 0 else 0.0
-
-    def summary(self) -> str:
-        """One line: slides done / skipped / failed, tiles and throughput."""
-        done = sum(r.status == "done" for r in self.results)
-        skipped = sum(r.status == "skipped" for r in self.results)
-        return (
-            f"{len(self.results)} slides: {done} done, {skipped} skipped, {len(self.failures)} failed; "
-            f"{self.tiles} tiles in {self.seconds:.1f} s ({self.tiles_per_second:.1f} tiles/s)"
-        )
-
-    def table(self) -> Any:
-        """A ``rich`` table, one row per slide (print :meth:`summary` after it)."""
-        from rich.table import Table
-
-        table = Table(title="Feature extraction")
-        table.add_column("slide", overflow="fold")
-        table.add_column("status", no_wrap=True)
-        for col in ("tiles", "seconds", "tiles/s"):
-            table.add_column(col, justify="right", no_wrap=True)
-        table.add_column("output / error", overflow="fold")
-        for r in self.results:
-            style = {"failed": "red", "skipped": "dim"}.get(r.status)
-            table.add_row(
-                r.slide, r.status, str(r.tiles), f"{r.seconds:.1f}", f"{r.tiles_per_second:.1f}",
-                r.error or (str(r.output) if r.output else ""), style=style,
-            )
-        return table
-
-
-def shard_slides(slides: Sequence[Any], rank: int = 0, world_size: int = 1) -> list[Any]:
-    """The slides process ``rank`` of ``world_size`` handles (round-robin, order kept)."""
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise HistofmError(f"Rank {rank} is not valid for a world size of {world_size}.")
-    return list(slides)[rank::world_size]
+    layout: str = "flat"
+    coords_dir: Path | None = None
+    roi: RoiFilter | None = None
 
 
 def read_features(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
@@ -211,7 +161,10 @@ class _Preprocess:
         self._buffer: torch.Tensor | None = None  # reused float input on CPU (see batch)
         self.tile_transform = transform
         self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
+        # What the provenance records: the side the model sees and how tiles get there.
+        self.resize, self.interpolation = int(tile_size), "none"
         if transform is not None:
+            self.resize, self.interpolation = 0, "custom transform"
             return
         try:
             info = model_info(model_name)
@@ -221,6 +174,14 @@ class _Preprocess:
         if info.resize is None and tuple(info.input_size[1:]) == (tile_size, tile_size):
             return  # fast path: batched normalisation
         self.tile_transform = _eval_transform(model_name, info)
+        self.resize, self.interpolation = int(info.resize or info.input_size[-1]), str(info.interpolation)
+
+    def record(self) -> dict[str, Any]:
+        """``preprocess_*`` provenance attributes."""
+        return {
+            "preprocess_resize": self.resize, "preprocess_interpolation": self.interpolation,
+            "preprocess_mean": tuple(float(v) for v in self.mean), "preprocess_std": tuple(float(v) for v in self.std),
+        }
 
     def collate(self, items: list[tuple[torch.Tensor, torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Stack a batch in the worker; uint8 tiles stay channels-last, so stacking is a plain copy."""
@@ -278,27 +239,23 @@ def _eval_transform(model_name: str, info: Any) -> Callable[..., Any]:
     )
 
 
-def _resume_state(path: Path, wanted: dict[str, Any]) -> str:
-    """``"absent"``, ``"done"`` (same settings), ``"different"`` or ``"broken"``."""
+def _resume_state(path: Path, wanted: dict[str, Any], layout: str) -> tuple[str, list[str]]:
+    """``("absent" | "done" | "different" | "broken", differences)`` of an existing output."""
     if not path.exists():
-        return "absent"
+        return "absent", []
     import h5py
 
     try:
         with h5py.File(path, "r") as f:
             if len(f["features"]) != len(f["coords"]):
-                return "broken"
-            have = _plain(f.attrs)
-    except (OSError, KeyError):
-        return "broken"
-    for key in _RESUME_KEYS:
-        a, b = have.get(key), wanted.get(key)
-        if isinstance(a, float) or isinstance(b, float):
-            if a is None or b is None or not math.isclose(float(a), float(b), rel_tol=1e-6):
-                return "different"
-        elif a != b:
-            return "different"
-    return "done"
+                return "broken", []
+        have = read_provenance(path)
+    except (OSError, KeyError, HistofmError):
+        return "broken", []
+    if layout == "clam" and not pt_path(path.parent.parent, path.stem).is_file():
+        return "broken", []
+    diffs = differences(have, wanted)
+    return ("different", diffs) if diffs else ("done", [])
 
 
 def _one_line(e: BaseException) -> str:
@@ -312,8 +269,31 @@ def _one_line(e: BaseException) -> str:
     return " ".join(text.split())
 
 
+def _preprocessing_warning(name: str, cfg: ExtractConfig) -> str | None:
+    """One sentence when the tiles differ from the zoo model's recorded preprocessing (None otherwise)."""
+    from histofm.registry import _entry
+
+    try:
+        info = _entry(name).info
+    except HistofmError:
+        return None
+    if info is None:  # a generic architecture: no recorded preprocessing to compare with
+        return None
+    size = int(info.input_size[-1])
+    if size == cfg.tile_size and abs(info.mpp - cfg.target_mpp) <= 0.01 * info.mpp:
+        return None
+    return (
+        f"{name} was trained on {size} px tiles at {info.mpp:g} um/px, but this run extracts {cfg.tile_size} px tiles "
+        f"at {cfg.target_mpp:g} um/px; set --tile-size {size} --target-mpp {info.mpp:g} to match the model."
+    )
+
+
+def _as_inputs(slides: Sequence[Any]) -> list[SlideInput]:
+    return [s if isinstance(s, SlideInput) else SlideInput(Path(s)) for s in slides]
+
+
 def extract_features(
-    slides: Sequence[str | os.PathLike[str]],
+    slides: Sequence[str | os.PathLike[str] | SlideInput],
     model: str | nn.Module,
     out_dir: str | os.PathLike[str],
     *,
@@ -324,37 +304,47 @@ def extract_features(
     world_size: int = 1,
     progress: bool = True,
     console: Any = None,
+    warn: Callable[[str], None] | None = None,
 ) -> ExtractionReport:
-    """Embed the tissue tiles of each slide and write ``<out_dir>/<slide name>.h5``.
+    """Embed the tiles of each slide and write one feature file per slide in ``config.layout``.
 
     Args:
-        slides: slide paths; with ``world_size > 1`` only this rank's shard is processed.
-        model: a module mapping ``(B, 3, S, S)`` to ``(B, D)`` (for example
-            ``histofm.create_model("uni", checkpoint_path=...)``), or a registered name, which
-            is built without weights (random features: only useful for tests and timing).
+        slides: slide paths, or :class:`~histofm.wsi.slides.SlideInput` with a per-slide mpp;
+            with ``world_size > 1`` only this rank's shard is processed.
+        model: a module mapping ``(B, 3, S, S)`` to ``(B, D)``, best built with
+            :func:`histofm.weights.load_encoder` so the file records its weights (a module
+            built otherwise is recorded as ``weights_source = "unrecorded"``). A registered
+            name alone is refused: histofm never embeds with random weights unless asked.
         out_dir: output directory (created if missing).
         config: the run's settings (:class:`ExtractConfig`).
-        mpp: level-0 mpp override for slides without (or with wrong) metadata.
+        mpp: level-0 mpp override for slides without (or with wrong) metadata; a slide's
+            own ``SlideInput.mpp`` wins.
         transform: per-tile transform of an RGB PIL tile to a tensor; default: the model's own.
         rank: this process's rank (``torchrun``).
         world_size: number of processes sharing the slide list.
         progress: show rich progress bars (per slide and overall).
         console: a ``rich.console.Console`` to print to.
+        warn: called once with a sentence when the tiles differ from the model's recorded
+            tile size or mpp (default: :func:`warnings.warn`).
 
     Returns:
         The :class:`ExtractionReport`; failed slides are in ``report.failures``.
     """
-    import histofm
+    from histofm.weights import load_encoder
 
     cfg = config or ExtractConfig()
-    paths = [Path(s) for s in shard_slides(slides, rank, world_size)]
-    names = [p.stem for p in paths]
+    check_layout(cfg.layout)
+    inputs = _as_inputs(shard_slides(list(slides), rank, world_size))
+    names = [s.path.stem for s in inputs]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise HistofmError(f"Several slides share the name {dupes[0]!r}, so their outputs would collide; rename them.")
     if isinstance(model, str):
-        model = histofm.create_model(model)
+        model = load_encoder(model)  # refuses: no weights named
     name = _model_name(model)
+    message = _preprocessing_warning(name, cfg)
+    if message is not None:
+        (warn or (lambda m: warnings.warn(m, UserWarning, stacklevel=3)))(message)
     device = torch.device(cfg.device) if cfg.device else default_device()
     model = model.to(device).eval()
     if cfg.channels_last:
@@ -368,13 +358,7 @@ def extract_features(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out_dir)  # temp files of a process killed mid-write
-    wanted = {
-        "model_name": name,
-        "mpp": float(cfg.target_mpp),
-        "tile_size": int(cfg.tile_size),
-        "overlap": int(cfg.overlap),
-        "min_tissue": float(cfg.min_tissue),
-    }
+    common = {"model_name": name, **weights_of(model).attrs(), **pre.record(), "layout": cfg.layout}
 
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -385,38 +369,79 @@ def extract_features(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=console, disable=not progress, transient=False,
     ) as bars:
-        overall = bars.add_task("slides", total=len(paths))
-        for path in paths:
-            out_path = out_dir / f"{path.stem}.h5"
-            # Temporaries of this slide's file left by a killed run. Per file, not per folder:
-            # other ranks may be writing their own slides into the same folder right now.
-            remove_stale_temps(out_path)
-            state = "absent" if cfg.overwrite else _resume_state(out_path, wanted)
-            if state == "done":
-                report.results.append(SlideResult(path.name, "skipped", output=out_path))
-                bars.advance(overall)
-                continue
-            if state == "different":
-                report.results.append(
-                    SlideResult(
-                        path.name, "failed",
-                        error=f"{out_path.name} exists with other settings (model, mpp, tile size, overlap or "
-                        "min tissue); use another --out or pass --overwrite.",
-                    )
-                )
-                bars.advance(overall)
-                continue
+        overall = bars.add_task("slides", total=len(inputs))
+        for item in inputs:
             start = time.perf_counter()
             try:
-                n = _extract_one(path, model, name, out_path, cfg, pre, device, dtype, mpp, wanted, bars)
+                result = _one_slide(item, mpp, model, out_dir, cfg, pre, device, dtype, common, bars)
             except KeyboardInterrupt:
                 raise
             except Exception as e:  # one bad slide must not stop the batch
-                report.results.append(SlideResult(path.name, "failed", seconds=time.perf_counter() - start, error=_one_line(e)))
-            else:
-                report.results.append(SlideResult(path.name, "done", n, time.perf_counter() - start, out_path))
+                result = SlideResult(item.path.name, "failed", error=_one_line(e))
+            result.seconds = time.perf_counter() - start if result.status == "done" else result.seconds
+            report.results.append(result)
             bars.advance(overall)
     return report
+
+
+def _tiling_provenance(slide: SlideReader, spec: TileSpec, cfg: ExtractConfig) -> dict[str, Any]:
+    """The tiling and slide part of the provenance (before any tile is read)."""
+    name = slide.path.stem
+    if cfg.coords_dir is not None:
+        tiles_from = coords_description(find_coords_file(cfg.coords_dir, name))
+    else:
+        tiles_from = "tissue" if cfg.min_tissue > 0 else "grid"
+    return {
+        "mpp": float(cfg.target_mpp), "tile_size": int(cfg.tile_size), "overlap": int(cfg.overlap),
+        "min_tissue": float(cfg.min_tissue), "level": int(spec.level), "read_size": int(spec.read_size),
+        "tiles_from": tiles_from, "roi": cfg.roi.describe(name) if cfg.roi is not None else "",
+        "slide": slide.path.name, "slide_bytes": int(slide.path.stat().st_size), "level0_mpp": float(spec.level0_mpp),
+        "slide_fingerprint": slide_fingerprint(slide.path),
+    }
+
+
+def _one_slide(
+    item: SlideInput,
+    mpp: float | None,
+    model: nn.Module,
+    out_dir: Path,
+    cfg: ExtractConfig,
+    pre: _Preprocess,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    common: dict[str, Any],
+    bars: Any,
+) -> SlideResult:
+    """Check, select, embed and write one slide."""
+    import histofm
+
+    path = item.path
+    slide_mpp = item.mpp if item.mpp is not None else mpp
+    out_path = feature_path(out_dir, path.stem, common["model_name"], cfg.layout)
+    # Temporaries of this slide's file left by a killed run. Per file, not per folder:
+    # other ranks may be writing their own slides into the same folder right now.
+    remove_stale_temps(out_path)
+    with open_slide(path, mpp=slide_mpp, backend=cfg.backend) as slide:
+        spec = tile_spec(slide, cfg.target_mpp, cfg.tile_size, cfg.overlap)
+        wanted = {**common, **_tiling_provenance(slide, spec, cfg), "histofm_version": histofm.__version__}
+        state, diffs = ("absent", []) if cfg.overwrite else _resume_state(out_path, wanted, cfg.layout)
+        if state == "done":
+            return SlideResult(path.name, "skipped", output=out_path)
+        if state == "different":
+            more = f" and {len(diffs) - 3} more" if len(diffs) > 3 else ""
+            return SlideResult(
+                path.name, "failed",
+                error=f"{out_path.name} exists with other settings ({'; '.join(diffs[:3])}{more}); "
+                "pass --overwrite to redo it or choose another --out.",
+            )
+        selection = select_tiles(slide, spec, min_tissue=cfg.min_tissue, roi=cfg.roi, coords_dir=cfg.coords_dir)
+        attrs = coords_attrs(spec, cfg.layout, slide, path.stem)
+        backend = slide.backend
+    features = _embed(path, selection.coords, model, cfg, pre, device, dtype, slide_mpp, backend, bars)
+    file_attrs = {**wanted, "embed_dim": int(features.shape[1]), "backend": backend,
+                  "read_interpolation": "bilinear" if spec.read_size != spec.tile_size else "none"}
+    _write(out_path, features, selection.coords, attrs, file_attrs, cfg.layout, out_dir)
+    return SlideResult(path.name, "done", len(features), output=out_path)
 
 
 @contextlib.contextmanager
@@ -435,30 +460,19 @@ def _cores_for_readers(device: torch.device, num_workers: int) -> Iterator[None]
         torch.set_num_threads(before)
 
 
-def _extract_one(
+def _embed(
     path: Path,
+    coords: np.ndarray,
     model: nn.Module,
-    name: str,
-    out_path: Path,
     cfg: ExtractConfig,
     pre: _Preprocess,
     device: torch.device,
     dtype: torch.dtype | None,
     mpp: float | None,
-    wanted: dict[str, Any],
+    backend: str,
     bars: Any,
-) -> int:
-    import h5py
-
-    import histofm
-
-    with open_slide(path, mpp=mpp, backend=cfg.backend) as slide:
-        spec = tile_spec(slide, cfg.target_mpp, cfg.tile_size, cfg.overlap)
-        tissue = detect_tissue(slide) if cfg.min_tissue > 0 else None
-        coords = tile_slide(
-            slide, cfg.target_mpp, cfg.tile_size, overlap=cfg.overlap, min_tissue=cfg.min_tissue, tissue=tissue
-        )
-        backend = slide.backend
+) -> np.ndarray:
+    """``(N, D)`` float32 embeddings of the tiles at ``coords``."""
     dataset = SlideTileDataset(
         [path], [coords], target_mpp=cfg.target_mpp, tile_size=cfg.tile_size,
         transform=pre.tile_transform, mpp=mpp, backend=backend,
@@ -491,23 +505,29 @@ def _extract_one(
         shutdown = getattr(batches, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
-    features = np.concatenate(chunks, axis=0).astype(np.float32)  # (N, D)
+    return np.concatenate(chunks, axis=0).astype(np.float32)  # (N, D)
+
+
+def _write(
+    out_path: Path,
+    features: np.ndarray,
+    coords: np.ndarray,
+    coords_attrs: dict[str, Any],
+    file_attrs: dict[str, Any],
+    layout: str,
+    out_dir: Path,
+) -> None:
+    """Write the feature file (and CLAM's ``.pt`` first: the ``.h5`` marks the slide done), atomically."""
+    import h5py
+
+    if layout == "clam":
+        with atomic_path(pt_path(out_dir, out_path.stem)) as tmp:
+            torch.save(torch.from_numpy(np.ascontiguousarray(features)), tmp)  # (N, D) float32, a plain tensor
     with atomic_path(out_path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("features", data=features)
-            dset = f.create_dataset("coords", data=coords.astype(np.int64))
-            for key, value in {**spec.attrs(), "name": path.stem}.items():
+            dset = f.create_dataset("coords", data=np.asarray(coords, dtype=np.int64))
+            for key, value in coords_attrs.items():
                 dset.attrs[key] = value
-            f.attrs.update(
-                {
-                    **wanted,
-                    "embed_dim": int(features.shape[1]),
-                    "level": int(spec.level),
-                    "level0_mpp": float(spec.level0_mpp),
-                    "read_size": int(spec.read_size),
-                    "slide": path.name,
-                    "backend": backend,
-                    "histofm_version": histofm.__version__,
-                }
-            )
-    return len(features)
+            for key, value in file_attrs.items():
+                f.attrs[key] = np.asarray(value, dtype=np.float64) if isinstance(value, tuple) else value

@@ -7,8 +7,8 @@ inside the slide are made. Coordinates are level-0 pixels of each tile's top-lef
 in row-major order (``y`` then ``x``), as int64: the same grid for the same inputs,
 every time.
 
-Coordinates are saved in the CLAM / TRIDENT layout (``coords`` dataset with attributes
-``patch_size``, ``patch_level``, ``patch_size_level0`` ...) or as CSV.
+Coordinates are saved as HDF5 (``coords`` dataset with TRIDENT's attributes
+``patch_size``, ``patch_size_level0``, ``target_magnification`` ... plus ours) or as CSV.
 """
 
 from __future__ import annotations
@@ -54,18 +54,21 @@ class TileSpec:
     level0_mpp: float
 
     def attrs(self) -> dict[str, Any]:
-        """HDF5 attributes in the CLAM / TRIDENT conventions plus ours."""
-        level0_mag = 10.0 / self.level0_mpp  # 0.25 um/px ~ 40x, 0.5 um/px ~ 20x
+        """``coords`` attributes: TRIDENT's meaning (``patch_size`` at the target resolution) plus ours.
+
+        CLAM reads ``patch_size`` pixels at ``patch_level``, a different meaning when
+        ``read_size != tile_size``; ``histofm extract --layout clam`` writes CLAM's own
+        attributes (see :mod:`histofm.wsi.layouts`).
+        """
         return {
-            "patch_size": self.tile_size,  # at the target resolution (TRIDENT), read size is read_size
-            "patch_level": self.level,  # CLAM: level passed to read_region
-            "custom_downsample": self.read_size / self.tile_size,  # CLAM: extra resize after reading
+            "patch_size": self.tile_size,  # TRIDENT: side at the target magnification
             "patch_size_level0": round(self.size_level0),  # TRIDENT
-            "level0_magnification": round(level0_mag, 3),  # TRIDENT
+            "level0_magnification": round(10.0 / self.level0_mpp, 3),  # TRIDENT; 0.25 um/px ~ 40x
             "target_magnification": round(10.0 / self.target_mpp, 3),  # TRIDENT
             "overlap": self.overlap,
             "mpp": self.target_mpp,
             "level0_mpp": self.level0_mpp,
+            "level": self.level,
             "read_size": self.read_size,
         }
 
@@ -161,7 +164,7 @@ def save_coords(
     name: str = "",
     extra_attrs: dict[str, Any] | None = None,
 ) -> Path:
-    """Write tile coordinates as HDF5 (CLAM / TRIDENT ``coords`` layout) or CSV, by extension, atomically."""
+    """Write tile coordinates as HDF5 (TRIDENT-style ``coords`` attributes) or CSV, by extension, atomically."""
     path = Path(path)
     coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
     if path.suffix.lower() == ".csv":
