@@ -47,7 +47,10 @@ from histofm.data import sample_path
 from histofm.data.augment import eval_view
 from histofm.mil import build_aggregator, list_aggregators
 from histofm.mil.heatmap import render_heatmap, slide_scores
-from histofm.mil.train import MILTrainConfig, SlideTable, cross_validate, load_trained
+from histofm.mil.cv import cross_validate
+from histofm.mil.data import SlideTable
+from histofm.mil.run import load_trained
+from histofm.mil.train import MILTrainConfig
 from histofm.utils import seed_everything
 from histofm.wsi.features import ExtractConfig, extract_features, read_features
 
@@ -119,7 +122,7 @@ table = SlideTable([f"bag{i:03d}" for i in range(N_BAGS)], labels, [f"patient{i:
 # `cross_validate` splits the slides into folds (stratified by label, grouped by patient so no
 # patient is on both sides), trains one model per fold, and writes the fold models, the
 # out-of-fold predictions and the metrics. The command line does the same:
-# `histofm mil train --features DIR --labels labels.csv --model abmil`.
+# `histofm mil train --features DIR --labels labels.csv --aggregator abmil`.
 
 # %%
 train_cfg = MILTrainConfig(model="abmil", model_kwargs={"hidden_dim": 64, "attn_dim": 32}, epochs=20 if TINY else 40, lr=2e-3, batch_size=4, seed=0)
@@ -142,7 +145,7 @@ test_slide = OUT / "test_slide.png"
 Image.fromarray(np.concatenate([nest_img, stroma_img], axis=1)).save(test_slide)
 test_feats, test_xy, _ = extract(test_slide, mpp=0.5, min_tissue=0.0)  # all of it is tissue: keep every tile
 
-result = render_heatmap(test_slide, OUT / "features" / "test_slide.h5", OUT / "abmil", OUT / "heatmap.png", max_size=900)
+result = render_heatmap(test_slide, OUT / "features" / "test_slide.h5", OUT / "abmil", OUT / "heatmap", max_size=900)
 print(f"P(tumour) = {result['probabilities']['tumour']:.3f} over {result['tiles']} tiles; heatmap: {result['png']}")
 
 models, _ = load_trained(OUT / "abmil")
