@@ -47,17 +47,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="aggregator option (hidden_dim=128, gated=false) or training setting (loss=cox, patience=5, "
                    "val_fraction=0.2, n_bins=4, class_weight=false, n_boot=1000); repeatable")
     t.add_argument("--option", dest="option_alias", action="append", default=[], help=argparse.SUPPRESS)
-    t.add_argument("--task", choices=("classification", "survival"), default="classification")
+    t.add_argument("--task", choices=("classification", "survival"), default="classification",
+                   help="slide labels (column label) or follow-up times and events")
     t.add_argument("--time-col", default="time", help="follow-up time column of --labels (survival)")
     t.add_argument("--event-col", default="event", help="event column of --labels, 1 = event, 0 = censored (survival)")
-    t.add_argument("--folds", type=int, default=5)
+    t.add_argument("--folds", type=int, default=5, help="cross-validation folds, grouped by patient")
     t.add_argument("--epochs", type=int, default=20, help="most epochs (early stopping on the validation loss)")
-    t.add_argument("--lr", type=float, default=2e-4)
-    t.add_argument("--weight-decay", type=float, default=1e-4)
+    t.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate")
+    t.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
     t.add_argument("--batch-size", type=int, default=1, help="slides per step (padded with a mask)")
     t.add_argument("--max-tiles", type=int, default=None, help="random subset of tiles per slide in training")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
+    t.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling and folds")
+    t.add_argument("--device", default=None, help="cpu, cuda, mps; None picks the best available")
     t.add_argument("--out", type=Path, required=True, help="run directory (models, log, predictions, metrics)")
     t.set_defaults(func=run_train)
 
@@ -67,7 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     pr.add_argument("--run", type=Path, required=True, help="output directory of `histofm mil train`")
     pr.add_argument("--features", type=Path, required=True, help="directory of feature files (or one .h5)")
-    pr.add_argument("--fold", type=_fold, default=None, metavar="K|all",
+    pr.add_argument("--fold", type=_fold, default="all", metavar="K|all",
                     help="one fold's model, or all (ensemble; a slide of the training cohort gets its held-out model)")
     pr.add_argument("--out", type=Path, required=True, help="output directory (predictions.csv, tile_scores/)")
     pr.set_defaults(func=run_predict)
@@ -80,7 +81,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     h.add_argument("--slide", type=Path, required=True, help="the slide file the features came from")
     h.add_argument("--run", type=Path, default=None, help="output directory of `histofm mil train`")
     h.add_argument("--model-dir", dest="run_alias", type=Path, default=None, help=argparse.SUPPRESS)
-    h.add_argument("--fold", type=_fold, default=None, metavar="K|all",
+    h.add_argument("--fold", type=_fold, default="all", metavar="K|all",
                    help="one fold's model, or all (ensemble; a slide of the training cohort gets its held-out model)")
     h.add_argument("--size", type=int, default=1024, help="longer side of the thumbnail in pixels")
     h.add_argument("--alpha", type=float, default=0.5, help="opacity of the heat overlay")
