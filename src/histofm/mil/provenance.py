@@ -98,7 +98,7 @@ def common_provenance(paths: Iterable[Path]) -> dict[str, Any]:
     The first file that disagrees with the ones before it is named, with the key and both values.
     """
     common: dict[str, Any] = {}
-    first: Path | None = None
+    source: dict[str, Path] = {}  # the file each recorded value came from, to name both sides of a conflict
     for path in paths:
         prov = read_provenance(path)
         check_slide_name(path, prov)
@@ -106,13 +106,12 @@ def common_provenance(paths: Iterable[Path]) -> dict[str, Any]:
         if diff:
             key, (a, b) = next(iter(diff.items()))
             raise HistofmError(
-                f"Feature files mix {key} {a!r} ({first.name if first else '?'}) and {b!r} ({path.name}); "
+                f"Feature files mix {key} {a!r} ({source[key].name}) and {b!r} ({path.name}); "
                 "put the features of one encoder, weights, mpp and tile size in one --features folder."
             )
         for k, v in prov.items():
-            if k != "slide":
-                common.setdefault(k, v)
-        first = first or path
+            if k != "slide" and k not in common:
+                common[k], source[k] = v, path
     return common
 
 
