@@ -30,7 +30,13 @@ import torch
 from safetensors.torch import save_file
 
 from histofm.errors import HistofmError
-from histofm.eval.metrics import METRICS, bootstrap_metric, classification_metrics, concordance_index
+from histofm.eval.metrics import (
+    METRICS,
+    bootstrap_ci,
+    bootstrap_metric,
+    classification_metrics,
+    concordance_index,
+)
 from histofm.mil.base import build_aggregator
 from histofm.mil.data import SlideTable
 from histofm.mil.run import begin_run, finish_run
@@ -99,8 +105,10 @@ def _with_interval(values: dict[str, float], arrays: list[np.ndarray], fns: dict
 
 def classification_summary(y: np.ndarray, probs: np.ndarray, n_boot: int, seed: int = 0) -> dict[str, Any]:
     """Balanced accuracy, macro F1 and AUROC, each with a bootstrap interval ``<key>_ci``."""
-    fns = {k: METRICS[k] for k in CLASSIFICATION_METRICS}  # AUROC raises on a one-class resample: skipped
-    return _with_interval(classification_metrics(y, probs), [y, probs], fns, n_boot, seed)
+    out: dict[str, Any] = classification_metrics(y, probs)
+    for key in CLASSIFICATION_METRICS:  # AUROC raises on a one-class resample: bootstrap_ci skips it
+        out[f"{key}_ci"] = list(bootstrap_ci(y, [probs], METRICS[key], n_boot, seed=seed)) if n_boot else [None, None]
+    return out
 
 
 def survival_summary(times: np.ndarray, events: np.ndarray, risk: np.ndarray, n_boot: int, seed: int = 0) -> dict[str, Any]:

@@ -130,7 +130,7 @@ def render_heatmap(
     ax0.set_title(Path(slide_path).name, fontsize=9)
     ax.imshow(thumb)
     im = ax.imshow(np.ma.masked_invalid(heat), cmap=cmap, alpha=alpha, vmin=0, vmax=1, interpolation="nearest")
-    ax.set_title(f"{cfg['aggregator']} tile scores, {used} - {title}", fontsize=9)
+    ax.set_title(f"{cfg['aggregator']} tile scores: {title}\n{used}", fontsize=9)
     for a in (ax0, ax):
         a.set_axis_off()
     fig.colorbar(im, ax=ax, fraction=0.035, pad=0.02, label="tile score (percentile)")
