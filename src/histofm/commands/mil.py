@@ -29,7 +29,12 @@ def _fold(value: str) -> int | None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("mil", help="slide-level learning from tile features (MIL), prediction and heatmaps")
+    p = add_command(
+        sub, "mil", help="slide-level learning from tile features (MIL), prediction and heatmaps",
+        example="histofm mil train --features feats/ --labels labels.csv --aggregator abmil --out runs/abmil\n"
+        "histofm mil predict --run runs/abmil --features external_feats/ --out preds/\n"
+        "histofm mil heatmap --features feats/S01.h5 --slide slides/S01.svs --run runs/abmil --out maps/",
+    )
     mil_sub = p.add_subparsers(dest="mil_command", metavar="ACTION")
 
     t = add_command(
