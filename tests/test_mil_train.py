@@ -276,3 +276,9 @@ def test_bad_input(tmp_path: Path, dataset: tuple[Path, Path], trained: Path, ca
     assert main(["mil", "heatmap", "--features", str(wrong), "--slide", str(sample_path("cmu_small_region")),
                  "--run", str(trained), "--fold", "7", "--out", str(tmp_path / "h")]) == 2
     assert "has no fold 7" in capsys.readouterr().err
+    other = tmp_path / "S03.h5"
+    write_slide(other, True, np.random.default_rng(3), model_name="another_encoder", tile_size=256)
+    assert main(["mil", "heatmap", "--features", str(other), "--slide", str(sample_path("cmu_small_region")),
+                 "--run", str(trained), "--out", str(tmp_path / "h")]) == 2
+    err = capsys.readouterr().err
+    assert "model_name: run 'toy_encoder', file 'another_encoder'; tile_size: run 224, file 256" in err
