@@ -9,13 +9,19 @@ Keys compared (those both sides have; a key missing on one side is not a
 difference, so CLAM / TRIDENT files with fewer attributes still load):
 
 * encoder: ``model_name``, ``embed_dim``;
-* weights: ``weights``, ``weights_sha256``, ``weights_repo``, ``weights_revision``, ``random_init``;
-* preprocessing: ``resize``, ``interpolation``, ``mean``, ``std`` and any attribute whose
-  name starts with ``preprocess``;
+* weights: ``weights_source`` (checkpoint / hub / random-init), ``weights_sha256``, ``weights_repo``,
+  ``weights_revision``, and the older ``weights`` / ``random_init`` where present (not
+  ``weights_file``: the same weights under another file name are the same weights, and
+  their SHA-256 says so);
+* preprocessing: any attribute whose name starts with ``preprocess`` (``preprocess_resize``,
+  ``preprocess_interpolation``, ``preprocess_mean``, ``preprocess_std``), and ``resize``,
+  ``interpolation``, ``mean``, ``std`` where a file has them unprefixed;
 * tiling: ``mpp`` (target microns per pixel), ``tile_size``, ``overlap``.
 
-Per-slide attributes (``slide``, ``level0_mpp``, sizes, fingerprints) are not
-compared between slides; ``slide``, when present, must equal the file name's stem.
+Per-slide attributes (``slide``, ``level0_mpp``, ``level`` and ``read_size``, which follow
+from each slide's scan, sizes, fingerprints) and run details that do not change the feature
+space (``min_tissue``, ``roi``, ``layout``, ``histofm_version``) are not compared; ``slide``,
+when present, must name the same slide as the file name.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from histofm.errors import HistofmError
 
 COMPARED_KEYS = (
     "model_name", "embed_dim",
-    "weights", "weights_sha256", "weights_repo", "weights_revision", "random_init",
+    "weights_source", "weights", "weights_sha256", "weights_repo", "weights_revision", "random_init",
     "resize", "interpolation", "mean", "std",
     "mpp", "tile_size", "overlap",
 )
