@@ -1,61 +1,115 @@
-"""``histofm mil``: weakly supervised slide-level training and attention heatmaps.
+"""``histofm mil``: weakly supervised slide-level training, prediction on a cohort, and heatmaps.
 
-    histofm mil train --features DIR --labels CSV --model abmil --folds 5 --out DIR
-    histofm mil heatmap --features SLIDE.h5 --slide SLIDE.svs --model-dir DIR --out heatmap.png
+    histofm mil train --features DIR --labels CSV --aggregator abmil --folds 5 --out DIR
+    histofm mil predict --run DIR --features DIR --out DIR
+    histofm mil heatmap --features SLIDE.h5 --slide SLIDE.svs --run DIR --out DIR
     histofm mil list
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
+from histofm.commands._common import add_command
 from histofm.errors import HistofmError
 
 
+def _fold(value: str) -> int | None:
+    if value == "all":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--fold takes a fold number or 'all', got {value!r}") from None
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("mil", help="slide-level learning from tile features (MIL) and attention heatmaps")
+    p = add_command(
+        sub, "mil", help="slide-level learning from tile features (MIL), prediction and heatmaps",
+        example="histofm mil train --features feats/ --labels labels.csv --aggregator abmil --out runs/abmil\n"
+        "histofm mil predict --run runs/abmil --features external_feats/ --out preds/\n"
+        "histofm mil heatmap --features feats/S01.h5 --slide slides/S01.svs --run runs/abmil --out maps/",
+    )
     mil_sub = p.add_subparsers(dest="mil_command", metavar="ACTION")
 
-    t = mil_sub.add_parser("train", help="cross-validated training of a MIL aggregator")
+    t = add_command(
+        mil_sub, "train", help="cross-validated training of a MIL aggregator (patient-grouped folds)",
+        example="histofm mil train --features feats/ --labels labels.csv --aggregator abmil --folds 5 --out runs/abmil\n"
+        "histofm mil train --features feats/ --labels os.csv --task survival --time-col months --event-col dead "
+        "--set loss=cox --batch-size 16 --out runs/os",
+    )
     t.add_argument("--features", type=Path, required=True, help="directory of <slide_id>.h5 feature files")
-    t.add_argument("--labels", type=Path, required=True, help="CSV with columns slide_id,label[,patient_id]")
-    t.add_argument("--model", default="abmil", help="aggregator name (see `histofm mil list`)")
-    t.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="aggregator option, e.g. --option gated=false --option hidden_dim=128 (repeatable)")
-    t.add_argument("--folds", type=int, default=5)
-    t.add_argument("--epochs", type=int, default=20)
-    t.add_argument("--lr", type=float, default=2e-4)
-    t.add_argument("--weight-decay", type=float, default=1e-4)
+    t.add_argument("--labels", type=Path, required=True,
+                   help="CSV with columns slide_id,label[,patient_id] (survival: slide_id,TIME,EVENT[,patient_id])")
+    t.add_argument("--aggregator", default="abmil", help="aggregator name (see `histofm mil list`)")
+    t.add_argument("--model", dest="model_alias", default=None, help=argparse.SUPPRESS)
+    t.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                   help="aggregator option (hidden_dim=128, gated=false) or training setting (loss=cox, patience=5, "
+                   "val_fraction=0.2, n_bins=4, class_weight=false, n_boot=1000); repeatable")
+    t.add_argument("--option", dest="option_alias", action="append", default=[], help=argparse.SUPPRESS)
+    t.add_argument("--task", choices=("classification", "survival"), default="classification",
+                   help="slide labels (column label) or follow-up times and events")
+    t.add_argument("--time-col", default="time", help="follow-up time column of --labels (survival)")
+    t.add_argument("--event-col", default="event", help="event column of --labels, 1 = event, 0 = censored (survival)")
+    t.add_argument("--folds", type=int, default=5, help="cross-validation folds, grouped by patient")
+    t.add_argument("--epochs", type=int, default=20, help="most epochs (early stopping on the validation loss)")
+    t.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate")
+    t.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
     t.add_argument("--batch-size", type=int, default=1, help="slides per step (padded with a mask)")
     t.add_argument("--max-tiles", type=int, default=None, help="random subset of tiles per slide in training")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
-    t.add_argument("--out", type=Path, required=True, help="output directory (models, predictions, metrics)")
+    t.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling and folds")
+    t.add_argument("--device", default=None, help="cpu, cuda, mps; None picks the best available")
+    t.add_argument("--out", type=Path, required=True, help="run directory (models, log, predictions, metrics)")
     t.set_defaults(func=run_train)
 
-    h = mil_sub.add_parser("heatmap", help="draw per-tile scores over the slide thumbnail")
+    pr = add_command(
+        mil_sub, "predict", help="score an external cohort with a trained run (ensemble of folds, or one)",
+        example="histofm mil predict --run runs/abmil --features external_feats/ --out preds/",
+    )
+    pr.add_argument("--run", type=Path, required=True, help="output directory of `histofm mil train`")
+    pr.add_argument("--features", type=Path, required=True, help="directory of feature files (or one .h5)")
+    pr.add_argument("--fold", type=_fold, default="all", metavar="K|all",
+                    help="one fold's model, or all (ensemble; a slide of the training cohort gets its held-out model)")
+    pr.add_argument("--out", type=Path, required=True, help="output directory (predictions.csv, tile_scores/)")
+    pr.set_defaults(func=run_predict)
+
+    h = add_command(
+        mil_sub, "heatmap", help="per-tile scores over the slide: PNG, HDF5/CSV tables and QuPath GeoJSON",
+        example="histofm mil heatmap --features feats/S01.h5 --slide slides/S01.svs --run runs/abmil --out maps/",
+    )
     h.add_argument("--features", type=Path, required=True, help="the slide's features .h5 (with coords)")
     h.add_argument("--slide", type=Path, required=True, help="the slide file the features came from")
-    h.add_argument("--model-dir", type=Path, required=True, help="output directory of `histofm mil train`")
-    h.add_argument("--fold", type=int, default=None, help="use one fold's model (default: average all folds)")
+    h.add_argument("--run", type=Path, default=None, help="output directory of `histofm mil train`")
+    h.add_argument("--model-dir", dest="run_alias", type=Path, default=None, help=argparse.SUPPRESS)
+    h.add_argument("--fold", type=_fold, default="all", metavar="K|all",
+                   help="one fold's model, or all (ensemble; a slide of the training cohort gets its held-out model)")
     h.add_argument("--size", type=int, default=1024, help="longer side of the thumbnail in pixels")
     h.add_argument("--alpha", type=float, default=0.5, help="opacity of the heat overlay")
-    h.add_argument("--out", type=Path, required=True, help="PNG to write")
+    h.add_argument("--object-type", choices=("tile", "detection", "annotation"), default="tile",
+                   help="QuPath object type of the GeoJSON tiles")
+    h.add_argument("--out", type=Path, required=True, help="output directory")
     h.set_defaults(func=run_heatmap)
 
-    ls = mil_sub.add_parser("list", help="list the MIL aggregators")
+    ls = add_command(mil_sub, "list", help="list the MIL aggregators", example="histofm mil list")
     ls.set_defaults(func=run_list)
     p.set_defaults(func=lambda args: (p.print_help(), 1)[1])
 
 
-def _parse_options(items: list[str]) -> dict[str, Any]:
+def _deprecated(old: str, new: str) -> None:
+    print(f"histofm: note: {old} is deprecated; use {new}.", file=sys.stderr)
+
+
+def parse_settings(items: list[str], flag: str = "--set") -> dict[str, Any]:
+    """``KEY=VALUE`` strings to a dict; values are parsed as JSON where they can be (numbers, true/false)."""
     out: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
-            raise HistofmError(f"--option {item!r} is not KEY=VALUE; write for example --option hidden_dim=128.")
+            raise HistofmError(f"{flag} {item!r} is not KEY=VALUE; write for example {flag} hidden_dim=128.")
         key, value = item.split("=", 1)
         try:
             out[key.strip()] = json.loads(value.lower() if value.lower() in ("true", "false", "null") else value)
@@ -68,50 +122,98 @@ def run_train(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from histofm.mil.train import MILTrainConfig, cross_validate, load_bags, read_labels_csv
+    from histofm.mil import build_aggregator
+    from histofm.mil.cv import cross_validate, output_dim
+    from histofm.mil.data import BagDataset, read_labels_csv
+    from histofm.mil.provenance import common_provenance
+    from histofm.mil.survival import check_loss
+    from histofm.mil.train import MILTrainConfig
     from histofm.utils import default_device
 
+    aggregator = args.aggregator
+    if args.model_alias is not None:
+        _deprecated("`mil train --model`", "--aggregator")
+        aggregator = args.model_alias
+    if args.option_alias:
+        _deprecated("`mil train --option`", "--set")
     for name, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--folds", args.folds)):
         if value < 1:
             raise HistofmError(f"{name} must be at least 1, got {value}.")
-    table = read_labels_csv(args.labels)
-    bags = load_bags(args.features, table.slide_ids)
+    settings = parse_settings(args.option_alias + args.settings)
+    train_keys = {f.name for f in dataclasses.fields(MILTrainConfig)} - {"model", "model_kwargs", "task", "seed"}
+    train_set = {k: v for k, v in settings.items() if k in train_keys}
+    model_kwargs = {k: v for k, v in settings.items() if k not in train_keys}
     config = MILTrainConfig(
-        model=args.model, model_kwargs=_parse_options(args.option), epochs=args.epochs, lr=args.lr,
+        model=aggregator, model_kwargs=model_kwargs, epochs=args.epochs, lr=args.lr,
         weight_decay=args.weight_decay, batch_size=args.batch_size, max_tiles=args.max_tiles, seed=args.seed,
+        task=args.task,
     )
-    from histofm.mil import build_aggregator
-
-    build_aggregator(config.model, int(bags[0].shape[1]), len(table.class_names), **config.model_kwargs)  # fail early
+    config = dataclasses.replace(config, **train_set)
+    if config.task == "survival":
+        check_loss(config.loss, config.batch_size)
+    table = read_labels_csv(args.labels, args.task, args.time_col, args.event_col)
+    bags = BagDataset.from_table(args.features, table.slide_ids)
+    provenance = common_provenance(bags.paths)
+    build_aggregator(config.model, bags.dim, output_dim(table, config), **config.model_kwargs)  # fail early
     device = args.device or str(default_device())
     console = Console()
+    what = f"classes {table.class_names}" if table.task == "classification" else f"{int(table.events.sum())} events"
     console.print(
-        f"{len(bags)} slides, {len(set(table.patients))} patients, classes {table.class_names}, "
-        f"{int(bags[0].shape[1])}-d features; {args.folds}-fold CV of {args.model} on {device}"
+        f"{len(bags)} slides, {len(set(table.patients))} patients, {what}, {bags.dim}-d features "
+        f"({provenance.get('model_name', 'encoder not recorded')}); {args.folds}-fold CV of {aggregator} on {device}"
     )
-    summary = cross_validate(bags, table, config, args.folds, args.out, device=device, progress=console.is_terminal)
-    out = Table(title=f"{args.model}: {args.folds}-fold cross-validation (grouped by patient)")
-    for col in ("fold", "train", "test", "balanced acc", "macro F1", "AUROC"):
+    summary = cross_validate(bags, table, config, args.folds, args.out, device=device,
+                             progress=console.is_terminal, provenance=provenance)
+    keys = ("c_index",) if table.task == "survival" else ("balanced_accuracy", "macro_f1", "auroc")
+    out = Table(title=f"{aggregator}: {args.folds}-fold cross-validation (grouped by patient), 95% bootstrap intervals")
+    for col in ("fold", "train", "val", "test", *keys):
         out.add_column(col, justify="right")
+
+    def cell(m: dict[str, Any], k: str) -> str:
+        lo, hi = m.get(f"{k}_ci", [None, None])
+        return f"{m[k]:.3f}" + ("" if lo is None else f" [{lo:.3f}, {hi:.3f}]")
+
     for m in summary["folds"]:
-        out.add_row(str(m["fold"]), str(m["n_train"]), str(m["n_test"]), f"{m['balanced_accuracy']:.3f}",
-                    f"{m['macro_f1']:.3f}", f"{m['auroc']:.3f}")
+        out.add_row(str(m["fold"]), str(m["n_train"]), str(m["n_val"]), str(m["n_test"]), *[cell(m, k) for k in keys])
     mean, sd = summary["mean"], summary["sd"]
-    out.add_row("mean ± sd", "", "", *[f"{mean[k]:.3f} ± {sd[k]:.3f}" for k in ("balanced_accuracy", "macro_f1", "auroc")])
+    out.add_row("mean ± sd", "", "", "", *[f"{mean[k]:.3f} ± {sd[k]:.3f}" for k in keys])
+    out.add_row("pooled", "", "", str(len(table.slide_ids)), *[cell(summary["pooled"], k) for k in keys])
     console.print(out)
-    console.print(f"models, predictions.csv and metrics.json written to {args.out}")
+    console.print(f"models, log.jsonl, predictions.csv, metrics.json and run.json written to {args.out}")
+    return 0
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from histofm.mil.predict import predict_cohort
+
+    result = predict_cohort(args.run, args.features, args.out, fold=args.fold)
+    held = sum("held out" in r["models"] for r in result["rows"])
+    note = f" ({held} slide(s) of the training cohort scored by their held-out fold model)" if held else ""
+    print(f"{len(result['rows'])} slides scored{note}; wrote {result['predictions']} and {result['tile_scores']}/")
     return 0
 
 
 def run_heatmap(args: argparse.Namespace) -> int:
     from histofm.mil.heatmap import render_heatmap
 
+    run = args.run
+    if args.run_alias is not None:
+        _deprecated("`mil heatmap --model-dir`", "--run")
+        run = run or args.run_alias
+    if run is None:
+        raise HistofmError("Pass the output folder of `histofm mil train` as --run.")
     if not 0.0 <= args.alpha <= 1.0:
         raise HistofmError(f"--alpha must be between 0 and 1, got {args.alpha}.")
-    result = render_heatmap(args.slide, args.features, args.model_dir, args.out, fold=args.fold,
-                            max_size=args.size, alpha=args.alpha)
-    probs = ", ".join(f"{k} {v:.3f}" for k, v in result["probabilities"].items())
-    print(f"{result['tiles']} tiles drawn; slide probabilities: {probs}; wrote {result['png']}")
+    if args.out.suffix.lower() in (".png", ".jpg", ".jpeg"):
+        raise HistofmError(f"--out is a directory now (the PNG, tables and GeoJSON go in it), not {args.out.name}.")
+    result = render_heatmap(args.slide, args.features, run, args.out, fold=args.fold,
+                            max_size=args.size, alpha=args.alpha, object_type=args.object_type)
+    if "probabilities" in result:
+        outcome = "slide probabilities: " + ", ".join(f"{k} {v:.3f}" for k, v in result["probabilities"].items())
+    else:
+        outcome = f"slide risk {result['risk']:.3f}"
+    print(f"{result['tiles']} tiles scored by {result['models']}; {outcome}; wrote {result['png'].name}, "
+          f"{result['h5'].name}, {result['csv'].name} and {result['geojson'].name} to {args.out}")
     return 0
 
 

@@ -203,3 +203,55 @@ def summarize(
         sd = float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else 0.0
         out[name] = MetricSummary(float(np.mean(per_seed)), sd, lo, hi, len(per_seed))
     return out
+
+
+def concordance_index(times: Sequence[float] | np.ndarray, events: Sequence[bool] | np.ndarray,
+                      risk: Sequence[float] | np.ndarray, tied_tol: float = 1e-8) -> float:
+    """Harrell's C-index: the fraction of comparable pairs whose risks are ordered like their times.
+
+    A pair ``(i, j)`` is comparable when ``i`` had an event and ``t_i < t_j``, or
+    ``t_i = t_j`` and ``j`` was censored (still event-free at that time). It is
+    concordant when ``risk_i > risk_j``; tied risks (within ``tied_tol``) count 1/2.
+    The same conventions as ``sksurv.metrics.concordance_index_censored``.
+    """
+    t = np.asarray(times, dtype=np.float64)
+    e = np.asarray(events, dtype=bool)
+    r = np.asarray(risk, dtype=np.float64)
+    if not (len(t) == len(e) == len(r)):
+        raise HistofmError(f"Times, events and risks differ in length ({len(t)}, {len(e)}, {len(r)}).")
+    # (n, n) masks, row i against column j: fine for the few thousand slides of a cohort.
+    comparable = e[:, None] & ((t[:, None] < t[None, :]) | ((t[:, None] == t[None, :]) & ~e[None, :]))
+    n_pairs = comparable.sum()
+    if n_pairs == 0:
+        raise HistofmError("The C-index needs a comparable pair: an event before another slide's follow-up ends.")
+    diff = r[:, None] - r[None, :]
+    tied = np.abs(diff) <= tied_tol
+    concordant = (diff > 0) & ~tied
+    return float(((concordant & comparable).sum() + 0.5 * (tied & comparable).sum()) / n_pairs)
+
+
+def bootstrap_metric(
+    arrays: Sequence[np.ndarray],
+    metric: Callable[..., float],
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``metric(*arrays)``, resampling the rows of all arrays together.
+
+    Resamples on which the metric is undefined (a single class, no comparable pair) are skipped.
+    """
+    rng = np.random.default_rng(seed)
+    arrays = [np.asarray(a) for a in arrays]
+    n = len(arrays[0])
+    values = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, n, n)
+        try:
+            values.append(metric(*[a[idx] for a in arrays]))
+        except HistofmError:
+            continue
+    if not values:
+        return float("nan"), float("nan")
+    alpha = (1 - level) / 2
+    return float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))

@@ -12,7 +12,10 @@ in), and writes:
   filled in its cluster's colour, with a legend of tile counts;
 * ``<slide>_prototypes.png``: for each cluster, the tiles nearest its centroid
   (what a pathologist looks at to name the phenotype);
-* ``<slide>_clusters.csv``: ``x, y, cluster, distance`` per tile (level-0 corner).
+* ``<slide>_clusters.csv`` and ``<slide>_clusters.h5``: ``x, y, cluster, distance`` per tile
+  (level-0 corner; the HDF5 has ``coords (N, 2)``, ``cluster (N,)``, ``distance (N,)``);
+* ``<slide>_clusters.geojson``: the tiles as QuPath objects classified ``cluster j`` in the
+  map's colours, with the distance to the centroid as a measurement (:mod:`histofm.wsi.qupath`).
 
 Clusters are numbered by size, largest first, so colours are stable across runs.
 """
@@ -199,6 +202,8 @@ def cluster_map(
         tile_px = int(attrs.get("tile_size", tile_size))
         result.paths["prototypes"] = save_prototypes(reader, result, out / f"{stem}_prototypes.png", tile_px, tile_mpp)
         result.paths["csv"] = save_cluster_csv(result, out / f"{stem}_clusters.csv")
+        result.paths["h5"] = save_cluster_h5(result, out / f"{stem}_clusters.h5", stem)
+        result.paths["geojson"] = save_cluster_geojson(result, out / f"{stem}_clusters.geojson", stem)
     finally:
         reader.close()
     return result
@@ -291,3 +296,30 @@ def save_cluster_csv(result: ClusterMap, path: Path) -> Path:
         for (x, y), j, d in zip(result.coords, result.labels, result.distances):
             w.writerow([int(x), int(y), int(j), f"{float(d):.6g}"])
     return path
+
+
+def save_cluster_h5(result: ClusterMap, path: Path, slide: str = "") -> Path:
+    """``coords (N, 2)`` level-0 corners, ``cluster (N,)``, ``distance (N,)`` and ``centroids (K, D)``."""
+    import h5py
+
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("coords", data=np.asarray(result.coords, dtype=np.int64))
+            f.create_dataset("cluster", data=np.asarray(result.labels, dtype=np.int64))
+            f.create_dataset("distance", data=np.asarray(result.distances, dtype=np.float32))
+            f.create_dataset("centroids", data=np.asarray(result.centroids, dtype=np.float32))
+            f.attrs["patch_size_level0"] = float(result.size_level0)
+            f.attrs["slide"] = slide
+    return path
+
+
+def save_cluster_geojson(result: ClusterMap, path: Path, slide: str = "", object_type: str = "tile") -> Path:
+    """The tiles as a QuPath FeatureCollection, classified ``cluster j`` in the map's colours."""
+    from histofm.wsi.qupath import tile_features, write_geojson
+
+    k = len(result.centroids)
+    colours = {f"cluster {j}": list(cluster_colour(j)) for j in range(k)}
+    names = [f"cluster {int(j)}" for j in result.labels]
+    collection = tile_features(result.coords, result.size_level0, names, colours,
+                               {"distance": result.distances}, object_type, id_prefix=slide)
+    return write_geojson(path, collection)

@@ -1,11 +1,17 @@
-"""Attention heatmaps: per-tile scores of trained aggregators drawn over the slide thumbnail.
+"""Attention heatmaps: per-tile scores of a trained run over the slide, as a picture and as data.
 
-Scores of different models live on different scales (attention weights, logit
-contributions), so each model's scores are turned into percentiles within the
-slide (as CLAM does) and averaged over the fold models. Each tile paints its
-footprint on the thumbnail (``coords`` are level-0 top-left corners; the tile
-side comes from the features file's ``patch_size_level0`` attribute or, failing
-that, from the coordinate grid step); overlapping tiles are averaged.
+The models are chosen and their scores averaged as in :mod:`histofm.mil.predict`
+(a training slide gets the fold model that held it out). Each tile paints its
+footprint on the thumbnail (``coords`` are level-0 top-left corners; the tile side
+comes from ``patch_size_level0``, else ``tile_size * mpp / level0_mpp``, else the
+coordinate grid step); overlapping tiles are averaged. :func:`render_heatmap`
+writes into a folder:
+
+* ``<slide>_heatmap.png``: the slide beside the overlay;
+* ``<slide>_scores.h5`` and ``<slide>_scores.csv``: per tile, level-0 ``x, y``, the
+  percentile ``score`` and the raw ``attention``;
+* ``<slide>_scores.geojson``: the tiles as QuPath objects (see :mod:`histofm.wsi.qupath`),
+  classified into score deciles coloured like the heatmap, with both values as measurements.
 """
 
 from __future__ import annotations
@@ -18,40 +24,27 @@ import numpy as np
 import torch
 
 from histofm.errors import HistofmError
-from histofm.eval.metrics import rankdata
 from histofm.mil.base import MILAggregator
+from histofm.mil.predict import (
+    choose_models,
+    percentiles,
+    score_bag,
+    tile_size_level0,
+    write_tile_csv,
+    write_tile_scores,
+)
 from histofm.utils import atomic_path
 
-
-def tile_size_level0(coords: np.ndarray, attrs: dict[str, Any]) -> float:
-    """Tile side in level-0 pixels, from the file attributes or the smallest grid step."""
-    for key in ("patch_size_level0", "size_level0"):
-        if key in attrs and float(attrs[key]) > 0:
-            return float(attrs[key])
-    steps = [np.diff(np.unique(coords[:, i])) for i in (0, 1)]
-    steps = [s[s > 0] for s in steps if len(s)]
-    if not steps or not any(len(s) for s in steps):
-        raise HistofmError("Cannot tell the tile size: the features file has no patch_size_level0 attribute and one tile.")
-    return float(min(s.min() for s in steps if len(s)))
-
-
-def percentiles(scores: np.ndarray) -> np.ndarray:
-    """Scores to their percentile rank in ``[0, 1]`` (ties share their mean rank)."""
-    return (rankdata(np.asarray(scores, dtype=np.float64)) - 1) / max(len(scores) - 1, 1)
+__all__ = ["paint", "percentiles", "render_heatmap", "slide_scores", "tile_size_level0"]
 
 
 @torch.no_grad()
 def slide_scores(models: list[MILAggregator], features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean class probabilities ``(C,)`` and mean percentile scores ``(N,)`` over the models."""
-    x = torch.from_numpy(np.asarray(features, dtype=np.float32)).unsqueeze(0)
-    probs, scores = [], []
-    for model in models:
-        out = model.eval()(x)
-        if out.scores is None:
-            raise HistofmError(f"Aggregator {type(model).__name__} has no per-tile scores to draw; train abmil, clam or transmil.")
-        probs.append(torch.softmax(out.logits.double(), -1)[0].numpy())
-        scores.append(percentiles(out.scores[0].double().numpy()))
-    return np.mean(probs, axis=0), np.mean(scores, axis=0)
+    """Mean class probabilities ``(C,)`` and mean percentile scores ``(N,)`` over classification ``models``."""
+    res = score_bag(models, {"task": "classification"}, features)
+    if res["score"] is None:
+        raise HistofmError(f"Aggregator {type(models[0]).__name__} has no per-tile scores to draw; train abmil, clam or transmil.")
+    return res["probs"], res["score"]
 
 
 def paint(
@@ -75,46 +68,61 @@ def paint(
 def render_heatmap(
     slide_path: str | os.PathLike[str],
     features_path: str | os.PathLike[str],
-    model_dir: str | os.PathLike[str],
-    out_path: str | os.PathLike[str],
+    run_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
     fold: int | None = None,
     max_size: int = 1024,
     alpha: float = 0.5,
     cmap: str = "jet",
+    object_type: str = "tile",
 ) -> dict[str, Any]:
-    """Draw the per-tile scores of the models in ``model_dir`` over ``slide_path``; write a PNG.
+    """Draw the per-tile scores of the run in ``run_dir`` over ``slide_path``; write PNG, tables and GeoJSON.
 
     Returns:
-        ``{"probabilities": {class: p}, "heat": (H, W) array, "tiles": N, "png": path}``.
+        ``{"probabilities": {class: p} (or "risk"), "models": description, "heat": (H, W) array,
+        "tiles": N, "png", "h5", "csv", "geojson": paths}``.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from histofm.mil.train import load_trained
+    from histofm.mil.provenance import check_against_run
+    from histofm.mil.run import load_trained
     from histofm.wsi.features import read_features
+    from histofm.wsi.qupath import score_classes, tile_features, write_geojson
     from histofm.wsi.readers import open_slide
 
+    features_path = Path(features_path)
+    models, cfg = load_trained(run_dir, fold)
+    check_against_run(features_path, cfg.get("provenance", {}))
     features, coords, attrs = read_features(features_path)
-    models, cfg = load_trained(model_dir, fold)
     if features.shape[1] != cfg["in_dim"]:
         raise HistofmError(
-            f"{Path(features_path).name} has {features.shape[1]}-d features but the models were trained on "
+            f"{features_path.name} has {features.shape[1]}-d features but the models were trained on "
             f"{cfg['in_dim']}-d ones; use features from the same encoder."
         )
-    probs, scores = slide_scores(models, features)
+    chosen, used = choose_models(models, cfg, features_path.stem, fold)
+    res = score_bag(chosen, cfg, features)
+    if res["score"] is None:
+        raise HistofmError(f"Aggregator {cfg['aggregator']!r} has no per-tile scores to draw; train abmil, clam or transmil.")
+    scores = res["score"]
     with open_slide(slide_path) as slide:
         dims = slide.dimensions
         thumb = np.asarray(slide.thumbnail(max_size).convert("RGB"))
     if coords.size and (coords[:, 0].max() >= dims[0] or coords[:, 1].max() >= dims[1]):
         raise HistofmError(
             f"Tile coordinates reach beyond the slide ({dims[0]} x {dims[1]} px); "
-            f"{Path(features_path).name} was not extracted from {Path(slide_path).name}."
+            f"{features_path.name} was not extracted from {Path(slide_path).name}."
         )
-    heat = paint(coords, scores, tile_size_level0(coords, attrs), dims, thumb.shape[:2])
-    names = cfg["class_names"]
-    title = ", ".join(f"{n}: {p:.2f}" for n, p in zip(names, probs))
+    size0 = tile_size_level0(coords, attrs)
+    heat = paint(coords, scores, size0, dims, thumb.shape[:2])
+    if res["probs"] is not None:
+        outcome: dict[str, Any] = {"probabilities": dict(zip(cfg["class_names"], res["probs"].tolist()))}
+        title = ", ".join(f"{n}: {p:.2f}" for n, p in outcome["probabilities"].items())
+    else:
+        outcome = {"risk": res["risk"]}
+        title = f"risk {res['risk']:.3f}"
     # The slide alone beside the overlay, so the tissue under the colours can be read.
     aspect = thumb.shape[0] / thumb.shape[1]
     fig, (ax0, ax) = plt.subplots(1, 2, figsize=(12, 6 * aspect + 0.8), dpi=120)
@@ -122,12 +130,21 @@ def render_heatmap(
     ax0.set_title(Path(slide_path).name, fontsize=9)
     ax.imshow(thumb)
     im = ax.imshow(np.ma.masked_invalid(heat), cmap=cmap, alpha=alpha, vmin=0, vmax=1, interpolation="nearest")
-    ax.set_title(f"{cfg['model']} tile scores ({len(models)} model(s)) - {title}", fontsize=9)
+    ax.set_title(f"{cfg['aggregator']} tile scores: {title}\n{used}", fontsize=9)
     for a in (ax0, ax):
         a.set_axis_off()
     fig.colorbar(im, ax=ax, fraction=0.035, pad=0.02, label="tile score (percentile)")
-    out = Path(out_path)
-    with atomic_path(out) as tmp:
+    out = Path(out_dir)
+    stem = features_path.stem
+    with atomic_path(out / f"{stem}_heatmap.png") as tmp:
         fig.savefig(tmp, format="png", bbox_inches="tight")
     plt.close(fig)
-    return {"probabilities": dict(zip(names, probs.tolist())), "heat": heat, "tiles": len(coords), "png": out}
+    values = {"score": scores, "attention": res["attention"]}
+    h5 = write_tile_scores(out / f"{stem}_scores.h5", coords, values,
+                           {"slide": stem, "models": used, "patch_size_level0": size0})
+    table = write_tile_csv(out / f"{stem}_scores.csv", coords, values)
+    names, colours = score_classes(scores, cmap=cmap)
+    geojson = write_geojson(out / f"{stem}_scores.geojson",
+                            tile_features(coords, size0, names, colours, values, object_type, id_prefix=stem))
+    return {**outcome, "models": used, "heat": heat, "tiles": len(coords), "png": out / f"{stem}_heatmap.png",
+            "h5": h5, "csv": table, "geojson": geojson}
