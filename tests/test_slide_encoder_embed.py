@@ -118,11 +118,16 @@ def test_cli_and_probe_recover_a_planted_signal(tmp_path, capsys) -> None:
     assert len(list(out.glob("*.h5"))) == 40
     assert main(args + tiny) == 0 and "0 slide embeddings written" in capsys.readouterr().out  # resumes
 
-    result = probe_slide_embeddings(out, labels, tmp_path / "probe", folds=4, n_boot=20)
+    # the probe through the command line: `histofm mil train --slide-embeddings`
+    assert main(["mil", "train", "--slide-embeddings", str(out), "--labels", str(labels), "--folds", "4",
+                 "--out", str(tmp_path / "probe")]) == 0
+    assert "balanced_accuracy" in capsys.readouterr().out
+    metrics = json.loads((tmp_path / "probe" / "metrics.json").read_text())
+    result = probe_slide_embeddings(out, labels, None, folds=4, n_boot=20)
     bacc = result.pooled["balanced_accuracy"].mean
+    assert metrics["pooled"]["balanced_accuracy"]["mean"] == pytest.approx(bacc)  # same folds, same fit
     assert bacc >= 0.85, bacc
     assert result.pooled["auroc"].mean >= 0.9
-    metrics = json.loads((tmp_path / "probe" / "metrics.json").read_text())
     assert metrics["n_slides"] == 40 and metrics["classes"] == ["normal", "tumour"]
     with open(tmp_path / "probe" / "predictions.csv") as f:
         preds = list(csv.DictReader(f))

@@ -43,7 +43,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "histofm mil train --features feats/ --labels os.csv --task survival --time-col months --event-col dead "
         "--set loss=cox --batch-size 16 --out runs/os",
     )
-    t.add_argument("--features", type=Path, required=True, help="directory of <slide_id>.h5 feature files")
+    data = t.add_mutually_exclusive_group(required=True)
+    data.add_argument("--features", type=Path, help="directory of <slide_id>.h5 tile-feature files (MIL)")
+    data.add_argument("--slide-embeddings", type=Path, metavar="DIR",
+                      help="a slide_embeddings_<encoder> folder of `histofm slide-embed`: cross-validated linear "
+                      "probe on slide embeddings instead of MIL (classification only)")
     t.add_argument("--labels", type=Path, required=True,
                    help="CSV with columns slide_id,label[,patient_id] (survival: slide_id,TIME,EVENT[,patient_id])")
     t.add_argument("--aggregator", default="abmil", help="aggregator name (see `histofm mil list`)")
@@ -118,6 +122,26 @@ def parse_settings(items: list[str], flag: str = "--set") -> dict[str, Any]:
     return out
 
 
+def _run_slide_probe(args: argparse.Namespace) -> int:
+    """``mil train --slide-embeddings``: logistic regression on slide embeddings, patient-grouped folds."""
+    from rich.console import Console
+
+    from histofm.eval.slide_probe import probe_slide_embeddings
+
+    if args.task != "classification":
+        raise HistofmError("--slide-embeddings supports --task classification only; use --features for survival.")
+    if args.folds < 2:
+        raise HistofmError(f"--folds must be at least 2 for cross-validation, got {args.folds}.")
+    if args.out.exists() and not args.out.is_dir():
+        raise HistofmError(f"--out {args.out} is a file; give a directory.")
+    result = probe_slide_embeddings(args.slide_embeddings, args.labels, args.out, folds=args.folds, seed=args.seed)
+    console = Console()
+    for name, summary in result.pooled.items():
+        console.print(f"{name}: {summary}", highlight=False)
+    console.print(f"predictions and metrics in {args.out}", highlight=False)
+    return 0
+
+
 def run_train(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -130,6 +154,8 @@ def run_train(args: argparse.Namespace) -> int:
     from histofm.mil.train import MILTrainConfig
     from histofm.utils import default_device
 
+    if args.slide_embeddings is not None:
+        return _run_slide_probe(args)
     aggregator = args.aggregator
     if args.model_alias is not None:
         _deprecated("`mil train --model`", "--aggregator")

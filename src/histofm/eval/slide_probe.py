@@ -85,7 +85,7 @@ def slide_probe_cv(
         n_boot: bootstrap resamples for the pooled intervals (0: none).
         slide_ids, class_names: carried into the result.
     """
-    from histofm.mil.train import make_folds
+    from histofm.mil.cv import make_folds
 
     X = np.asarray(embeddings, dtype=np.float64)
     y = np.asarray(labels, dtype=np.int64)
@@ -123,7 +123,7 @@ def probe_slide_embeddings(
     Slides of the CSV without an embedding are an error (it names them); embeddings without a
     label are ignored. With ``out_dir``, writes ``predictions.csv`` and ``metrics.json``.
     """
-    from histofm.mil.train import read_labels_csv
+    from histofm.mil.data import read_labels_csv
     from histofm.wsi.slide_embed import read_slide_embeddings
 
     names, X, _ = read_slide_embeddings(embeddings_dir)
