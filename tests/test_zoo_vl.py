@@ -209,3 +209,30 @@ def test_vl_entries_are_marked_and_bad_checkpoints_explained(tmp_path) -> None:
     ckpt = _save({"visual.conv1.weight": torch.zeros(64, 3, 8, 8)}, tmp_path / "bad.safetensors")
     with pytest.raises(HistofmError, match="missing"):
         histofm.create_model("quiltnet_b32", checkpoint_path=ckpt, vision=TINY_VISION, text=TINY_TEXT)
+
+
+def test_coca_losses_match_open_clip_and_every_parameter_learns() -> None:
+    """L_con + L_cap of our CoCa equal open_clip's CoCaLoss; every parameter of CONCH's layout gets a gradient."""
+    from open_clip.loss import CoCaLoss
+
+    from histofm.models.coca import coca_caption_loss
+
+    torch.manual_seed(0)
+    model = histofm.create_model("conch", **CONCH_TINY)
+    images = torch.randn(3, 3, 32, 32)
+    tokens = torch.randint(3, 500, (3, 16))
+    tokens[1, 6:] = 0
+    logits = model.caption_logits(images, tokens)
+    img, txt = model.encode_image(images, True), model.encode_text(tokens, True)
+    scale = model.logit_scale.exp()
+    ref_con, ref_cap = CoCaLoss(caption_loss_weight=1.0, clip_loss_weight=1.0, pad_id=0)(
+        img, txt, logits, tokens[:, 1:], scale
+    )
+    con = torch.nn.functional.cross_entropy(model(images, tokens), torch.arange(3))
+    con = (con + torch.nn.functional.cross_entropy(model(images, tokens).T, torch.arange(3))) / 2
+    cap = coca_caption_loss(logits, tokens, pad_id=0)
+    torch.testing.assert_close(con, ref_con, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cap, ref_cap, rtol=1e-5, atol=1e-6)
+    (con + cap).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, missing

@@ -15,10 +15,13 @@ import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from histofm.commands._common import add_command
 from histofm.errors import HistofmError
+
+if TYPE_CHECKING:
+    from histofm.eval.zeroshot import VLEncoder
 
 SETTINGS: dict[str, tuple[type, Any]] = {
     "topk": (int, 10),  # MI-Zero: tiles pooled per slide and class
@@ -76,7 +79,7 @@ def parse_settings(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def load_encoder(args: argparse.Namespace, settings: dict[str, Any]):  # noqa: ANN201
+def load_encoder(args: argparse.Namespace, settings: dict[str, Any]) -> VLEncoder:
     """The :class:`~histofm.eval.zeroshot.VLEncoder` named by ``--model`` and its weights flag."""
     import torch
 
