@@ -92,8 +92,10 @@ def load_encoder(args: argparse.Namespace, settings: dict[str, Any]) -> VLEncode
         from histofm.data.augment import eval_view
         from histofm.methods.clip_io import load_clip
 
-        if args.checkpoint is None:
-            raise HistofmError("--model clip needs --checkpoint DIR, the folder written by histofm.methods.clip_io.save_clip.")
+        if args.checkpoint is None:  # no official weights exist for histofm's own CLIP
+            raise HistofmError(
+                "--model clip needs --checkpoint DIR, the folder written by histofm.methods.clip_io.save_clip."
+            )
         method, img_size = load_clip(args.checkpoint)
         info = histofm.model_info(method.backbone.histofm_name)
         return VLEncoder("clip", method.to(device), method.tokenizer, eval_view(img_size, info.mean, info.std),
@@ -135,37 +137,36 @@ def collect_inputs(paths: list[Path]) -> tuple[list[Path], list[Path]]:
     return images, slides
 
 
-def _tiles(images: list[Path], slides: list[Path], settings: dict[str, Any], mpp: float | None,
+def _slide_coords(slides: list[Path], settings: dict[str, Any], mpp: float | None, tile_size: int) -> list:
+    """Level-0 corners ``(N_i, 2)`` of the tissue tiles of each slide (tissue detected once per slide)."""
+    from histofm.wsi.readers import open_slide
+    from histofm.wsi.tiling import tile_slide
+
+    out = []
+    for path in slides:
+        slide = open_slide(path, mpp=mpp)
+        try:
+            out.append(tile_slide(slide, settings["target_mpp"], tile_size, min_tissue=settings["min_tissue"]))
+        finally:
+            slide.close()
+    return out
+
+
+def _tiles(images: list[Path], slides: list[Path], coords: list, settings: dict[str, Any], mpp: float | None,
            tile_size: int) -> Iterator[tuple[str, int, int, Any]]:
     """``(source, x, y, PIL tile)`` for every image and every tissue tile of every slide."""
     from histofm.data.datasets import load_rgb
     from histofm.wsi.readers import open_slide
-    from histofm.wsi.tiling import tile_slide
 
     for path in images:
         yield str(path), 0, 0, load_rgb(path)
-    for path in slides:
+    for path, corners in zip(slides, coords):
         slide = open_slide(path, mpp=mpp)
         try:
-            coords = tile_slide(slide, settings["target_mpp"], tile_size, min_tissue=settings["min_tissue"])
-            for x, y in coords.tolist():
+            for x, y in corners.tolist():
                 yield str(path), int(x), int(y), slide.read_region_mpp(x, y, tile_size, settings["target_mpp"])
         finally:
             slide.close()
-
-
-def _count_tiles(slides: list[Path], settings: dict[str, Any], mpp: float | None, tile_size: int) -> int:
-    from histofm.wsi.readers import open_slide
-    from histofm.wsi.tiling import tile_slide
-
-    n = 0
-    for path in slides:
-        slide = open_slide(path, mpp=mpp)
-        try:
-            n += len(tile_slide(slide, settings["target_mpp"], tile_size, min_tissue=settings["min_tissue"]))
-        finally:
-            slide.close()
-    return n
 
 
 def run(args: argparse.Namespace) -> int:
@@ -198,7 +199,8 @@ def run(args: argparse.Namespace) -> int:
 
     # ---- embed every tile (images as they are; slides tiled at target_mpp)
     console = Console(stderr=True)
-    total = len(images) + (_count_tiles(slides, settings, args.mpp_override, tile_size) if slides else 0)
+    coords = _slide_coords(slides, settings, args.mpp_override, tile_size)
+    total = len(images) + sum(len(c) for c in coords)
     meta: list[tuple[str, int, int]] = []
     embs: list[torch.Tensor] = []
     batch: list[torch.Tensor] = []
@@ -211,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
     with Progress(TextColumn("zeroshot"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, disable=args.no_progress) as progress:
         task = progress.add_task("tiles", total=total)
-        for source, x, y, tile in _tiles(images, slides, settings, args.mpp_override, tile_size):
+        for source, x, y, tile in _tiles(images, slides, coords, settings, args.mpp_override, tile_size):
             meta.append((source, x, y))
             batch.append(encoder.transform(tile))
             if len(batch) >= settings["batch_size"]:
