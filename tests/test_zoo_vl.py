@@ -161,8 +161,9 @@ def test_conch_matches_timm_and_open_clip_coca_parts(tmp_path) -> None:
     with torch.no_grad():
         feats = parts["visual.trunk"].forward_features(images)
         torch.testing.assert_close(ours.visual.trunk.forward_features(images), feats, rtol=1e-4, atol=1e-5)
-        ref_img = parts["visual.ln_contrast"](parts["visual.attn_pool_contrast"](feats)[:, 0]) @ proj
-        torch.testing.assert_close(ours.encode_image(images), ref_img, rtol=1e-4, atol=1e-5)
+        pooled = parts["visual.ln_contrast"](parts["visual.attn_pool_contrast"](feats)[:, 0])
+        torch.testing.assert_close(ours.encode_image(images), pooled @ proj, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ours.encode_image(images, proj_contrast=False), pooled, rtol=1e-4, atol=1e-5)
         ref_txt, ref_tok = parts["text"](tokens[:, :-1])
         torch.testing.assert_close(ours.encode_text(tokens), ref_txt, rtol=1e-4, atol=1e-5)
         ref_cap = parts["visual.ln_caption"](parts["visual.attn_pool_caption"](feats))

@@ -72,9 +72,11 @@ class CoCaVisual(nn.Module):
         self.attn_pool_caption = AttentionalPooler(embed_dim_caption, width, pooler_heads, n_queries_caption)
         self.ln_caption = nn.LayerNorm(embed_dim_caption)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor, proj_contrast: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.trunk.forward_features(images)  # (B, 1 + N, W) after the trunk's final norm
-        pooled = self.ln_contrast(self.attn_pool_contrast(x)[:, 0]) @ self.proj_contrast  # (B, E)
+        pooled = self.ln_contrast(self.attn_pool_contrast(x)[:, 0])  # (B, E)
+        if proj_contrast:
+            pooled = pooled @ self.proj_contrast
         return pooled, self.ln_caption(self.attn_pool_caption(x))  # (B, E), (B, Q, Wc)
 
 
@@ -134,9 +136,13 @@ class CoCa(nn.Module):
         self.text_decoder = MultimodalDecoder(width, decoder_layers, decoder_heads, vocab) if decoder_layers else None
         self.logit_scale = nn.Parameter(torch.tensor(1 / 0.07).log())
 
-    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        """Contrastive image embeddings ``(B, E)``."""
-        x = self.visual(images)[0]
+    def encode_image(self, images: torch.Tensor, normalize: bool = False, proj_contrast: bool = True) -> torch.Tensor:
+        """Contrastive image embeddings ``(B, E)``.
+
+        ``proj_contrast=False`` stops before the last projection: the pooled feature CONCH's
+        authors recommend as a tile embedding for supervised tasks.
+        """
+        x = self.visual(images, proj_contrast)[0]
         return F.normalize(x, dim=-1) if normalize else x
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
