@@ -56,7 +56,8 @@ def _openclip_tiny(quick_gelu: bool = False) -> OpenCLIP:
 
 def test_quiltnet_matches_open_clip(tmp_path) -> None:
     ref = _openclip_tiny()
-    ckpt = _save(ref.state_dict(), tmp_path / "open_clip_pytorch_model.safetensors")
+    ckpt = tmp_path / "open_clip_pytorch_model.bin"  # the hub's file name and format (a torch pickle)
+    torch.save(ref.state_dict(), ckpt)
     ours = histofm.create_model("quiltnet_b32", checkpoint_path=ckpt, vision=TINY_VISION, text=TINY_TEXT)
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     tokens = histofm.tokenize(_texts(), model="quiltnet_b32", context_length=16)

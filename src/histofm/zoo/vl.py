@@ -129,50 +129,6 @@ CONCH = ModelInfo(
 )
 
 
-def _merge(info: ModelInfo, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Registered arguments with overrides; dict-valued ones (``vision``, ``text``, ``trunk``) merge key by key.
-
-    ``depth=N`` sets the depth of every tower at once (the zoo-wide smoke tests build depth-1 models).
-    """
-    overrides = dict(overrides)
-    if "depth" in overrides:
-        d = overrides.pop("depth")
-        if "trunk" in info.arch_kwargs:
-            overrides = {"decoder_layers": d, **overrides}
-            overrides["trunk"] = {"depth": d, **overrides.get("trunk", {})}
-        else:
-            overrides["vision"] = {"layers": d, **overrides.get("vision", {})}
-        overrides["text"] = {"layers": d, **overrides.get("text", {})}
-    out = dict(info.arch_kwargs)
-    for k, v in overrides.items():
-        out[k] = {**out[k], **v} if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def build_clip(info: ModelInfo, overrides: dict[str, Any]) -> CLIPModel:
-    kw = _merge(info, overrides)
-    act = kw.get("act", "gelu")
-    return CLIPModel(VisionTower(**kw["vision"], act=act), TextTransformer(**kw["text"], act=act))
-
-
-@register_model(info=PLIP, filter_fn=lambda sd, model: hf_clip_filter(sd, model))
-def plip(**kwargs: Any) -> CLIPModel:
-    """PLIP (CLIP ViT-B/32); ``encode_image`` / ``encode_text`` give 512-d embeddings."""
-    return build_clip(PLIP, kwargs)
-
-
-@register_model(info=QUILTNET_B32, filter_fn=lambda sd, model: openclip_filter(sd, model))
-def quiltnet_b32(**kwargs: Any) -> CLIPModel:
-    """QuiltNet-B-32 (open_clip ViT-B/32); ``encode_image`` / ``encode_text`` give 512-d embeddings."""
-    return build_clip(QUILTNET_B32, kwargs)
-
-
-@register_model(info=CONCH, filter_fn=lambda sd, model: conch_filter(sd, model))
-def conch(**kwargs: Any) -> CoCa:
-    """CONCH (CoCa ViT-B/16 at 448 px); ``encode_image`` / ``encode_text`` give 512-d embeddings."""
-    return CoCa(**_merge(CONCH, kwargs))
-
-
 # ------------------------------------------------------------------ checkpoint converters
 def openclip_filter(sd: StateDict, model: nn.Module) -> StateDict:
     """open_clip ``CLIP`` -> ours: the top-level text tower goes under ``text.``; cached masks dropped."""
@@ -242,3 +198,48 @@ def hf_clip_filter(sd: StateDict, model: nn.Module) -> StateDict:
             continue
         out[key] = torch.cat([parts["q"], parts["k"], parts["v"]])
     return out
+
+
+# ------------------------------------------------------------------ entries
+def _merge(info: ModelInfo, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Registered arguments with overrides; dict-valued ones (``vision``, ``text``, ``trunk``) merge key by key.
+
+    ``depth=N`` sets the depth of every tower at once (the zoo-wide smoke tests build depth-1 models).
+    """
+    overrides = dict(overrides)
+    if "depth" in overrides:
+        d = overrides.pop("depth")
+        if "trunk" in info.arch_kwargs:
+            overrides = {"decoder_layers": d, **overrides}
+            overrides["trunk"] = {"depth": d, **overrides.get("trunk", {})}
+        else:
+            overrides["vision"] = {"layers": d, **overrides.get("vision", {})}
+        overrides["text"] = {"layers": d, **overrides.get("text", {})}
+    out = dict(info.arch_kwargs)
+    for k, v in overrides.items():
+        out[k] = {**out[k], **v} if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def build_clip(info: ModelInfo, overrides: dict[str, Any]) -> CLIPModel:
+    kw = _merge(info, overrides)
+    act = kw.get("act", "gelu")
+    return CLIPModel(VisionTower(**kw["vision"], act=act), TextTransformer(**kw["text"], act=act))
+
+
+@register_model(info=PLIP, filter_fn=hf_clip_filter)
+def plip(**kwargs: Any) -> CLIPModel:
+    """PLIP (CLIP ViT-B/32); ``encode_image`` / ``encode_text`` give 512-d embeddings."""
+    return build_clip(PLIP, kwargs)
+
+
+@register_model(info=QUILTNET_B32, filter_fn=openclip_filter)
+def quiltnet_b32(**kwargs: Any) -> CLIPModel:
+    """QuiltNet-B-32 (open_clip ViT-B/32); ``encode_image`` / ``encode_text`` give 512-d embeddings."""
+    return build_clip(QUILTNET_B32, kwargs)
+
+
+@register_model(info=CONCH, filter_fn=conch_filter)
+def conch(**kwargs: Any) -> CoCa:
+    """CONCH (CoCa ViT-B/16 at 448 px); ``encode_image`` / ``encode_text`` give 512-d embeddings."""
+    return CoCa(**_merge(CONCH, kwargs))
