@@ -6,6 +6,8 @@ import json
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from open_clip.tokenizer import SimpleTokenizer
 
 import histofm
@@ -38,6 +40,16 @@ def test_ids_equal_open_clip_simple_tokenizer() -> None:
     for L in (5, 16, 100):  # truncation keeps EOT last at any context length
         assert torch.equal(histofm.tokenize(TEXTS, context_length=L), SimpleTokenizer(context_length=L)(TEXTS))
     assert BPETokenizer.vocab_size == len(SimpleTokenizer().encoder)
+
+
+_REF = SimpleTokenizer(context_length=24)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.text(max_size=60), min_size=1, max_size=3))
+def test_ids_equal_open_clip_on_arbitrary_unicode(texts: list[str]) -> None:
+    """Any unicode (controls, combining marks, astral planes, surrogate-free) tokenises as open_clip does."""
+    assert torch.equal(histofm.tokenize(texts, context_length=24), _REF(texts))
 
 
 def test_html_entities_and_mojibake_are_cleaned_as_open_clip_does() -> None:

@@ -202,8 +202,11 @@ def test_zeroshot_cli_on_held_out_real_tiles(trained) -> None:
 
 def test_zeroshot_on_a_slide_pools_tiles_with_mi_zero(trained) -> None:
     out = trained["root"] / "slide"
+    templates = trained["root"] / "templates.txt"
+    templates.write_text("an H&E image of {}\n\n{} tissue, H&E stained\n")  # blank lines are skipped
     with one_thread():
         code = main(["zeroshot", "--model", "clip", "--checkpoint", str(trained["root"] / "clip"),
+                     "--templates", str(templates),
                      "--classes", ",".join(CLASSES), str(sample_path("cmu_small_region")), "--set", "target_mpp=1.0",
                      "--set", f"tile_size={CROP}", "--set", "topk=5", "--out", str(out), "--no-progress"])
     assert code == 0
@@ -214,7 +217,9 @@ def test_zeroshot_on_a_slide_pools_tiles_with_mi_zero(trained) -> None:
     logits = torch.tensor([[float(t[f"logit_{c}"]) for c in CLASSES] for t in tiles])
     probs = torch.tensor([[float(t[f"p_{c}"]) for c in CLASSES] for t in tiles])
     torch.testing.assert_close(probs, logits.softmax(-1), atol=2e-5, rtol=0)
-    scale = json.loads((out / "summary.json").read_text())["logit_scale"]
+    summary = json.loads((out / "summary.json").read_text())
+    scale = summary["logit_scale"]
+    assert summary["templates"] == ["an H&E image of {}", "{} tissue, H&E stained"]
     pooled = mi_zero(logits, 5).softmax(-1)  # MI-Zero recomputed from the written tile logits
     torch.testing.assert_close(pooled, torch.tensor([float(slide[f"p_{c}"]) for c in CLASSES]), atol=1e-4, rtol=0)
     assert int(slide["n_tiles"]) == len(tiles) > 5 and scale > 0

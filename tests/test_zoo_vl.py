@@ -238,3 +238,14 @@ def test_coca_losses_match_open_clip_and_every_parameter_learns() -> None:
     (con + cap).backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not missing, missing
+
+
+@pytest.mark.parametrize("name", ["plip", "quiltnet_b32"])
+def test_clip_entries_every_parameter_learns(name: str) -> None:
+    torch.manual_seed(0)
+    model = histofm.create_model(name, vision=TINY_VISION, text=TINY_TEXT)
+    logits = model(torch.randn(3, 3, 32, 32), histofm.tokenize(_texts()[:3], model=name, context_length=16))
+    loss = (torch.nn.functional.cross_entropy(logits, torch.arange(3)) + torch.nn.functional.cross_entropy(logits.T, torch.arange(3))) / 2
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, missing
