@@ -170,7 +170,20 @@ def test_conch_matches_timm_and_open_clip_coca_parts(tmp_path) -> None:
         ref_cap = parts["visual.ln_caption"](parts["visual.attn_pool_caption"](feats))
         ref_logits = parts["text_decoder"](ref_cap, ref_tok)
         logits = ours.caption_logits(images, tokens)
-    # identical wherever the reference's extra padding mask cannot matter: real tokens and the first pad
+        # CONCH's own mask (its TextTransformer.build_cls_mask): causal, and only the class row skips padding,
+        # shifted one key right. Built here from that code's equations around open_clip's blocks: every
+        # position of our token features must match, padding rows included.
+        oc, t = parts["text"], tokens[:, :-1]
+        B, L = t.shape
+        x = torch.cat([oc.token_embedding(t), oc.cls_emb.expand(B, 1, -1)], 1) + oc.positional_embedding[: L + 1]
+        mask = torch.full((L + 1, L + 1), float("-inf")).triu(1).repeat(B, 1, 1)
+        cls_row = torch.cat([torch.ones(B, 1, dtype=torch.bool), t != 0], 1)
+        mask[:, -1] = torch.zeros(B, L + 1).masked_fill(~cls_row, float("-inf"))
+        x = oc.transformer(x, attn_mask=mask.repeat_interleave(2, 0))
+        pooled, feats = ours.text(t)
+        torch.testing.assert_close(feats, x[:, :-1], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(pooled, oc.ln_final(x[:, -1]) @ oc.text_projection, rtol=1e-4, atol=1e-5)
+    # open_clip 3.x also hides padding keys from padding rows; identical where that cannot matter
     real = torch.ones(2, 15, dtype=torch.bool)
     real[0, 10:] = False
     torch.testing.assert_close(logits[real], ref_logits[real], rtol=1e-4, atol=1e-4)
