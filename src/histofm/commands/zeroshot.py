@@ -255,7 +255,7 @@ def run(args: argparse.Namespace) -> int:
         rows = [[q, r + 1, *meta[int(i)], f"{float(v):.6f}"] for q, ii, vv in zip(args.query, idx, sims)
                 for r, (i, v) in enumerate(zip(ii, vv))]
         _write_csv(out / "retrieval.csv", ["query", "rank", "source", "x", "y", "similarity"], rows)
-        summary["retrieval"] = {q: [meta[int(i)][0] for i in ii] for q, ii in zip(args.query, idx)}
+        summary["retrieval"] = {q: [list(meta[int(i)]) for i in ii] for q, ii in zip(args.query, idx)}  # [source, x, y]
         _retrieval_png(out / "retrieval.png", args.query, idx, meta, images, slides, settings, args.mpp_override, tile_size)
 
     from histofm.utils import atomic_path
