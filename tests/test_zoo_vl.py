@@ -262,3 +262,21 @@ def test_clip_entries_every_parameter_learns(name: str) -> None:
     loss.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not missing, missing
+
+
+def test_preprocessing_matches_the_reference_pipelines() -> None:
+    """open_clip's eval transform (QuiltNet 224, CONCH 448) and transformers' CLIPImageProcessor (PLIP)."""
+    from open_clip.transform import image_transform
+    from PIL import Image
+    from transformers import CLIPImageProcessor
+
+    from histofm.data import sample_path
+    from histofm.zoo.vl import OPENAI_MEAN, OPENAI_STD
+
+    img = Image.open(sample_path("hgsc_nest")).convert("RGB").crop((100, 100, 510, 430))  # not square
+    for name, size in (("quiltnet_b32", 224), ("conch", 448)):
+        ref = image_transform(size, is_train=False, mean=OPENAI_MEAN, std=OPENAI_STD)(img)
+        torch.testing.assert_close(histofm.eval_transform(name)(img), ref, atol=1e-5, rtol=0)
+    ref = CLIPImageProcessor()(img, return_tensors="pt")["pixel_values"][0]
+    diff = (histofm.eval_transform("plip")(img) - ref).abs()
+    assert diff.max() < 1.01 / 255 / min(OPENAI_STD) and diff.mean() < 1e-3  # HF rounds its resize to 8 bits
