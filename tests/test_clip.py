@@ -1,4 +1,4 @@
-"""CLIP: byte tokenizer, loss parity with open_clip, zero-shot on a generated image-caption set."""
+"""CLIP: BPE tokenizer in the model, loss parity with open_clip, zero-shot on a generated image-caption set."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from open_clip.loss import ClipLoss
 from PIL import Image, ImageDraw
 
 from histofm import HistofmError
-from histofm.data.tokenizer import EOT, SOT, ByteTokenizer
+from histofm.data.tokenizer import EOT_ID, SOT_ID, BPETokenizer
 from histofm.methods.clip import clip_loss
 from histofm.methods.registry import build_method
 from histofm.train import TrainConfig, fit
@@ -56,15 +56,15 @@ class ShapeCaptions(torch.utils.data.Dataset):
 
 
 # ------------------------------------------------------------------------ tokenizer
-def test_byte_tokenizer_round_trip_padding_and_truncation() -> None:
-    tok = ByteTokenizer(context_length=16)
-    ids = tok(["Tumour  nest", "ééé", "x" * 40])
+def test_bpe_tokenizer_round_trip_padding_and_truncation() -> None:
+    tok = BPETokenizer(context_length=16)
+    ids = tok(["Tumour  nest", "ééé", "x " * 40])
     assert ids.shape == (3, 16) and ids.dtype == torch.long
-    assert ids[0, 0] == SOT and tok.decode(ids[0]) == "tumour nest"  # lower-cased, spaces collapsed
-    assert (ids[0] == EOT).nonzero().item() == 12 and (ids[0, 13:] == 0).all()
+    assert ids[0, 0] == SOT_ID and tok.decode(ids[0]) == "tumour nest"  # lower-cased, spaces collapsed
+    assert (ids[0] == EOT_ID).nonzero().item() == 3 and (ids[0, 4:] == 0).all()  # "tumour", "nest": one id each
     assert tok.decode(ids[1]) == "ééé"  # multi-byte UTF-8
-    assert ids[2, -1] == EOT and tok.decode(ids[2]) == "x" * 14  # truncated, EOT kept
-    assert int(ids.max()) < ByteTokenizer.vocab_size
+    assert ids[2, -1] == EOT_ID and tok.decode(ids[2]) == " ".join(["x"] * 14)  # truncated, EOT kept
+    assert int(ids.max()) < BPETokenizer.vocab_size
 
 
 # ------------------------------------------------------------------------ loss parity

@@ -28,6 +28,13 @@ def load_checkpoint(model, path, *, strict=True):  # noqa: ANN001, ANN201
     return _load_checkpoint(model, path, filter_fn=entry_filter, strict=strict)
 
 
+def tokenize(texts, model=None, **kwargs):  # noqa: ANN001, ANN003, ANN201
+    """Token ids ``(B, L)`` of ``texts`` as vision-language model ``model`` expects them (see ``histofm.data.tokenizer``)."""
+    from histofm.data.tokenizer import tokenize as _tokenize
+
+    return _tokenize(texts, model, **kwargs)
+
+
 def eval_transform(name: str):  # noqa: ANN201
     """The model's own preprocessing (resize, crop, normalise) as a torchvision transform."""
     from histofm.data.transforms import eval_transform_for
@@ -45,4 +52,5 @@ __all__ = [
     "load_checkpoint",
     "model_info",
     "register_model",
+    "tokenize",
 ]

@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "mil",
     "semi",
     "cluster",
+    "zeroshot",
     "demo",
     "env",
 )

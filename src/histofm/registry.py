@@ -52,6 +52,11 @@ class ModelInfo:
     num_params: int | None = None
     pretrain_config: str | None = None  # histofm config that reproduces the recipe at small scale
     notes: str = ""
+    # What the model is for: "tile" (a tile encoder: model(x) is the embedding that `extract` writes),
+    # "vision-language" (encode_image / encode_text into a joint space of size embed_dim; not for `extract`).
+    kind: str = "tile"
+    # Vision-language models: how histofm.tokenize() prepares their text (tokenizer, context_length, pad).
+    text: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

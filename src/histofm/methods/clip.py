@@ -16,9 +16,10 @@ each rank scores its own images and captions against those of every rank
 The text encoder follows CLIP: token embedding + learned positions, a pre-norm
 :class:`~histofm.models.transformer.TransformerEncoder` with a causal mask, the
 final LayerNorm, and the feature at the end-of-text token, linearly projected.
-Text is tokenised by :class:`~histofm.data.tokenizer.ByteTokenizer` (UTF-8 bytes,
-shipped with the package). :meth:`CLIP.zero_shot` classifies images by comparing
-them with one prompt (or the mean of several prompts) per class.
+Text is tokenised by :class:`~histofm.data.tokenizer.BPETokenizer` (CLIP's
+byte-level BPE, ids identical to open_clip's; the vocabulary ships with the
+package). :meth:`CLIP.zero_shot` classifies images by comparing them with one
+prompt (or the mean of several prompts) per class.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from histofm.data.augment import view_transform
-from histofm.data.tokenizer import ByteTokenizer
+from histofm.data.tokenizer import BPETokenizer
 from histofm.errors import HistofmError
 from histofm.methods.base import SSLMethod
 from histofm.methods.simclr import make_backbone, split_overrides, view_config
@@ -127,7 +128,7 @@ class CLIP(SSLMethod):
         super().__init__()
         self.cfg = cfg
         self.backbone = backbone
-        self.tokenizer = ByteTokenizer(cfg.context_length)
+        self.tokenizer = BPETokenizer(cfg.context_length)
         self.image_projection = nn.Linear(backbone.num_features, cfg.embed_dim, bias=False)
         nn.init.normal_(self.image_projection.weight, std=backbone.num_features**-0.5)
         self.text = TextTransformer(

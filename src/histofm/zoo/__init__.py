@@ -18,6 +18,7 @@ from histofm.zoo import (  # noqa: F401  (imported for their @register_model sid
     pluto,
     rudolfv,
     titan,
+    vl,
 )
 from histofm.zoo.table import zoo_markdown_table, zoo_models, zoo_rows
 

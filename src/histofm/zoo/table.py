@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from histofm.registry import ModelInfo, _entry, list_models, model_info
 
-COLUMNS = ("name", "arch", "embed dim", "params", "weights", "licence", "paper")
+COLUMNS = ("name", "kind", "arch", "embed dim", "params", "weights", "licence", "paper")
 
 
 def zoo_models() -> list[str]:
@@ -32,7 +32,7 @@ def zoo_rows() -> list[tuple[str, ...]]:
     for name in zoo_models():
         info = model_info(name)
         rows.append((
-            name, info.arch, str(info.embed_dim), format_params(info.num_params),
+            name, info.kind, info.arch, str(info.embed_dim), format_params(info.num_params),
             weights_status(info), info.license, info.paper,
         ))
     return rows

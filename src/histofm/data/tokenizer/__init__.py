@@ -1,66 +1,105 @@
-"""A text tokenizer that ships with the package: UTF-8 bytes, no vocabulary file, no download.
+"""Text tokenizers for vision-language models: ``histofm.tokenize(texts, model=NAME)``.
 
-CLIP-style models need token ids of a fixed context length. A byte-level
-tokenizer (as in ByT5, Xue et al. 2021, arXiv 2105.13626) covers every string in
-every language with a vocabulary of 256 byte values plus three specials, so it
-never meets an unknown word and needs nothing from the network. The price is
-longer sequences than BPE (one token per byte), which is fine for captions and
-class prompts.
+One tokenizer ships with the package: CLIP's byte-level BPE
+(:class:`~histofm.data.tokenizer.bpe.BPETokenizer`, ids identical to open_clip's
+``SimpleTokenizer``; vocabulary bundled, MIT). Models differ in what surrounds
+the ids, and :func:`tokenize` returns what each model expects, read from its
+registry record (``ModelInfo.text``):
 
-Ids: ``0`` padding, ``1`` start of text, ``2`` end of text, ``3 + b`` for byte ``b``.
-A sequence is ``[SOT, bytes..., EOT, PAD...]``, truncated so that EOT always fits.
+* ``tokenizer="clip_bpe", pad="zero"``: open_clip (QuiltNet, histofm's own CLIP):
+  ``[SOT, ids..., EOT, 0, 0, ...]``.
+* ``tokenizer="clip_bpe", pad="eot"``: Hugging Face ``CLIPTokenizer`` with
+  ``padding="max_length"`` (PLIP): the padding is EOT (49407) itself.
+* ``tokenizer="hf_json"``: a Hugging Face ``tokenizers`` JSON file the user supplies
+  (CONCH's own 32k byte-level BPE is not redistributable here), truncated/padded to
+  ``context_length - 1`` and one ``<pad>`` appended, the slot CoCa's class token takes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 
-PAD, SOT, EOT = 0, 1, 2
-_OFFSET = 3
+from histofm.data.tokenizer.bpe import EOT_ID, SOT_ID, BPETokenizer
+from histofm.errors import HistofmError
+
+DEFAULT_TEXT = {"tokenizer": "clip_bpe", "context_length": 77, "pad": "zero"}
 
 
-class ByteTokenizer:
-    """Text -> ``(B, context_length)`` int64 token ids.
+def text_config(model: str | None) -> dict[str, Any]:
+    """The tokenizer settings of a registered vision-language model (open_clip's when ``model`` is None)."""
+    if model is None:
+        return dict(DEFAULT_TEXT)
+    from histofm.registry import model_info
+
+    info = model_info(model)
+    if info.kind != "vision-language" or not info.text:
+        raise HistofmError(
+            f"Model {model!r} is a {info.kind} model without a text tower; pick a vision-language model "
+            "(`histofm models` shows the kind column)."
+        )
+    return {**DEFAULT_TEXT, **info.text}
+
+
+def tokenize(
+    texts: str | Sequence[str],
+    model: str | None = None,
+    *,
+    context_length: int | None = None,
+    tokenizer_file: str | Path | None = None,
+) -> torch.Tensor:
+    """Token ids ``(B, L)`` of ``texts`` in the convention of ``model`` (see the module docstring).
 
     Args:
-        context_length: tokens per sequence, SOT and EOT included.
-        lowercase: lower-case text first (captions and prompts rarely need case).
+        texts: one string or a list of strings.
+        model: a vision-language model name (``"plip"``, ``"quiltnet_b32"``, ``"conch"``); ``None``
+            gives open_clip's ``tokenize`` (77 ids, zero padding).
+        context_length: override the model's context length.
+        tokenizer_file: the ``tokenizers`` JSON of models whose vocabulary is not bundled (CONCH).
     """
-
-    vocab_size = 256 + _OFFSET
-    pad_id, sot_id, eot_id = PAD, SOT, EOT
-
-    def __init__(self, context_length: int = 77, lowercase: bool = True) -> None:
-        if context_length < 3:
-            raise ValueError("context_length must be at least 3 (SOT, one byte, EOT)")
-        self.context_length = context_length
-        self.lowercase = lowercase
-
-    def encode(self, text: str) -> list[int]:
-        """Ids of one text, ``[SOT, ..., EOT]`` without padding (truncated to the context length)."""
-        if self.lowercase:
-            text = text.lower()
-        body = [b + _OFFSET for b in " ".join(text.split()).encode("utf-8")][: self.context_length - 2]
-        return [SOT, *body, EOT]
-
-    def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
-        """Inverse of :meth:`encode` (specials dropped; bytes cut by truncation are replaced)."""
-        vals = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
-        return bytes(i - _OFFSET for i in vals if i >= _OFFSET).decode("utf-8", errors="replace")
-
-    def __call__(self, texts: str | Sequence[str]) -> torch.Tensor:
-        """Token ids ``(B, context_length)`` of one text or a list of texts."""
-        if isinstance(texts, str):
-            texts = [texts]
-        out = torch.full((len(texts), self.context_length), PAD, dtype=torch.long)
-        for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise TypeError(f"texts must be strings, got {type(t).__name__}")
-            ids = self.encode(t)
-            out[i, : len(ids)] = torch.tensor(ids)
-        return out
+    cfg = text_config(model)
+    L = int(context_length or cfg["context_length"])
+    if cfg["tokenizer"] == "clip_bpe":
+        pad = EOT_ID if cfg["pad"] == "eot" else 0
+        return _bpe(L, pad)(texts)
+    if cfg["tokenizer"] == "hf_json":
+        return _hf_json(texts, L, tokenizer_file, model)
+    raise HistofmError(f"Unknown tokenizer {cfg['tokenizer']!r} in the record of {model!r}.")
 
 
-__all__ = ["EOT", "PAD", "SOT", "ByteTokenizer"]
+_BPE: dict[tuple[int, int], BPETokenizer] = {}
+
+
+def _bpe(context_length: int, pad_id: int) -> BPETokenizer:
+    key = (context_length, pad_id)
+    if key not in _BPE:
+        _BPE[key] = BPETokenizer(context_length, pad_id)
+    return _BPE[key]
+
+
+def _hf_json(texts: str | Sequence[str], L: int, tokenizer_file: str | Path | None, model: str | None) -> torch.Tensor:
+    """CONCH's recipe: the JSON tokenizer's own specials, truncated and padded to ``L - 1``, then one pad."""
+    if tokenizer_file is None or not Path(tokenizer_file).is_file():
+        raise HistofmError(
+            f"Model {model!r} needs its own tokenizer vocabulary, which histofm does not bundle; pass "
+            "tokenizer_file= (for CONCH: conch_byte_level_bpe_uncased.json from the CONCH repository)."
+        )
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise HistofmError("Reading a tokenizer JSON needs the `tokenizers` package; pip install tokenizers.") from None
+    tok = Tokenizer.from_file(str(tokenizer_file))
+    pad_id = tok.token_to_id("<pad>")
+    if pad_id is None:
+        raise HistofmError(f"{tokenizer_file} has no <pad> token; is it CONCH's tokenizer file?")
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    tok.enable_truncation(max_length=L - 1)
+    tok.enable_padding(length=L - 1, pad_id=pad_id, pad_token="<pad>")
+    ids = torch.tensor([e.ids for e in tok.encode_batch(texts)], dtype=torch.long).reshape(len(texts), L - 1)
+    return torch.nn.functional.pad(ids, (0, 1), value=pad_id)  # (B, L): the last slot is the class token's
+
+
+__all__ = ["EOT_ID", "SOT_ID", "BPETokenizer", "text_config", "tokenize"]
