@@ -1,0 +1,74 @@
+"""The shared words of the command line: ``--set KEY=VALUE`` parsing and hidden, deprecated aliases.
+
+Old spellings (``--arch``, ``--option``) keep working as hidden aliases of the new flag: they
+are left out of ``--help`` and print one deprecation line to stderr, then act exactly like the
+flag they stand for. See ``docs/cli.md`` for the vocabulary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from histofm.errors import HistofmError
+
+# Attribute of the parsed namespace that remembers which aliases were already reported.
+_NOTICED = "_histofm_deprecated_noticed"
+
+
+class _DeprecatedAlias(argparse.Action):
+    """Forwards an old option string to the action of its new spelling, with a notice."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, target: argparse.Action, **kwargs: Any) -> None:  # noqa: ANN401
+        super().__init__(option_strings, dest, **kwargs)
+        self.target = target
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,  # noqa: ANN401
+        option_string: str | None = None,
+    ) -> None:
+        new = self.target.option_strings[-1]
+        noticed: set[str] = getattr(namespace, _NOTICED, set())
+        if option_string not in noticed:
+            print(f"histofm: note: {option_string} is deprecated; use {new} (same meaning).", file=sys.stderr)
+            noticed.add(str(option_string))
+            setattr(namespace, _NOTICED, noticed)
+        self.target(parser, namespace, values, new)
+
+
+def add_deprecated_alias(parser: argparse.ArgumentParser, old: str, new: str) -> None:
+    """Accept ``old`` as a hidden alias of the already-added option ``new``."""
+    target = parser._option_string_actions[new]  # argparse keeps no public map of option strings
+    parser.add_argument(
+        old, action=_DeprecatedAlias, target=target, dest=target.dest, default=argparse.SUPPRESS,
+        nargs=target.nargs, type=target.type, choices=target.choices, metavar=target.metavar,
+        help=argparse.SUPPRESS,
+    )
+
+
+def add_set_argument(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--set KEY=VALUE`` (repeatable), the one spelling of settings in every command."""
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
+def parse_set(items: Sequence[str]) -> dict[str, Any]:
+    """``["depth=4", "gated=false"]`` -> ``{"depth": 4, "gated": False}``; values are read as YAML.
+
+    Raises:
+        HistofmError: an item without ``=`` or with an empty key.
+    """
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise HistofmError(f"--set {item!r} is not KEY=VALUE; write for example --set depth=4.")
+        try:
+            out[key] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            out[key] = raw
+    return out
