@@ -33,7 +33,10 @@ COMMAND_MODULES = (
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="histofm", description="Foundation models for computational pathology."
+        prog="histofm", description="Foundation models for computational pathology.",
+        epilog="example:\n  histofm demo --quick\n  histofm COMMAND --help   (each command's options, defaults and "
+               "an example; docs/cli.md)\n  histofm env              (what this installation can do)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"histofm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
