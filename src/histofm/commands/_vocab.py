@@ -8,12 +8,15 @@ flag they stand for. See ``docs/cli.md`` for the vocabulary.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from histofm.errors import HistofmError
 
+# Numbers that YAML 1.1 (PyYAML) leaves as strings, such as 1e-3.
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 # Attribute of the parsed namespace that remembers which aliases were already reported.
 _NOTICED = "_histofm_deprecated_noticed"
 
@@ -54,21 +57,30 @@ def add_set_argument(parser: argparse.ArgumentParser, help: str) -> None:
 
 
 def parse_set(items: Sequence[str]) -> dict[str, Any]:
-    """``["depth=4", "gated=false"]`` -> ``{"depth": 4, "gated": False}``; values are read as YAML.
+    """``["depth=4", "gated=false"]`` -> ``{"depth": 4, "gated": False}``; values are read as YAML
+    (and ``1e-3``, a string to YAML 1.1, as the number it is).
 
     Raises:
         HistofmError: an item without ``=`` or with an empty key.
     """
-    import yaml
-
     out: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not key:
             raise HistofmError(f"--set {item!r} is not KEY=VALUE; write for example --set depth=4.")
-        try:
-            out[key] = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            out[key] = raw
+        out[key] = parse_value(raw)
     return out
+
+
+def parse_value(raw: str) -> Any:  # noqa: ANN401
+    """One ``--set`` value: YAML (``4``, ``false``, ``[1, 2]``, ``abc``), with ``1e-3`` read as a number."""
+    import yaml
+
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        return float(value)
+    return value

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from histofm.commands._common import add_command
-from histofm.commands._vocab import add_deprecated_alias
+from histofm.commands._vocab import add_deprecated_alias, parse_value
 from histofm.errors import HistofmError
 
 _TOP_KEYS = {"method", "model", "data", "img_size", "tile_size", "target_mpp", "mpp_override", "out", "train",
@@ -127,7 +127,6 @@ def _renamed(key: str, where: str) -> str:
 
 def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
     """Merge defaults, YAML, flags and ``--set`` into ``{method, model, data, ..., train, method_args, backbone}``."""
-    import yaml
 
     from histofm.train import TrainConfig
 
@@ -163,10 +162,7 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
             raise HistofmError(f"--set expects KEY=VALUE, got {item!r}.")
         key, raw = item.split("=", 1)
         key = _renamed(key.strip(), "--set")
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            value = raw
+        value = parse_value(raw)
         if key.startswith("train."):
             _nest(s["train"], key[len("train."):], value)
         elif key in train_fields:
