@@ -127,7 +127,6 @@ def _renamed(key: str, where: str) -> str:
 
 def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
     """Merge defaults, YAML, flags and ``--set`` into ``{method, model, data, ..., train, method_args, backbone}``."""
-
     from histofm.train import TrainConfig
 
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
