@@ -65,8 +65,10 @@ def test_pretrain_from_yaml_and_clip_captions(tmp_path) -> None:
     "extra, message",
     [
         (["--method", "byol"], "Unknown method"),
-        (["--set", "temprature=0.1"], "Unknown option"),
-        (["--set", "lr=fast"], "lr expects a float"),
+        (["--set", "temprature=0.1"], "Unknown --set key(s) temprature"),
+        (["--set", "lr=fast"], "--lr expects a float"),
+        (["--steps", "0"], "--steps must be at least 1"),
+        (["--set", "log_every=x"], "The setting log_every (--set or --config) expects"),
         (["--data", "/nonexistent/folder"], "does not exist"),
         (["--model", "vit_tiny_patch16_225"], "Unknown model"),
         (["--set", "nonsense"], "KEY=VALUE"),

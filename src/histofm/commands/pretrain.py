@@ -41,6 +41,9 @@ from histofm.errors import HistofmError
 
 _TOP_KEYS = {"method", "model", "data", "img_size", "tile_size", "target_mpp", "mpp_override", "out", "train",
              "method_args", "backbone"}
+# TrainConfig fields that have their own flag: errors about them name the flag.
+_FLAG_OF = {"steps": "--steps", "batch_size": "--batch-size", "lr": "--lr", "precision": "--precision",
+            "device": "--device", "num_workers": "--workers", "seed": "--seed", "parallel": "--parallel"}
 # Old spellings of settings, kept working with a notice: {old: new}.
 _RENAMED_KEYS = {"arch": "model"}
 
@@ -187,13 +190,19 @@ def run(args: argparse.Namespace) -> int:
     from histofm.utils import seed_everything
 
     s = resolve_settings(args)
-    cfg = TrainConfig.from_dict(s["train"])
+    try:
+        cfg = TrainConfig.from_dict(s["train"])
+    except HistofmError as e:
+        raise HistofmError(_in_flags(str(e))) from None
     seed_everything(cfg.seed)  # the initial weights too: the same --seed gives the same run
     overrides = dict(s["method_args"])
     if s["backbone"]:
         overrides["backbone"] = dict(s["backbone"])
     img_size = int(s["img_size"])
-    method, transform = build_method(s["method"], s["model"], img_size=img_size, overrides=overrides)
+    try:
+        method, transform = build_method(s["method"], s["model"], img_size=img_size, overrides=overrides)
+    except HistofmError as e:
+        raise HistofmError(_in_flags(str(e))) from None
     mpp = s.get("mpp_override")
     dataset = tile_dataset(s["data"], tile_size=int(s.get("tile_size") or img_size), target_mpp=float(s["target_mpp"]),
                            mpp=float(mpp) if mpp is not None else None)
@@ -210,6 +219,20 @@ def run(args: argparse.Namespace) -> int:
         print(f"backbone: {out / 'backbone.safetensors'} (load: histofm.train.load_backbone({str(out)!r}))")
         print(f"log: {out / 'log.jsonl'}, curve: {out / 'loss_curve.png'}")
     return 0
+
+
+def _in_flags(message: str) -> str:
+    """An engine or method-config error restated in this command's words (the flag or ``--set KEY``)."""
+    if message.startswith("Unknown option(s) "):
+        return "Unknown --set key(s) " + message[len("Unknown option(s) "):]
+    head, _, rest = message.partition(" ")
+    if head == "Option":  # "Option lr expects a float, got 'fast'."
+        head, _, rest = rest.partition(" ")
+    if head in _FLAG_OF:
+        return f"{_FLAG_OF[head]} {rest}"
+    if message.startswith("Option "):  # a key set with --set or in --config
+        return f"The setting {head} (--set or --config) {rest}"
+    return message
 
 
 def _attach_reconstructions(method: Any, dataset: Any, transform: Any, out: Path, steps: int) -> None:  # noqa: ANN401
