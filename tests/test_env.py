@@ -128,3 +128,18 @@ def test_online_is_skipped_when_the_hub_is_switched_off(capsys, monkeypatch) -> 
     report = json.loads(_run(["--online", "--json"], capsys))
     assert report["hub"]["offline"] is True
     assert report["repositories"] == {"checked": False, "note": "skipped: HF_HUB_OFFLINE is set"}
+
+
+def test_cuda_precisions_follow_the_compute_capability(monkeypatch) -> None:
+    """Without a GPU here, fake two: a V100 (7.0: fp16 only) and an A100 (8.0: fp16, bf16, tf32)."""
+    from types import SimpleNamespace
+
+    cards = [SimpleNamespace(name="Tesla V100", major=7, minor=0, total_memory=16 * 2**30),
+             SimpleNamespace(name="A100", major=8, minor=0, total_memory=80 * 2**30)]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(cards))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: cards[i])
+    gpus = env.accelerator()["cuda"]
+    assert [(g["name"], g["capability"], g["memory_gib"]) for g in gpus] == [("Tesla V100", "7.0", 16.0),
+                                                                            ("A100", "8.0", 80.0)]
+    assert [(g["fp16"], g["bf16"], g["tf32"]) for g in gpus] == [(True, False, False), (True, True, True)]
