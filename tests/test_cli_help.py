@@ -86,10 +86,10 @@ def test_one_vocabulary(path: tuple[str, ...]) -> None:
 def test_top_level_help_lists_exactly_the_commands_that_exist(capsys) -> None:
     out = _help((), capsys)
     listed = set(PARSERS[()]._subparsers._group_actions[0].choices)
-    assert listed == set(cli.COMMAND_MODULES)
-    for name in cli.COMMAND_MODULES:
-        assert importlib.util.find_spec(f"histofm.commands.{name}") is not None
-        assert f"\n    {name} " in out
+    assert listed == {m.replace("_", "-") for m in cli.COMMAND_MODULES}  # module slide_embed: `slide-embed`
+    for module in cli.COMMAND_MODULES:
+        assert importlib.util.find_spec(f"histofm.commands.{module}") is not None
+        assert f"\n    {module.replace('_', '-')} " in out
     assert "example:" in out
 
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from histofm import __version__
 from histofm.errors import HistofmError
 
-# Order is the order shown by `histofm --help`; every name must have its module (tests/test_cli_help.py).
+# Order is the order shown by `histofm --help`.
 COMMAND_MODULES = (
     "models",
     "tile",
