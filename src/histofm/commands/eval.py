@@ -1,7 +1,6 @@
 """``histofm eval``: frozen-feature evaluation of encoders on real labelled data.
 
-    histofm eval nuclei --model vit_tiny_patch8_224 [--checkpoint ckpt.safetensors] [--set depth=4] [--crop 48] \\
-        [--json out.json]
+    histofm eval nuclei --model vit_tiny_patch8_224 [--checkpoint ckpt.safetensors] [--crop 48] [--json out.json]
 """
 
 from __future__ import annotations
