@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -89,7 +90,7 @@ def test_top_level_help_lists_exactly_the_commands_that_exist(capsys) -> None:
     assert listed == {m.replace("_", "-") for m in cli.COMMAND_MODULES}  # module slide_embed: `slide-embed`
     for module in cli.COMMAND_MODULES:
         assert importlib.util.find_spec(f"histofm.commands.{module}") is not None
-        assert f"\n    {module.replace('_', '-')} " in out
+        assert re.search(rf"\n    {module.replace('_', '-')}\s", out), f"{module} is not listed"
     assert "example:" in out
 
 

@@ -63,6 +63,7 @@ def run_nuclei_command(args: argparse.Namespace) -> int:
     for name, value in (("--seeds", args.seeds), ("--shots", args.shots), ("--episodes", args.episodes)):
         if value < 1:
             raise HistofmError(f"{name} must be at least 1, got {value}.")
+    overrides = parse_set(args.set)  # a bad --set fails before any work
     if args.bootstrap < 0:
         raise HistofmError(f"--bootstrap must be 0 or more, got {args.bootstrap}.")
     if args.checkpoint is not None and not args.checkpoint.exists():
@@ -77,7 +78,7 @@ def run_nuclei_command(args: argparse.Namespace) -> int:
     rows = run_nuclei(
         args.model, checkpoint=args.checkpoint, crop=args.crop, resize=args.resize, device=device, seed=args.seed,
         seeds=args.seeds, shots=args.shots, episodes=args.episodes, n_boot=args.bootstrap, linear_C=args.linear_c,
-        overrides=parse_set(args.set), progress=console.is_terminal,
+        overrides=overrides, progress=console.is_terminal,
     )
     table = Table(title=f"Nucleus type on the HGSC nest field (3 classes, 686 train / 608 test nuclei, {args.crop} px crops)")
     for col in ("features", "dim", "protocol", "balanced accuracy", "macro F1", "AUROC (OvR)"):
