@@ -112,3 +112,18 @@ def test_pretrain_mpp_override_reaches_slides_without_a_resolution(tmp_path) -> 
     assert len(data) > 0 and data[0].size == (64, 64)
     args = _parse([*PRETRAIN, "--model", "m", "--mpp-override", "0.25"])
     assert resolve_settings(args)["mpp_override"] == 0.25
+
+
+def test_semi_set_overrides_a_registered_encoder_and_is_recorded(capsys) -> None:
+    import torch
+
+    from histofm.commands.semi import build_classifier
+
+    tiny = {"depth": 1, "embed_dim": 48, "num_heads": 2, "img_size": 16}
+    clf, record = build_classifier("vit_tiny_patch8_224", 3, 16, overrides=tiny)
+    assert record == {"model": "vit_tiny_patch8_224", "overrides": tiny}
+    assert len(clf.backbone.blocks) == 1 and clf(torch.rand(2, 3, 16, 16)).shape == (2, 3)
+    with pytest.raises(HistofmError, match="--set applies to registered models"):
+        build_classifier("small_cnn", 3, 16, overrides={"depth": 1})
+    args = _parse(["semi", "--data", "d", "--labels", "l", "--out", "o", "--set", "depth=1"])
+    assert parse_set(args.set) == {"depth": 1}

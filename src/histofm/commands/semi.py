@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from histofm.commands._common import add_command
-from histofm.commands._vocab import add_deprecated_alias
+from histofm.commands._vocab import add_deprecated_alias, add_set_argument, parse_set
 from histofm.errors import HistofmError
 
 SMALL_CNN = "small_cnn"
@@ -43,6 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                       "(histofm models)")
     add_deprecated_alias(p, "--arch", "--model")
     p.add_argument("--checkpoint", type=Path, help="weights for --model (a registered model)")
+    add_set_argument(p, help="constructor override of a registered --model, e.g. --set depth=4 (repeatable)")
     p.add_argument("--width", type=int, default=32, help=f"channels of {SMALL_CNN}'s first stage")
     p.add_argument("--img-size", type=int, default=32, help="images are resized and centre-cropped to this")
     p.add_argument("--steps", type=int, default=500, help="optimiser steps")
@@ -57,8 +58,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def build_classifier(model: str, num_classes: int, img_size: int, width: int = 32,
-                     checkpoint: Path | None = None) -> tuple[Any, dict[str, Any]]:
-    """The classifier for the tile encoder ``model`` and the JSON-able record that rebuilds it."""
+                     checkpoint: Path | None = None,
+                     overrides: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+    """The classifier for the tile encoder ``model`` and the JSON-able record that rebuilds it.
+
+    ``overrides`` are constructor arguments of a registered model (``--set``), kept in the record.
+    """
+    overrides = dict(overrides or {})
     import histofm
     from histofm.learning.semi import Classifier, SmallConvNet
 
@@ -66,17 +72,20 @@ def build_classifier(model: str, num_classes: int, img_size: int, width: int = 3
         if checkpoint is not None:
             raise HistofmError(f"--checkpoint applies to registered models, not to {SMALL_CNN}; pass --model NAME "
                                "(see `histofm models`) or drop --checkpoint.")
+        if overrides:
+            raise HistofmError(f"--set applies to registered models, not to {SMALL_CNN} (use --width); pass --model "
+                               "NAME (see `histofm models`) or drop --set.")
         clf = Classifier(SmallConvNet(width), num_classes)
         return clf, {"model": model, "width": width}
     info = histofm.model_info(model)  # raises one sentence for an unknown name
-    backbone = histofm.create_model(model, checkpoint_path=checkpoint)
+    backbone = histofm.create_model(model, checkpoint_path=checkpoint, **overrides)
     patch = getattr(backbone, "patch_size", 1)
     patch = patch[0] if isinstance(patch, tuple) else patch
     if img_size % int(patch):
         raise HistofmError(f"--img-size {img_size} is not a multiple of {model}'s patch size {patch}; "
                            "change --img-size.")
     clf = Classifier(backbone, num_classes, mean=tuple(info.mean), std=tuple(info.std))
-    return clf, {"model": model}
+    return clf, {"model": model, "overrides": overrides}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -90,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
             raise HistofmError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
     if args.threshold is not None and not 0 <= args.threshold <= 1:
         raise HistofmError(f"--threshold must lie between 0 and 1, got {args.threshold}.")
+    overrides = parse_set(args.set)
     test_paths: set[str] = set()
     if args.test_labels is not None:
         test_paths = {Path(p).as_posix() for p, _ in read_label_csv(args.test_labels)}
@@ -102,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
                            "needs unlabelled images too (or use --method supervised with a few left unlabelled).")
     seed_everything(args.seed)
     device = torch.device(args.device) if args.device else default_device()
-    clf, model_record = build_classifier(args.model, len(folder.classes), args.img_size, args.width, args.checkpoint)
+    clf, model_record = build_classifier(args.model, len(folder.classes), args.img_size, args.width, args.checkpoint,
+                                         overrides)
     cfg_overrides: dict[str, Any] = {}
     if args.threshold is not None:
         if args.method not in ("fixmatch", "pseudolabel"):
