@@ -127,3 +127,19 @@ def test_semi_set_overrides_a_registered_encoder_and_is_recorded(capsys) -> None
         build_classifier("small_cnn", 3, 16, overrides={"depth": 1})
     args = _parse(["semi", "--data", "d", "--labels", "l", "--out", "o", "--set", "depth=1"])
     assert parse_set(args.set) == {"depth": 1}
+
+
+@pytest.mark.parametrize("command", [
+    [*PRETRAIN[:-2], "--model", "vit_tiny_patch16_224"],
+    ["semi", "--data", "tiles", "--labels", "labels.csv"],
+    ["demo", "--quick", "--no-progress"],
+])
+@pytest.mark.parametrize("below", [False, True])
+def test_out_is_always_a_directory(command, below, tmp_path, capsys) -> None:
+    afile = tmp_path / "results.txt"
+    afile.write_text("not a folder")
+    out = afile / "run" if below else afile
+    assert main([*command, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--out {out}" in err and "pass a folder path" in err
+    assert afile.read_text() == "not a folder"

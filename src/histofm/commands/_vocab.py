@@ -8,9 +8,11 @@ flag they stand for. See ``docs/cli.md`` for the vocabulary.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from histofm.errors import HistofmError
@@ -54,6 +56,20 @@ def add_deprecated_alias(parser: argparse.ArgumentParser, old: str, new: str) ->
         nargs=target.nargs, type=target.type, choices=target.choices, metavar=target.metavar,
         help=argparse.SUPPRESS,
     )
+
+
+def check_out_dir(path: str | os.PathLike[str], flag: str = "--out") -> Path:
+    """``--out`` is always a directory: refuse an existing file (before any work) with one sentence."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise HistofmError(f"{flag} {out} is a file, but {flag} names a directory (created if needed); "
+                           "pass a folder path instead.")
+    for parent in out.parents:  # a file further up makes the folder impossible too
+        if parent.exists():
+            if not parent.is_dir():
+                raise HistofmError(f"{flag} {out} lies under the file {parent}; pass a folder path instead.")
+            break
+    return out
 
 
 def add_set_argument(parser: argparse.ArgumentParser, help: str) -> None:

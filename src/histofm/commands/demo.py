@@ -7,6 +7,7 @@ import dataclasses
 from pathlib import Path
 
 from histofm.commands._common import add_command
+from histofm.commands._vocab import check_out_dir
 from histofm.errors import HistofmError
 
 #: What ``--quick`` changes in :class:`histofm.demo.DemoConfig`.
@@ -35,6 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from histofm.demo import DemoConfig, run_demo
 
+    check_out_dir(args.out)
     cfg = DemoConfig(seed=args.seed)
     if args.quick:
         cfg = dataclasses.replace(cfg, **QUICK)

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from histofm.commands._common import add_command
-from histofm.commands._vocab import add_deprecated_alias, parse_value
+from histofm.commands._vocab import add_deprecated_alias, check_out_dir, parse_value
 from histofm.errors import HistofmError
 
 _TOP_KEYS = {"method", "model", "data", "img_size", "tile_size", "target_mpp", "mpp_override", "out", "train",
@@ -178,6 +178,7 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
     for key in ("method", "model", "data", "out"):
         if not s.get(key):
             raise HistofmError(f"Missing --{key} (or '{key}:' in the --config file).")
+    check_out_dir(s["out"])
     s["train"]["out_dir"] = str(s["out"])
     return s
 

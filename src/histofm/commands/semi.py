@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from histofm.commands._common import add_command
-from histofm.commands._vocab import add_deprecated_alias, add_set_argument, parse_set
+from histofm.commands._vocab import add_deprecated_alias, add_set_argument, check_out_dir, parse_set
 from histofm.errors import HistofmError
 
 SMALL_CNN = "small_cnn"
@@ -94,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
     from histofm.learning.semi import FitConfig, SemiData, evaluate, fit
     from histofm.utils import default_device, seed_everything
 
+    check_out_dir(args.out)
     for name in ("steps", "batch_size", "mu"):
         if getattr(args, name) < 1:
             raise HistofmError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
