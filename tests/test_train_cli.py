@@ -69,6 +69,7 @@ def test_pretrain_from_yaml_and_clip_captions(tmp_path) -> None:
         (["--set", "lr=fast"], "--lr expects a float"),
         (["--steps", "0"], "--steps must be at least 1"),
         (["--set", "log_every=x"], "The setting log_every (--set or --config) expects"),
+        (["--set", "warmup_steps=5"], "The setting warmup_steps (--set or --config) must be between 0 and steps=1"),
         (["--data", "/nonexistent/folder"], "does not exist"),
         (["--model", "vit_tiny_patch16_225"], "Unknown model"),
         (["--set", "nonsense"], "KEY=VALUE"),

@@ -231,9 +231,15 @@ def _in_flags(message: str) -> str:
         head, _, rest = rest.partition(" ")
     if head in _FLAG_OF:
         return f"{_FLAG_OF[head]} {rest}"
-    if message.startswith("Option "):  # a key set with --set or in --config
+    if message.startswith("Option ") or head in _train_fields():  # a key set with --set or in --config
         return f"The setting {head} (--set or --config) {rest}"
     return message
+
+
+def _train_fields() -> set[str]:
+    from histofm.train import TrainConfig
+
+    return {f.name for f in dataclasses.fields(TrainConfig)}
 
 
 def _attach_reconstructions(method: Any, dataset: Any, transform: Any, out: Path, steps: int) -> None:  # noqa: ANN401
