@@ -98,3 +98,4 @@ def test_a_missing_command_module_is_an_error_not_a_silent_skip(monkeypatch) -> 
     monkeypatch.setattr(cli, "COMMAND_MODULES", (*cli.COMMAND_MODULES, "no_such_command"))
     with pytest.raises(ModuleNotFoundError, match="no_such_command"):
         build_parser()
+

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 
 import huggingface_hub
@@ -143,3 +145,15 @@ def test_cuda_precisions_follow_the_compute_capability(monkeypatch) -> None:
     assert [(g["name"], g["capability"], g["memory_gib"]) for g in gpus] == [("Tesla V100", "7.0", 16.0),
                                                                             ("A100", "8.0", 80.0)]
     assert [(g["fp16"], g["bf16"], g["tf32"]) for g in gpus] == [(True, False, False), (True, True, True)]
+
+
+def test_a_closed_pipe_is_not_a_traceback() -> None:
+    """`histofm env --json | head -1`: the reader goes away before the report is printed."""
+    read, write = os.pipe()
+    os.close(read)  # nobody will read: the first print raises BrokenPipeError
+    environ = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "histofm", "env", "--json"], stdout=write, stderr=subprocess.PIPE,
+                          text=True, timeout=120, env=environ)
+    os.close(write)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr
