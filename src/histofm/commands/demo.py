@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = add_command(
         sub, "demo", help="tile, pretrain (DINOv2), evaluate, cluster and report, on the bundled data only",
-        example="histofm demo --out demo_out\nhistofm demo --quick --out /tmp/demo_check",
+        example="histofm demo --out demo_out\nhistofm demo --quick --out demo_check",
     )
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output directory")
     p.add_argument("--seed", type=int, default=0, help="the one seed of the run")
