@@ -143,3 +143,10 @@ def test_out_is_always_a_directory(command, below, tmp_path, capsys) -> None:
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"--out {out}" in err and "pass a folder path" in err
     assert afile.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("flag, value, message", [("--img-size", "4", "--img-size must be at least 8 pixels"),
+                                                  ("--width", "0", "--width must be at least 1")])
+def test_semi_size_errors_name_the_flag(flag, value, message, tmp_path, capsys) -> None:
+    assert main(["semi", "--data", str(tmp_path), "--labels", "l.csv", "--out", str(tmp_path / "o"), flag, value]) == 2
+    assert message in capsys.readouterr().err
