@@ -16,7 +16,7 @@ from histofm.cli import main
 from histofm.data import sample_path
 from histofm.eval.nuclei import colour_histogram, load_nuclei_task
 
-TINY = ["--option", "depth=1", "--option", "embed_dim=48", "--option", "num_heads=2"]
+TINY = ["--set", "depth=1", "--set", "embed_dim=48", "--set", "num_heads=2"]
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -13,7 +13,7 @@ def test_mae_pretrain_saves_reconstructions(tmp_path: Path) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        code = main(["pretrain", "--method", "mae", "--arch", "vit_tiny_patch8_224", "--data", "bundled",
+        code = main(["pretrain", "--method", "mae", "--model", "vit_tiny_patch8_224", "--data", "bundled",
                      "--steps", "3", "--batch-size", "8", "--img-size", "32", "--out", str(tmp_path),
                      "--set", "backbone.depth=1"])
     finally:

@@ -37,7 +37,7 @@ from histofm.train.checkpoint import load_training_state
 
 STEPS, CKPT_EVERY = 16, 2
 ARGS = [
-    "pretrain", "--method", "simclr", "--arch", "vit_tiny_patch16_224", "--data", "bundled", "--img-size", "32",
+    "pretrain", "--method", "simclr", "--model", "vit_tiny_patch16_224", "--data", "bundled", "--img-size", "32",
     "--batch-size", "8", "--steps", str(STEPS), "--workers", "0", "--no-progress", "--device", "cpu",
     "--set", f"ckpt_every={CKPT_EVERY}", "--set", "log_every=1", "--set", "monitor_every=0",
     "--set", "proj_hidden_dim=32", "--set", "backbone.depth=1", "--set", "backbone.patch_size=8",

@@ -289,7 +289,7 @@ def test_cli_semi_bad_arguments(tmp_path, capsys) -> None:
     assert "--steps must be at least 1" in capsys.readouterr().err
     assert main(base + ["--threshold", "1.5"]) == 2
     assert main(base + ["--method", "meanteacher", "--threshold", "0.9"]) == 2
-    assert main(base + ["--arch", "vit_nonexistent"]) == 2
+    assert main(base + ["--model", "vit_nonexistent"]) == 2
     assert "Unknown model" in capsys.readouterr().err
     assert main(["semi", "--data", str(tmp_path / "nope"), "--labels", str(tmp_path / "labels.csv"),
                  "--out", str(tmp_path / "run")]) == 2

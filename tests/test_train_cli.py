@@ -26,7 +26,7 @@ def _single_thread():
 
 def test_pretrain_bundled_then_resume(tmp_path, capsys) -> None:
     out = tmp_path / "run"
-    base = ["pretrain", "--method", "simclr", "--arch", "vit_tiny_patch16_224", "--data", "bundled", "--img-size", "32",
+    base = ["pretrain", "--method", "simclr", "--model", "vit_tiny_patch16_224", "--data", "bundled", "--img-size", "32",
             "--batch-size", "8", "--out", str(out), "--no-progress", "--set", "proj_hidden_dim=32",
             "--set", "view.hed_p=0.5", "--set", "monitor_every=2", "--set", "ckpt_every=2", "--set", "log_every=1", *TINY]
     assert main([*base, "--steps", "5", "--set", "stop_after=3"]) == 0
@@ -50,7 +50,7 @@ def test_pretrain_from_yaml_and_clip_captions(tmp_path) -> None:
         rows.append(f"{i}.png,tile number {i}")
     (tmp_path / "captions.csv").write_text("\n".join(rows) + "\n")
     (tmp_path / "run.yaml").write_text(
-        "method: clip\narch: vit_tiny_patch16_224\nimg_size: 32\n"
+        "method: clip\nmodel: vit_tiny_patch16_224\nimg_size: 32\n"
         f"data: {tmp_path}\nout: {tmp_path / 'out'}\n"
         "train: {steps: 2, batch_size: 4, progress: false, monitor_every: 1, log_every: 1}\n"
         "method_args: {embed_dim: 16, text_width: 32, text_layers: 1, text_heads: 2, context_length: 24}\n"
@@ -65,15 +65,18 @@ def test_pretrain_from_yaml_and_clip_captions(tmp_path) -> None:
     "extra, message",
     [
         (["--method", "byol"], "Unknown method"),
-        (["--set", "temprature=0.1"], "Unknown option"),
-        (["--set", "lr=fast"], "lr expects a float"),
+        (["--set", "temprature=0.1"], "Unknown --set key(s) temprature"),
+        (["--set", "lr=fast"], "--lr expects a float"),
+        (["--steps", "0"], "--steps must be at least 1"),
+        (["--set", "log_every=x"], "The setting log_every (--set or --config) expects"),
+        (["--set", "warmup_steps=5"], "The setting warmup_steps (--set or --config) must be between 0 and steps=1"),
         (["--data", "/nonexistent/folder"], "does not exist"),
-        (["--arch", "vit_tiny_patch16_225"], "Unknown model"),
+        (["--model", "vit_tiny_patch16_225"], "Unknown model"),
         (["--set", "nonsense"], "KEY=VALUE"),
     ],
 )
 def test_pretrain_bad_input_exits_2(tmp_path, capsys, extra, message) -> None:
-    args = {"--method": "simclr", "--arch": "vit_tiny_patch16_224", "--data": "bundled", "--out": str(tmp_path)}
+    args = {"--method": "simclr", "--model": "vit_tiny_patch16_224", "--data": "bundled", "--out": str(tmp_path)}
     flat = []
     for k, v in args.items():
         if k not in extra:

@@ -110,7 +110,7 @@ def test_torchrun_pretrain_with_fsdp_matches_one_process(tmp_path) -> None:
     import subprocess
     import sys
 
-    args = ["-m", "histofm", "pretrain", "--method", "dino", "--arch", "vit_tiny_patch8_224", "--data", "bundled",
+    args = ["-m", "histofm", "pretrain", "--method", "dino", "--model", "vit_tiny_patch8_224", "--data", "bundled",
             "--img-size", "32", "--batch-size", "8", "--steps", "3", "--no-progress", "--seed", "2",
             "--set", "backbone.depth=2", "--set", "backbone.embed_dim=32", "--set", "backbone.num_heads=2",
             "--set", "out_dim=64", "--set", "hidden_dim=32", "--set", "bottleneck_dim=16", "--set", "n_local_crops=2",

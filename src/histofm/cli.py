@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -35,18 +36,16 @@ COMMAND_MODULES = (
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="histofm", description="Foundation models for computational pathology."
+        prog="histofm", description="Foundation models for computational pathology.",
+        epilog="example:\n  histofm demo --quick\n  histofm COMMAND --help   (each command's options, defaults and "
+               "an example; docs/cli.md)\n  histofm env              (what this installation can do)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"histofm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"histofm.commands.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"histofm.commands.{name}":
-                continue  # command not built yet
-            raise
-        module.register(sub)
+        # A missing module is a packaging bug, not a command to hide: let the import error show.
+        importlib.import_module(f"histofm.commands.{name}").register(sub)
     return parser
 
 
@@ -64,6 +63,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("histofm: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into a reader that stopped early (`| head`): not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the flush at exit goes nowhere instead of failing again
+        return 0
 
 
 if __name__ == "__main__":

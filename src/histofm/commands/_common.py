@@ -11,7 +11,15 @@ import argparse
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows each option's default and keeps the example's line breaks."""
+    """Shows each option's default and keeps the example's line breaks.
+
+    A default of ``None`` means "not set" (chosen later, or absent) and is not printed as ``(default: None)``.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def add_command(

@@ -6,17 +6,28 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from histofm.commands._common import add_command
+from histofm.commands._vocab import check_out_dir
 from histofm.errors import HistofmError
+
+#: What ``--quick`` changes in :class:`histofm.demo.DemoConfig`.
+QUICK = {"steps": 10, "batch_size": 16, "tiles_per_source": 64, "eval_seeds": 1, "eval_episodes": 10,
+         "eval_boot": 50, "cluster_tile": 112}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "demo", help="tile, pretrain (DINOv2), evaluate, cluster and report, on the bundled data only",
+    from histofm.demo import DemoConfig
+
+    p = add_command(
+        sub, "demo", help="tile, pretrain (DINOv2), evaluate, cluster and report, on the bundled data only",
+        example="histofm demo --out demo_out\nhistofm demo --quick --out demo_check",
     )
-    p.add_argument("--out", type=Path, default=Path("demo_out"), help="output directory (default demo_out)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=None, help="pretraining steps (default: the full demo's)")
-    p.add_argument("--batch-size", type=int, default=None, help="pretraining batch size")
+    p.add_argument("--out", type=Path, default=Path("demo_out"), help="output directory")
+    p.add_argument("--seed", type=int, default=0, help="the one seed of the run")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"pretraining steps (default: {DemoConfig.steps}; {QUICK['steps']} with --quick)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"pretraining batch size (default: {DemoConfig.batch_size}; {QUICK['batch_size']} with --quick)")
     p.add_argument("--quick", action="store_true", help="a reduced run (a minute or two) to check the set-up")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
@@ -25,10 +36,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from histofm.demo import DemoConfig, run_demo
 
+    check_out_dir(args.out)
     cfg = DemoConfig(seed=args.seed)
     if args.quick:
-        cfg = dataclasses.replace(cfg, steps=10, batch_size=16, tiles_per_source=64, eval_seeds=1,
-                                  eval_episodes=10, eval_boot=50, cluster_tile=112)
+        cfg = dataclasses.replace(cfg, **QUICK)
     if args.steps is not None:
         if args.steps < 1:
             raise HistofmError(f"--steps must be at least 1, got {args.steps}.")

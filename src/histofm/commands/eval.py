@@ -13,25 +13,30 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from histofm.commands._common import add_command
+from histofm.commands._vocab import add_deprecated_alias, add_set_argument, parse_set
 from histofm.errors import HistofmError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="evaluate an encoder's frozen features (kNN, linear probe, few-shot)")
+    p = add_command(sub, "eval", help="evaluate an encoder's frozen features (kNN, linear probe, few-shot)",
+                    example="histofm eval nuclei --model vit_tiny_patch8_224 --checkpoint backbone.safetensors")
     ev = p.add_subparsers(dest="eval_command", metavar="TASK")
-    n = ev.add_parser(
-        "nuclei",
+    n = add_command(
+        ev, "nuclei",
         help="nucleus-type classification on the bundled HGSC field (with colour-histogram and random-init references)",
+        example="histofm eval nuclei --model vit_tiny_patch8_224 --checkpoint runs/dino/backbone.safetensors "
+                "--set depth=4 --crop 48 --json nuclei.json",
     )
     n.add_argument("--model", required=True, help="encoder name (see `histofm models`)")
     from histofm.weights import add_weights_arguments
 
     add_weights_arguments(n)
-    n.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="encoder constructor override, e.g. --option depth=4 (repeatable)")
+    add_set_argument(n, help="encoder constructor override, e.g. --set depth=4 (repeatable)")
+    add_deprecated_alias(n, "--option", "--set")
     n.add_argument("--crop", type=int, default=48, help="crop side in pixels around each nucleus")
     n.add_argument("--resize", action="store_true",
-                   help="resize crops to the encoder's input size (default: run a ViT at the crop size)")
+                   help="resize crops to the encoder's input size (otherwise a ViT runs at the crop size)")
     n.add_argument("--device", default="cpu", help="cpu, cuda, mps")
     n.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
     n.add_argument("--seeds", type=int, default=3, help="validation splits of the linear probe")
@@ -58,12 +63,12 @@ def run_nuclei_command(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from histofm.commands.mil import _parse_options
     from histofm.eval.nuclei import BASELINES, run_nuclei
 
     for name, value in (("--seeds", args.seeds), ("--shots", args.shots), ("--episodes", args.episodes)):
         if value < 1:
             raise HistofmError(f"{name} must be at least 1, got {value}.")
+    overrides = parse_set(args.set)  # a bad --set fails before any work
     if args.bootstrap < 0:
         raise HistofmError(f"--bootstrap must be 0 or more, got {args.bootstrap}.")
     from histofm.weights import resolve_weights
@@ -80,7 +85,7 @@ def run_nuclei_command(args: argparse.Namespace) -> int:
     rows = run_nuclei(
         args.model, checkpoint=checkpoint, crop=args.crop, resize=args.resize, device=device, seed=args.seed,
         seeds=args.seeds, shots=args.shots, episodes=args.episodes, n_boot=args.bootstrap, linear_C=args.linear_c,
-        overrides=_parse_options(args.option), progress=console.is_terminal,
+        overrides=overrides, progress=console.is_terminal,
     )
     table = Table(title=f"Nucleus type on the HGSC nest field (3 classes, 686 train / 608 test nuclei, {args.crop} px crops)")
     for col in ("features", "dim", "protocol", "balanced accuracy", "macro F1", "AUROC (OvR)"):

@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from histofm.commands._common import add_command
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("models", help="list the pathology foundation-model zoo")
+    p = add_command(sub, "models", help="list the pathology foundation-model zoo",
+                    example="histofm models\nhistofm models uni2_h\nhistofm models --markdown > zoo.md")
     p.add_argument("name", nargs="?", help="show the full info record of one model")
     p.add_argument("--markdown", action="store_true", help="print the table as markdown (the README's table)")
     p.set_defaults(func=run)

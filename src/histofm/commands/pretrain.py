@@ -1,27 +1,28 @@
 """``histofm pretrain``: self-supervised pretraining of a backbone with any registered method.
 
-    histofm pretrain --method simclr --arch vit_small_patch16_224 --data bundled \\
+    histofm pretrain --method simclr --model vit_small_patch16_224 --data bundled \\
         --steps 1000 --batch-size 64 --out runs/simclr [--config run.yaml] [--resume] \\
         [--img-size 224] [--set lr=1e-3 --set temperature=0.2 --set backbone.depth=6]
 
 On several GPUs or machines, launch the same command with ``torchrun`` (no other launcher)::
 
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
-        -m histofm pretrain --method dinov2 --arch vit_large_patch14_reg4_dinov2 --data slides/ \\
+        -m histofm pretrain --method dinov2 --model vit_large_patch14_reg4_dinov2 --data slides/ \\
         --batch-size 1024 --precision bf16 --parallel fsdp --compile --out runs/dinov2_l
 
 Settings are merged in this order (later wins): defaults, the YAML ``--config``,
 the explicit flags, then ``--set key=value`` pairs. A YAML file may hold::
 
     method: simclr
-    arch: vit_small_patch16_224
+    model: vit_small_patch16_224   # the backbone (the old key 'arch' still works)
     data: bundled            # a folder of images, slide files, image,caption CSV (CLIP), or "bundled"
     img_size: 224
     train: {steps: 2000, batch_size: 128, lr: 0.001, precision: bf16}   # TrainConfig fields
     method_args: {temperature: 0.2, view: {hed_p: 0.5}}                  # the method's config fields
     backbone: {depth: 6, drop_path_rate: 0.1}                            # create_model arguments
 
-A ``--set`` key that names a :class:`~histofm.train.TrainConfig` field (or starts with
+Flags without a default here take theirs from ``--config`` or from the values shown in
+their help. A ``--set`` key that names a :class:`~histofm.train.TrainConfig` field (or starts with
 ``train.``) goes to the engine, ``backbone.<arg>`` to the backbone, anything else to the
 method's config; dotted keys nest (``view.hed_p=0.5``). Values are parsed as YAML.
 """
@@ -30,42 +31,62 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Any
 
+from histofm.commands._common import add_command
+from histofm.commands._vocab import add_deprecated_alias, check_out_dir, parse_value
 from histofm.errors import HistofmError
 
-_TOP_KEYS = {"method", "arch", "data", "img_size", "tile_size", "target_mpp", "out", "train", "method_args", "backbone"}
+_TOP_KEYS = {"method", "model", "data", "img_size", "tile_size", "target_mpp", "mpp_override", "out", "train",
+             "method_args", "backbone"}
+# TrainConfig fields that have their own flag: errors about them name the flag.
+_FLAG_OF = {"steps": "--steps", "batch_size": "--batch-size", "lr": "--lr", "precision": "--precision",
+            "device": "--device", "num_workers": "--workers", "seed": "--seed", "parallel": "--parallel"}
+# Old spellings of settings, kept working with a notice: {old: new}.
+_RENAMED_KEYS = {"arch": "model"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     from histofm.methods.registry import list_methods
+    from histofm.train.config import TrainConfig
 
-    p = sub.add_parser(
-        "pretrain",
-        help="self-supervised pretraining (SimCLR, MoCo, CLIP, DINO, DINOv2, MAE, ...)",
+    engine = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+    def default(field: str) -> str:  # these flags default to None so that --config can set them
+        return f"(default: {engine[field]}, unless --config sets it)"
+
+    p = add_command(
+        sub, "pretrain", help="self-supervised pretraining (SimCLR, MoCo, CLIP, DINO, DINOv2, MAE, ...)",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        example="histofm pretrain --method simclr --model vit_small_patch16_224 --data bundled --steps 1000 "
+                "--out runs/simclr\nhistofm pretrain --config run.yaml --set lr=1e-3 --set backbone.depth=6",
     )
     p.add_argument("--method", help=f"one of: {', '.join(list_methods())}")
-    p.add_argument("--arch", help="backbone architecture from `histofm models` / list_models(), e.g. vit_small_patch16_224")
+    p.add_argument("--model", help="backbone (tile encoder) from `histofm models`, e.g. vit_small_patch16_224")
+    add_deprecated_alias(p, "--arch", "--model")
     p.add_argument("--data", help="folder of images, slide file(s) folder, image,caption CSV, or 'bundled'")
-    p.add_argument("--steps", type=int, help="optimiser steps")
-    p.add_argument("--batch-size", type=int, help="global batch size")
+    p.add_argument("--steps", type=int, help=f"optimiser steps {default('steps')}")
+    p.add_argument("--batch-size", type=int, help=f"global batch size {default('batch_size')}")
     p.add_argument("--out", help="output directory (checkpoints, log.jsonl, loss_curve.png, backbone.safetensors)")
     p.add_argument("--config", help="YAML file with the run's settings")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--img-size", type=int, help="training image size (default 224)")
-    p.add_argument("--tile-size", type=int, help="tile side read from slides / bundled samples (default: img size)")
-    p.add_argument("--target-mpp", type=float, help="microns per pixel of slide tiles (default 0.5)")
-    p.add_argument("--lr", type=float, help="peak learning rate")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="mixed precision")
+    p.add_argument("--img-size", type=int, help="training image size (default: 224, unless --config sets it)")
+    p.add_argument("--tile-size", type=int, help="tile side read from slides / bundled samples (the image size "
+                                                 "unless set)")
+    p.add_argument("--target-mpp", type=float,
+                   help="microns per pixel of slide tiles (default: 0.5, unless --config sets it)")
+    p.add_argument("--mpp-override", type=float,
+                   help="level-0 microns per pixel of slides whose files record none (all slides in --data)")
+    p.add_argument("--lr", type=float, help=f"peak learning rate {default('lr')}")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help=f"mixed precision {default('precision')}")
     p.add_argument("--parallel", choices=["ddp", "fsdp"],
-                   help="under torchrun: ddp (replicas) or fsdp (FSDP2 sharding, for ViT-L and larger)")
+                   help=f"under torchrun: ddp (replicas) or fsdp (FSDP2 sharding, for ViT-L and larger) {default('parallel')}")
     p.add_argument("--compile", action="store_true", help="torch.compile each Transformer block")
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps")
-    p.add_argument("--workers", type=int, help="data-loading worker processes")
-    p.add_argument("--seed", type=int, help="random seed")
+    p.add_argument("--device", help=f"auto, cpu, cuda, cuda:N, mps {default('device')}")
+    p.add_argument("--workers", type=int, help=f"data-loading worker processes {default('num_workers')}")
+    p.add_argument("--seed", type=int, help=f"random seed {default('seed')}")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",
@@ -98,16 +119,24 @@ def _nest(d: dict[str, Any], dotted: str, value: Any) -> None:  # noqa: ANN401
     d[leaf] = value
 
 
-def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """Merge defaults, YAML, flags and ``--set`` into ``{method, arch, data, ..., train, method_args, backbone}``."""
-    import yaml
+def _renamed(key: str, where: str) -> str:
+    """The current name of a setting; an old one is accepted with a one-line notice."""
+    if key in _RENAMED_KEYS:
+        new = _RENAMED_KEYS[key]
+        print(f"histofm: note: '{key}' in {where} is deprecated; use '{new}' (same meaning).", file=sys.stderr)
+        return new
+    return key
 
+
+def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Merge defaults, YAML, flags and ``--set`` into ``{method, model, data, ..., train, method_args, backbone}``."""
     from histofm.train import TrainConfig
 
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     s: dict[str, Any] = {"img_size": 224, "target_mpp": 0.5, "train": {}, "method_args": {}, "backbone": {}}
     if args.config:
         for k, v in _load_yaml(args.config).items():
+            k = _renamed(k, args.config)
             if k in ("train", "method_args", "backbone"):
                 if not isinstance(v, dict):
                     raise HistofmError(f"'{k}' in {args.config} must be a mapping.")
@@ -118,8 +147,9 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
                 s["train"][k] = v
             else:
                 s["method_args"][k] = v
-    flags = {"method": args.method, "arch": args.arch, "data": args.data, "out": args.out,
-             "img_size": args.img_size, "tile_size": args.tile_size, "target_mpp": args.target_mpp}
+    flags = {"method": args.method, "model": args.model, "data": args.data, "out": args.out,
+             "img_size": args.img_size, "tile_size": args.tile_size, "target_mpp": args.target_mpp,
+             "mpp_override": args.mpp_override}
     s.update({k: v for k, v in flags.items() if v is not None})
     train_flags = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "precision": args.precision,
                    "device": args.device, "num_workers": args.workers, "seed": args.seed,
@@ -133,11 +163,8 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
         if "=" not in item:
             raise HistofmError(f"--set expects KEY=VALUE, got {item!r}.")
         key, raw = item.split("=", 1)
-        key = key.strip()
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            value = raw
+        key = _renamed(key.strip(), "--set")
+        value = parse_value(raw)
         if key.startswith("train."):
             _nest(s["train"], key[len("train."):], value)
         elif key in train_fields:
@@ -148,9 +175,10 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
             s[key] = value
         else:
             _nest(s["method_args"], key, value)
-    for key in ("method", "arch", "data", "out"):
+    for key in ("method", "model", "data", "out"):
         if not s.get(key):
             raise HistofmError(f"Missing --{key} (or '{key}:' in the --config file).")
+    check_out_dir(s["out"])
     s["train"]["out_dir"] = str(s["out"])
     return s
 
@@ -163,16 +191,24 @@ def run(args: argparse.Namespace) -> int:
     from histofm.utils import seed_everything
 
     s = resolve_settings(args)
-    cfg = TrainConfig.from_dict(s["train"])
+    try:
+        cfg = TrainConfig.from_dict(s["train"])
+    except HistofmError as e:
+        raise HistofmError(_in_flags(str(e))) from None
     seed_everything(cfg.seed)  # the initial weights too: the same --seed gives the same run
     overrides = dict(s["method_args"])
     if s["backbone"]:
         overrides["backbone"] = dict(s["backbone"])
     img_size = int(s["img_size"])
-    method, transform = build_method(s["method"], s["arch"], img_size=img_size, overrides=overrides)
-    dataset = tile_dataset(s["data"], tile_size=int(s.get("tile_size") or img_size), target_mpp=float(s["target_mpp"]))
+    try:
+        method, transform = build_method(s["method"], s["model"], img_size=img_size, overrides=overrides)
+    except HistofmError as e:
+        raise HistofmError(_in_flags(str(e))) from None
+    mpp = s.get("mpp_override")
+    dataset = tile_dataset(s["data"], tile_size=int(s.get("tile_size") or img_size), target_mpp=float(s["target_mpp"]),
+                           mpp=float(mpp) if mpp is not None else None)
     if is_main():
-        print(f"histofm pretrain: {s['method']} on {s['arch']} ({sum(p.numel() for p in method.backbone.parameters()) / 1e6:.2f}M "
+        print(f"histofm pretrain: {s['method']} on {s['model']} ({sum(p.numel() for p in method.backbone.parameters()) / 1e6:.2f}M "
               f"backbone parameters), {len(dataset)} samples from {s['data']}, {cfg.steps} steps of {cfg.batch_size}.")
     if is_main() and cfg.out_dir and hasattr(method, "attach_reconstructions"):
         _attach_reconstructions(method, dataset, transform, Path(cfg.out_dir) / "reconstructions", cfg.steps)
@@ -184,6 +220,26 @@ def run(args: argparse.Namespace) -> int:
         print(f"backbone: {out / 'backbone.safetensors'} (load: histofm.train.load_backbone({str(out)!r}))")
         print(f"log: {out / 'log.jsonl'}, curve: {out / 'loss_curve.png'}")
     return 0
+
+
+def _in_flags(message: str) -> str:
+    """An engine or method-config error restated in this command's words (the flag or ``--set KEY``)."""
+    if message.startswith("Unknown option(s) "):
+        return "Unknown --set key(s) " + message[len("Unknown option(s) "):]
+    head, _, rest = message.partition(" ")
+    if head == "Option":  # "Option lr expects a float, got 'fast'."
+        head, _, rest = rest.partition(" ")
+    if head in _FLAG_OF:
+        return f"{_FLAG_OF[head]} {rest}"
+    if message.startswith("Option ") or head in _train_fields():  # a key set with --set or in --config
+        return f"The setting {head} (--set or --config) {rest}"
+    return message
+
+
+def _train_fields() -> set[str]:
+    from histofm.train import TrainConfig
+
+    return {f.name for f in dataclasses.fields(TrainConfig)}
 
 
 def _attach_reconstructions(method: Any, dataset: Any, transform: Any, out: Path, steps: int) -> None:  # noqa: ANN401

@@ -18,53 +18,74 @@ from typing import Any
 
 import torch
 
+from histofm.commands._common import add_command
+from histofm.commands._vocab import add_deprecated_alias, add_set_argument, check_out_dir, parse_set
 from histofm.errors import HistofmError
 
 SMALL_CNN = "small_cnn"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("semi", help="semi-supervised tile classification (FixMatch, Mean Teacher, pseudo-labels)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", default="fixmatch", choices=("fixmatch", "meanteacher", "pseudolabel", "supervised"))
+    p = add_command(
+        sub, "semi", help="semi-supervised tile classification (FixMatch, Mean Teacher, pseudo-labels)",
+        description=__doc__,
+        example="histofm semi --method fixmatch --data tiles/ --labels labels.csv --out run/ --steps 1000\n"
+                "histofm semi --data tiles/ --labels labels.csv --model vit_small_patch16_224 "
+                "--checkpoint backbone.safetensors --img-size 224 --out run/",
+    )
+    p.add_argument("--method", default="fixmatch", choices=("fixmatch", "meanteacher", "pseudolabel", "supervised"),
+                   help="semi-supervised method (supervised: the labelled images only, a baseline)")
     p.add_argument("--data", type=Path, required=True, help="folder of tile images (searched recursively)")
     p.add_argument("--labels", type=Path, required=True, help="CSV 'path,label' naming the labelled images")
     p.add_argument("--test-labels", type=Path, help="optional CSV of held-out labelled images to evaluate on")
     p.add_argument("--out", type=Path, required=True, help="output directory")
-    p.add_argument("--arch", default=SMALL_CNN, help=f"'{SMALL_CNN}' or a registered model name (histofm models)")
-    p.add_argument("--checkpoint", type=Path, help="weights for --arch")
+    p.add_argument("--model", default=SMALL_CNN, help=f"tile encoder: '{SMALL_CNN}' or a registered model name "
+                                                      "(histofm models)")
+    add_deprecated_alias(p, "--arch", "--model")
+    p.add_argument("--checkpoint", type=Path, help="weights for --model (a registered model)")
+    add_set_argument(p, help="constructor override of a registered --model, e.g. --set depth=4 (repeatable)")
     p.add_argument("--width", type=int, default=32, help=f"channels of {SMALL_CNN}'s first stage")
     p.add_argument("--img-size", type=int, default=32, help="images are resized and centre-cropped to this")
-    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--steps", type=int, default=500, help="optimiser steps")
     p.add_argument("--batch-size", type=int, default=32, help="labelled images per step")
     p.add_argument("--mu", type=int, default=4, help="unlabelled images per labelled one in a step")
-    p.add_argument("--lr", type=float, default=0.03)
-    p.add_argument("--threshold", type=float, help="confidence threshold (FixMatch 0.95, pseudo-label 0.0)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=0.03, help="learning rate (SGD with Nesterov momentum)")
+    p.add_argument("--threshold", type=float, help="confidence threshold (default: FixMatch 0.95, pseudo-label 0.0)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--device", help="cpu, cuda, ... (default: the best available)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
 
 
-def build_classifier(arch: str, num_classes: int, img_size: int, width: int = 32,
-                     checkpoint: Path | None = None) -> tuple[Any, dict[str, Any]]:
-    """The classifier for ``arch`` and the JSON-able record that rebuilds it."""
+def build_classifier(model: str, num_classes: int, img_size: int, width: int = 32,
+                     checkpoint: Path | None = None,
+                     overrides: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+    """The classifier for the tile encoder ``model`` and the JSON-able record that rebuilds it.
+
+    ``overrides`` are constructor arguments of a registered model (``--set``), kept in the record.
+    """
+    overrides = dict(overrides or {})
     import histofm
     from histofm.learning.semi import Classifier, SmallConvNet
 
-    if arch == SMALL_CNN:
+    if model == SMALL_CNN:
         if checkpoint is not None:
-            raise HistofmError(f"--checkpoint applies to registered models, not to {SMALL_CNN}.")
+            raise HistofmError(f"--checkpoint applies to registered models, not to {SMALL_CNN}; pass --model NAME "
+                               "(see `histofm models`) or drop --checkpoint.")
+        if overrides:
+            raise HistofmError(f"--set applies to registered models, not to {SMALL_CNN} (use --width); pass --model "
+                               "NAME (see `histofm models`) or drop --set.")
         clf = Classifier(SmallConvNet(width), num_classes)
-        return clf, {"arch": arch, "width": width}
-    info = histofm.model_info(arch)  # raises one sentence for an unknown name
-    backbone = histofm.create_model(arch, checkpoint_path=checkpoint)
+        return clf, {"model": model, "width": width}
+    info = histofm.model_info(model)  # raises one sentence for an unknown name
+    backbone = histofm.create_model(model, checkpoint_path=checkpoint, **overrides)
     patch = getattr(backbone, "patch_size", 1)
     patch = patch[0] if isinstance(patch, tuple) else patch
     if img_size % int(patch):
-        raise HistofmError(f"--img-size {img_size} is not a multiple of {arch}'s patch size {patch}.")
+        raise HistofmError(f"--img-size {img_size} is not a multiple of {model}'s patch size {patch}; "
+                           "change --img-size.")
     clf = Classifier(backbone, num_classes, mean=tuple(info.mean), std=tuple(info.std))
-    return clf, {"arch": arch}
+    return clf, {"model": model, "overrides": overrides}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -73,11 +94,15 @@ def run(args: argparse.Namespace) -> int:
     from histofm.learning.semi import FitConfig, SemiData, evaluate, fit
     from histofm.utils import default_device, seed_everything
 
-    for name in ("steps", "batch_size", "mu"):
+    check_out_dir(args.out)
+    for name in ("steps", "batch_size", "mu", "width"):
         if getattr(args, name) < 1:
             raise HistofmError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
+    if args.img_size < 8:
+        raise HistofmError(f"--img-size must be at least 8 pixels, got {args.img_size}.")
     if args.threshold is not None and not 0 <= args.threshold <= 1:
         raise HistofmError(f"--threshold must lie between 0 and 1, got {args.threshold}.")
+    overrides = parse_set(args.set)
     test_paths: set[str] = set()
     if args.test_labels is not None:
         test_paths = {Path(p).as_posix() for p, _ in read_label_csv(args.test_labels)}
@@ -90,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
                            "needs unlabelled images too (or use --method supervised with a few left unlabelled).")
     seed_everything(args.seed)
     device = torch.device(args.device) if args.device else default_device()
-    clf, arch_record = build_classifier(args.arch, len(folder.classes), args.img_size, args.width, args.checkpoint)
+    clf, model_record = build_classifier(args.model, len(folder.classes), args.img_size, args.width, args.checkpoint,
+                                         overrides)
     cfg_overrides: dict[str, Any] = {}
     if args.threshold is not None:
         if args.method not in ("fixmatch", "pseudolabel"):
@@ -106,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     metrics: dict[str, Any] = {
-        "method": args.method, "arch": args.arch, "img_size": args.img_size, "steps": args.steps,
+        "method": args.method, "model": args.model, "img_size": args.img_size, "steps": args.steps,
         "batch_size": args.batch_size, "mu": args.mu, "lr": args.lr, "seed": args.seed, "seconds": round(seconds, 2),
         "classes": list(folder.classes), "n_labelled": len(folder.x_l), "n_unlabelled": len(folder.x_u),
         "final": _tail_mean(history), "labelled": evaluate(method, folder.x_l, folder.y_l, device=device),
@@ -115,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
         test = load_labelled_folder(args.data, args.test_labels, args.img_size, classes=folder.classes)
         metrics["test"] = evaluate(method, test.x_l, test.y_l, device=device)
         metrics["n_test"] = len(test.x_l)
-    _save_model(method, out, {**arch_record, "classes": list(folder.classes), "img_size": args.img_size,
+    _save_model(method, out, {**model_record, "classes": list(folder.classes), "img_size": args.img_size,
                               "method": args.method})
     _save_predictions(method, folder, out / "predictions.csv", device)
     _save_json(metrics, out / "metrics.json")

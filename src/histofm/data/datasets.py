@@ -300,8 +300,9 @@ def tile_dataset(
     tile_size: int = 224,
     target_mpp: float = 0.5,
     min_tissue: float = 0.5,
+    mpp: float | None = None,
 ) -> Dataset:
-    """What ``histofm pretrain --data`` accepts.
+    """What ``histofm pretrain --data`` accepts (``mpp``: level-0 override for slides, ``--mpp-override``).
 
     * ``"bundled"``: :func:`bundled_tiles` (grid tiles of ``tile_size`` from all bundled samples);
     * a slide file (``.svs``, ``.ndpi``, ``.mrxs`` ...) or a folder holding slide files:
@@ -321,9 +322,9 @@ def tile_dataset(
         return CaptionedImages(path / "captions.csv")
     if path.is_file():
         if path.suffix.lower() in SLIDE_EXTENSIONS or path.suffix.lower() in (".tif", ".tiff"):
-            return slide_tiles([path], tile_size=tile_size, target_mpp=target_mpp, min_tissue=min_tissue)
+            return slide_tiles([path], tile_size=tile_size, target_mpp=target_mpp, min_tissue=min_tissue, mpp=mpp)
         raise HistofmError(f"{path} is neither a slide file nor a folder; give a folder of images, slide files, or 'bundled'.")
     slides = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SLIDE_EXTENSIONS)
     if slides:
-        return slide_tiles(slides, tile_size=tile_size, target_mpp=target_mpp, min_tissue=min_tissue)
+        return slide_tiles(slides, tile_size=tile_size, target_mpp=target_mpp, min_tissue=min_tissue, mpp=mpp)
     return ImageFolderTiles(path)

@@ -17,16 +17,20 @@ Every reader exposes the same small surface, in OpenSlide's conventions:
 Backends: ``openslide`` (openslide-python + the openslide-bin wheel: Aperio, Hamamatsu,
 MIRAX, Philips, generic tiled TIFF, DICOM ...), ``tiffslide`` (pure Python, TIFF-based
 formats, SubIFD pyramids) and ``image`` (PNG / JPEG / plain TIFF loaded whole as a
-one-level slide). ``open_slide(path, backend="auto")`` tries them in that order.
+one-level slide). ``open_slide(path, backend="auto")`` tries them in that order. Where
+OpenSlide cannot be imported (no wheel of its C library for the platform), ``auto`` reads
+with tiffslide and says so once per process on stderr.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import itertools
 import logging
 import math
 import os
+import sys
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -63,6 +67,25 @@ _MAX_SIDE = 2**22
 _MAX_CHECKED_PAGES = 64
 # Longest library message quoted inside one of our sentences.
 _MAX_REASON = 160
+# Whether this process has said that OpenSlide is missing and tiffslide reads instead.
+_fallback_noticed = False
+
+
+class _BackendUnavailable(Exception):
+    """A backend's library cannot be imported on this platform (raised before any file is read)."""
+
+    def __init__(self, backend: str, error: BaseException) -> None:
+        super().__init__(f"{type(error).__name__}: {' '.join(str(error).split())[:_MAX_REASON]}")
+        self.backend = backend
+
+
+def _import_backend(backend: str, module: str) -> Any:  # noqa: ANN401
+    """Import a backend's library; ImportError, or OSError from a missing shared library, becomes
+    :class:`_BackendUnavailable`."""
+    try:
+        return importlib.import_module(module)
+    except (ImportError, OSError) as e:
+        raise _BackendUnavailable(backend, e) from None
 
 
 class SlideReader(ABC):
@@ -261,8 +284,7 @@ class OpenSlideReader(SlideReader):
 
     def __init__(self, path: str | os.PathLike[str], mpp: float | None = None) -> None:
         super().__init__(path, mpp)
-        import openslide
-
+        openslide = _import_backend("openslide", "openslide")
         self._slide = openslide.OpenSlide(str(self.path))
         self.dimensions = tuple(self._slide.dimensions)
         self.level_dimensions = tuple(tuple(d) for d in self._slide.level_dimensions)
@@ -293,8 +315,7 @@ class TiffSlideReader(SlideReader):
 
     def __init__(self, path: str | os.PathLike[str], mpp: float | None = None) -> None:
         super().__init__(path, mpp)
-        import tiffslide
-
+        tiffslide = _import_backend("tiffslide", "tiffslide")
         self._slide = tiffslide.TiffSlide(str(self.path))
         self.dimensions = tuple(int(v) for v in self._slide.dimensions)
         self.level_dimensions = tuple(tuple(int(v) for v in d) for d in self._slide.level_dimensions)
@@ -413,6 +434,16 @@ def open_slide(
                 reader = _READERS[name](path, mpp)
         except HistofmError:
             raise
+        except _BackendUnavailable as e:
+            if backend != "auto":
+                raise HistofmError(
+                    f"The {_LIBRARY[name]} backend cannot be imported on this platform ({e}); install it "
+                    f"({_INSTALL[name]}) or pass --backend auto to try the other readers."
+                ) from None
+            if name == "openslide":
+                _notice_openslide_fallback(e)
+            errors.append(e)
+            continue
         except MemoryError:  # a header that declares more than any real slide holds
             raise HistofmError(
                 f"Opening {path.name} with {_library(name, path)} needs more memory than is available, so its "
@@ -431,6 +462,19 @@ def open_slide(
             raise
         return reader
     raise HistofmError(_unreadable_message(path, order, errors))
+
+
+_INSTALL = {"openslide": "pip install openslide-python openslide-bin", "tiffslide": "pip install tiffslide",
+            "image": "pip install pillow tifffile"}
+
+
+def _notice_openslide_fallback(error: _BackendUnavailable) -> None:
+    """Say once per process that slides are read with tiffslide because OpenSlide is missing."""
+    global _fallback_noticed
+    if not _fallback_noticed:
+        _fallback_noticed = True
+        print(f"histofm: note: OpenSlide cannot be imported ({error}); reading slides with tiffslide instead "
+              f"({_INSTALL['openslide']} to restore it).", file=sys.stderr)
 
 
 def _head(path: Path) -> bytes:
@@ -525,6 +569,8 @@ def _unreadable_message(path: Path, tried: list[str], errors: Sequence[BaseExcep
     readers = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
     # With one reader tried, its own words say what is wrong (e.g. "image file is truncated").
     why = f" ({_reason(errors[0])})" if len(tried) == 1 and errors else ""
+    if len(tried) > 1 and any(isinstance(e, _BackendUnavailable) and e.backend == "openslide" for e in errors):
+        why = f" (OpenSlide itself cannot be imported here: {_INSTALL['openslide']})"
     kind = next((k for magic, k in _MAGIC_KINDS if head.startswith(magic)), None)
     if kind is not None:
         return (
