@@ -191,8 +191,9 @@ def _attach_reconstructions(method: Any, dataset: Any, transform: Any, out: Path
     import torch
 
     images = []
+    preview = dataset.preview(8) if hasattr(dataset, "preview") else None  # a stream (shards) has no dataset[i]
     for i in range(min(8, len(dataset))):
-        item = dataset[i]
+        item = preview[i] if preview is not None else dataset[i]
         item = item[0] if isinstance(item, tuple) else item
         view = transform(item) if transform is not None else item
         while isinstance(view, (list, tuple)):  # multi-crop: the first global crop
