@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         sub, "shard", help="write tissue tiles of many slides into WebDataset shards (streaming pretraining data)",
         example="""histofm shard slides/ --out shards/
 histofm shard cohort.csv --target-mpp 0.5,1.0 --tile-size 224 --shard-size 5000 --out shards/
-histofm pretrain --method dinov2 --model vit_small_patch16_224 --data shards/ --out runs/dinov2""",
+histofm pretrain --method dinov2 --arch vit_small_patch16_224 --data shards/ --out runs/dinov2""",
         description=__doc__,
     )
     p.add_argument("slides", nargs="+", type=Path, metavar="SLIDE",
