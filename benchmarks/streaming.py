@@ -100,17 +100,17 @@ def main() -> None:
             return _consume(DataLoader(ds, batch_size=args.batch, shuffle=True, num_workers=args.workers,
                                        collate_fn=_collate, drop_last=True))
 
-        startup: list[float] = []
+        startup: list[tuple[float, float]] = []
 
         def run_slides() -> int:
-            t = time.perf_counter()
+            t, c = time.perf_counter(), _cpu()
             ds = slide_tiles(slides, tile_size=args.tile_size, target_mpp=args.target_mpp)
-            startup.append(time.perf_counter() - t)
+            startup.append((time.perf_counter() - t, _cpu() - c))
             return _consume(DataLoader(ds, batch_size=args.batch, shuffle=True, num_workers=args.workers,
                                        collate_fn=_collate, drop_last=True))
 
         paths = {"shards": run_shards, "folder": run_folder, "slides": run_slides}
-        best: dict[str, tuple[float, float]] = {k: (0.0, float("inf")) for k in paths}
+        best: dict[str, tuple[float, float]] = {k: (0.0, float("inf")) for k in paths}  # tiles/s, CPU ms/tile
         for _ in range(args.repeats):
             for name, fn in paths.items():  # interleaved: load changes hit all three alike
                 t, c = time.perf_counter(), _cpu()
@@ -118,15 +118,21 @@ def main() -> None:
                 wall, cpu = time.perf_counter() - t, _cpu() - c
                 rate, ms = tiles / wall, 1e3 * cpu / tiles
                 best[name] = (max(best[name][0], rate), min(best[name][1], ms))
+                if name == "slides":  # the reading alone, without the start-up
+                    su_wall, su_cpu = startup[-1]
+                    rate, ms = tiles / (wall - su_wall), 1e3 * (cpu - su_cpu) / tiles
+                    old = best.get("slides, reading only", (0.0, float("inf")))
+                    best["slides, reading only"] = (max(old[0], rate), min(old[1], ms))
 
     print(f"{n} tissue tiles of {args.tile_size} px at {args.target_mpp} um/px from {args.copies} slides, "
           f"{len(index['shards'])} shards; {args.workers} workers, batch {args.batch}; best of {args.repeats}")
     print(f"writing the shards (once): {write_s:.1f} s wall, {1e3 * write_cpu / n:.2f} CPU ms/tile")
-    print(f"slides start-up (tissue detection + tiling, every run): {min(startup):.2f} s")
-    print(f"{'path':8} {'tiles/s':>9} {'CPU ms/tile':>12} {'vs folder (wall)':>17} {'vs folder (CPU)':>16}")
+    print(f"slides start-up (tissue detection + tiling, every run): {min(w for w, _ in startup):.2f} s wall, "
+          f"{min(c for _, c in startup):.2f} s CPU")
+    print(f"{'path':22} {'tiles/s':>9} {'CPU ms/tile':>12} {'vs folder (wall)':>17} {'vs folder (CPU)':>16}")
     fr, fc = best["folder"]
     for name, (rate, ms) in best.items():
-        print(f"{name:8} {rate:9.0f} {ms:12.2f} {rate / fr:16.2f}x {fc / ms:15.2f}x")
+        print(f"{name:22} {rate:9.0f} {ms:12.2f} {rate / fr:16.2f}x {fc / ms:15.2f}x")
     print(json.dumps({k: {"tiles_per_s": round(v[0], 1), "cpu_ms_per_tile": round(v[1], 3)} for k, v in best.items()}))
 
 

@@ -322,7 +322,7 @@ class _Plan:
     streams_per_rank: int
     start_step: int
     stop_step: int
-    transform: Callable[[Any], Any] | None
+    views: Callable[[Any, int, int], Any] | None
 
 
 class ShardStream(IterableDataset):
@@ -360,9 +360,13 @@ class ShardStream(IterableDataset):
         num_workers: int = 0,
         start_step: int = 0,
         stop_step: int,
-        transform: Callable[[Any], Any] | None = None,
+        views: Callable[[Any, int, int], Any] | None = None,
     ) -> None:
-        """Fix the order for steps ``[start_step, stop_step)`` of this rank (called by the engine)."""
+        """Fix the order for steps ``[start_step, stop_step)`` of this rank (called by the engine).
+
+        ``views(image, epoch, index)`` makes a sample's views (the engine passes the method's
+        transform under the sample's seed); without it a tile is a ``uint8`` tensor ``(3, S, S)``.
+        """
         if global_batch % world_size:
             raise HistofmError(f"batch_size {global_batch} must be divisible by the number of processes ({world_size}).")
         v = max(num_workers, 1)
@@ -371,7 +375,7 @@ class ShardStream(IterableDataset):
                 f"{self.root} has {len(self.files)} shards, fewer than the {world_size * v} streams "
                 f"({world_size} processes x {v} workers) reading them; write smaller shards (--shard-size) or use fewer --workers."
             )
-        self._plan = _Plan(seed, global_batch // world_size, rank, world_size, v, start_step, stop_step, transform)
+        self._plan = _Plan(seed, global_batch // world_size, rank, world_size, v, start_step, stop_step, views)
 
     def _need_plan(self) -> _Plan:
         if self._plan is None:
@@ -431,18 +435,16 @@ class ShardStream(IterableDataset):
             yield self._load_batch([f"{e}/{i}" for e, i in (next(streams[v]) for _ in range(p.local_batch))])
 
     def _load_batch(self, keys: list[str]) -> tuple[Any, list[str]]:
-        from histofm.train.data import sample_seed, seeded
-
         p = self._need_plan()
         items = []
         for key in keys:
             epoch, index = map(int, key.split("/"))
-            image = self.read_image(index)
-            if p.transform is None:
-                items.append(torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous())  # (3, H, W) uint8
-                continue
-            with seeded(sample_seed(p.seed, epoch, index)):
-                items.append(p.transform(image))
+            item = self.read_image(index)
+            if p.views is not None:
+                item = p.views(item, epoch, index)
+            if isinstance(item, Image.Image):
+                item = torch.from_numpy(np.array(item)).permute(2, 0, 1).contiguous()  # (3, H, W) uint8
+            items.append(item)
         return default_collate(items), keys
 
     def _shard(self, s: int) -> _ShardFile:
@@ -457,14 +459,18 @@ class ShardStream(IterableDataset):
 
     def read_sample(self, index: int) -> tuple[bytes, dict[str, Any]]:
         """JPEG bytes and metadata of global sample ``index``."""
+        key = f"{index:09d}"
+        shard = self._shard(self._shard_of(index))
+        return shard.read_bytes(f"{key}.jpg"), json.loads(shard.read_bytes(f"{key}.json"))
+
+    def _shard_of(self, index: int) -> int:
         if not 0 <= index < len(self):
             raise HistofmError(f"Sample {index} is outside {self.root} ({len(self)} samples).")
-        s = int(np.searchsorted(self.offsets, index, side="right") - 1)
-        return self._shard(s).read(f"{index:09d}")
+        return int(np.searchsorted(self.offsets, index, side="right") - 1)
 
     def read_image(self, index: int) -> Image.Image:
         """The RGB tile of global sample ``index``."""
-        jpg, _ = self.read_sample(index)
+        jpg = self._shard(self._shard_of(index)).read_bytes(f"{index:09d}.jpg")
         try:
             return Image.open(io.BytesIO(jpg)).convert("RGB")
         except Exception as e:  # Pillow raises many types for broken JPEG data
@@ -494,15 +500,13 @@ class _ShardFile:
             raise HistofmError(f"Shard {path} is missing or not a tar file ({type(e).__name__}); write the shards again.") from None
         self._fh = open(path, "rb")  # noqa: SIM115 - kept open for many reads, closed by close()
 
-    def read(self, key: str) -> tuple[bytes, dict[str, Any]]:
+    def read_bytes(self, name: str) -> bytes:
         try:
-            (jo, js), (mo, ms) = self.members[f"{key}.jpg"], self.members[f"{key}.json"]
+            offset, size = self.members[name]
         except KeyError:
-            raise HistofmError(f"Shard {self.path.name} lacks sample {key}; the shard folder is incomplete, write it again.") from None
-        self._fh.seek(jo)
-        jpg = self._fh.read(js)
-        self._fh.seek(mo)
-        return jpg, json.loads(self._fh.read(ms))
+            raise HistofmError(f"Shard {self.path.name} lacks {name}; the shard folder is incomplete, write it again.") from None
+        self._fh.seek(offset)
+        return self._fh.read(size)
 
     def close(self) -> None:
         self._fh.close()

@@ -12,9 +12,11 @@ and iteration can start at any step.
 
 Streams (``IterableDataset``) take part through the step-stream protocol instead:
 ``data.plan_steps(seed=, global_batch=, rank=, world_size=, num_workers=, start_step=,
-stop_step=, transform=)`` fixes this rank's batches for steps ``[start_step, stop_step)``
+stop_step=, views=)`` fixes this rank's batches for steps ``[start_step, stop_step)``
 as a pure function of those arguments, and iterating then yields one
 ``(batch, keys)`` pair per step: the collated views and the names of their samples.
+``views(item, epoch, index)`` is :meth:`SeededViews.apply` (the method's transform under the
+sample's seed), so augmentations do not depend on workers, ranks or interruptions.
 With workers, worker ``w`` yields steps ``start + w, start + w + W, ...`` (the
 DataLoader's round-robin); :class:`histofm.data.shards.ShardStream` implements it.
 
@@ -75,7 +77,10 @@ class SeededViews(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> Any:  # noqa: ANN401
         index, epoch = key
-        item = self.base[index]
+        return self.apply(self.base[index], epoch, index)
+
+    def apply(self, item: Any, epoch: int, index: int) -> Any:  # noqa: ANN401
+        """The views of ``item``, sample ``index`` of ``epoch`` (what step streams call per sample)."""
         if self.transform is None:
             return item
         with seeded(sample_seed(self.seed, epoch, index)):

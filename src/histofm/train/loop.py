@@ -176,8 +176,12 @@ def fit(
     # ------------------------------------------------------------------ data
     streaming = is_step_stream(data)
     if streaming:  # an IterableDataset whose batches are a pure function of the step (histofm.train.data)
+        if state is not None and (state.get("world_size", world), state.get("config", {}).get("num_workers", cfg.num_workers)) != (world, cfg.num_workers):
+            warnings.warn("resuming a step stream with another number of processes or workers: "
+                          "the sample order differs from the interrupted run's from here on", stacklevel=2)
         data.plan_steps(seed=cfg.seed, global_batch=cfg.batch_size, rank=rank, world_size=world,
-                        num_workers=cfg.num_workers, start_step=start_step, stop_step=stop_step, transform=transform)
+                        num_workers=cfg.num_workers, start_step=start_step, stop_step=stop_step,
+                        views=SeededViews(None, transform, cfg.seed).apply if transform is not None else None)
         sampler = None
         loader = DataLoader(data, batch_size=None, num_workers=cfg.num_workers,
                             pin_memory=device.type == "cuda", persistent_workers=False)
@@ -242,6 +246,7 @@ def fit(
                     "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                     "rng": rngs,
                     "nonfinite_streak": streak,
+                    "world_size": world,
                     "config": cfg.to_dict(),
                     "history": history,
                 },
