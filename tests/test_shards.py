@@ -38,12 +38,9 @@ MPPS = (2.0, 4.0)
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("shards")
-    slides = []
-    for i in range(2):
-        dst = root / f"slide{i}.svs"
-        shutil.copy(sample_path("cmu_small_region"), dst)
-        slides.append(dst)
-    write_shards(slides, root / "shards", ShardSettings(target_mpps=MPPS, tile_size=32, shard_size=16), progress=False)
+    slide = root / "slide0.svs"
+    shutil.copy(sample_path("cmu_small_region"), slide)
+    write_shards([slide], root / "shards", ShardSettings(target_mpps=MPPS, tile_size=32, shard_size=16), progress=False)
     return root / "shards"
 
 
@@ -92,12 +89,13 @@ def _keys(stream: ShardStream, workers: int, **plan) -> list[list[str]]:
 
 def test_order_is_a_function_of_the_step(shards: Path) -> None:
     stream = ShardStream(shards, buffer_size=20)
-    full = _keys(stream, 2, global_batch=6, stop_step=9)
-    assert full == [stream.step_keys(t) for t in range(9)]  # workers serve the planned streams
-    assert _keys(stream, 2, global_batch=6, start_step=5, stop_step=9) == full[5:]  # resume mid-run
-    assert _keys(stream, 2, global_batch=6, start_step=4, stop_step=9) == full[4:]
+    full = _keys(stream, 2, global_batch=6, stop_step=40)  # 2 streams x 20 batches of 6: into epoch 1
+    assert full[-1][-1].startswith("1/") and full[0][0].startswith("0/")
+    assert full == [stream.step_keys(t) for t in range(40)]  # workers serve the planned streams
+    assert _keys(stream, 2, global_batch=6, start_step=5, stop_step=12) == full[5:12]  # resume mid-run
+    assert _keys(stream, 2, global_batch=6, start_step=34, stop_step=40) == full[34:]  # past an epoch's end
     stream.plan_steps(seed=3, global_batch=6, num_workers=2, start_step=2, stop_step=9)
-    assert [keys for _, keys in stream] == full[2:]  # read in this process: the same steps, in turn
+    assert [keys for _, keys in stream] == full[2:9]  # read in this process: the same steps, in turn
     batch, _ = next(iter(DataLoader(stream, batch_size=None)))
     assert tuple(batch.shape) == (6, 3, 32, 32)
 
@@ -195,3 +193,24 @@ def test_kill_then_resume_streams_the_clean_runs_samples(shards: Path, tmp_path:
     assert len(steps) > STEPS and steps[-1] == STEPS - 1  # some steps ran twice: the resume started mid-stream
     assert _trace(trace) == ref
     assert _losses(out) == _losses(tmp_path / "clean")  # same samples, same views, same updates
+
+
+def test_shard_command(tmp_path: Path, capsys) -> None:
+    from histofm.cli import main
+
+    slide = tmp_path / "a.svs"
+    shutil.copy(sample_path("cmu_small_region"), slide)
+    missing = tmp_path / "missing.svs"
+    out = tmp_path / "shards"
+    code = main(["shard", str(slide), str(missing), "--target-mpp", "4.0,8.0", "--tile-size", "32",
+                 "--shard-size", "8", "--no-progress", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 2 and "missing.svs" in captured.err  # the bad slide is reported, the good one written
+    index = json.loads((out / "index.json").read_text())
+    assert [s["slide"] for s in index["slides"]] == ["a"] and index["failed"][0]["path"] == str(missing)
+    assert set(index["slides"][0]["tiles"]) == {"4", "8"} and index["samples"] == sum(index["slides"][0]["tiles"].values())
+    assert f"{index['samples']} tiles from 1 slides in {len(index['shards'])} shards" in captured.out
+    assert main(["shard", str(slide), "--quality", "0", "--out", str(tmp_path / "q")]) == 2
+    assert "--quality must lie in 1..100" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["shard", str(slide), "--target-mpp", "0.5,x", "--out", str(tmp_path / "x")])
