@@ -208,6 +208,7 @@ def test_shard_command(tmp_path: Path, capsys) -> None:
     assert code == 2 and "missing.svs" in captured.err  # the bad slide is reported, the good one written
     index = json.loads((out / "index.json").read_text())
     assert [s["slide"] for s in index["slides"]] == ["a"] and index["failed"][0]["path"] == str(missing)
+    assert len(index["slides"][0]["fingerprint"]) == 64 and index["provenance"]["histofm_version"]
     assert set(index["slides"][0]["tiles"]) == {"4", "8"} and index["samples"] == sum(index["slides"][0]["tiles"].values())
     assert f"{index['samples']} tiles from 1 slides in {len(index['shards'])} shards" in captured.out
     assert main(["shard", str(slide), "--quality", "0", "--out", str(tmp_path / "q")]) == 2

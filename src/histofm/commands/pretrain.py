@@ -49,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--method", help=f"one of: {', '.join(list_methods())}")
     p.add_argument("--arch", help="backbone architecture from `histofm models` / list_models(), e.g. vit_small_patch16_224")
-    p.add_argument("--data", help="folder of images, slide file(s) folder, image,caption CSV, or 'bundled'")
+    p.add_argument("--data", help="folder of images, slide file(s) folder, shard folder (histofm shard), image,caption CSV, or 'bundled'")
     p.add_argument("--steps", type=int, help="optimiser steps")
     p.add_argument("--batch-size", type=int, help="global batch size")
     p.add_argument("--out", help="output directory (checkpoints, log.jsonl, loss_curve.png, backbone.safetensors)")

@@ -189,11 +189,14 @@ def write_shards(
         progress: show a rich progress bar per slide.
 
     A slide that cannot be read is reported on stderr and left out (``index.json`` lists it under
-    ``failed``). ``index.json`` is written last, so a folder without it is an unfinished write.
+    ``failed``). Each slide row records its path, level-0 mpp, first sample, tiles per magnification
+    and fingerprint (:func:`histofm.wsi.provenance.slide_fingerprint`). ``index.json`` is written
+    last, so a folder without it is an unfinished write.
     """
     from histofm import __version__
     from histofm.utils import atomic_path
     from histofm.wsi import SlideInput, open_slide
+    from histofm.wsi.provenance import slide_fingerprint
 
     settings.check()
     out = Path(out_dir)
@@ -233,6 +236,7 @@ def write_shards(
                         bars.remove_task(task)
                         slide_rows.append({
                             "slide": slide.name, "path": str(item.path), "level0_mpp": slide.mpp,
+                            "fingerprint": slide_fingerprint(item.path),
                             "first_sample": first, "tiles": {f"{m:g}": len(c) for m, _, c in plan},
                         })
                 except HistofmError as e:
