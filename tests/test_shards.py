@@ -136,7 +136,7 @@ def test_bad_shard_folders_say_what_to_do(shards: Path, tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------ kill -9, then --resume
-STEPS = 12
+STEPS = 20
 ARGS = [
     "pretrain", "--method", "simclr", "--arch", "vit_tiny_patch16_224", "--img-size", "32", "--batch-size", "8",
     "--steps", str(STEPS), "--workers", "2", "--no-progress", "--device", "cpu", "--set", "ckpt_every=2",
