@@ -176,7 +176,8 @@ def fit(
     # ------------------------------------------------------------------ data
     streaming = is_step_stream(data)
     if streaming:  # an IterableDataset whose batches are a pure function of the step (histofm.train.data)
-        if state is not None and (state.get("world_size", world), state.get("config", {}).get("num_workers", cfg.num_workers)) != (world, cfg.num_workers):
+        saved = (state.get("world_size", world), state.get("config", {}).get("num_workers", cfg.num_workers)) if state else None
+        if saved is not None and saved != (world, cfg.num_workers):
             warnings.warn("resuming a step stream with another number of processes or workers: "
                           "the sample order differs from the interrupted run's from here on", stacklevel=2)
         data.plan_steps(seed=cfg.seed, global_batch=cfg.batch_size, rank=rank, world_size=world,
