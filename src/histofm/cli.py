@@ -21,6 +21,7 @@ from histofm.errors import HistofmError
 COMMAND_MODULES = (
     "models",
     "tile",
+    "shard",
     "extract",
     "slide_embed",
     "pretrain",

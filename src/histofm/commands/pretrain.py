@@ -66,7 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", help=f"one of: {', '.join(list_methods())}")
     p.add_argument("--model", help="backbone (tile encoder) from `histofm models`, e.g. vit_small_patch16_224")
     add_deprecated_alias(p, "--arch", "--model")
-    p.add_argument("--data", help="folder of images, slide file(s) folder, image,caption CSV, or 'bundled'")
+    p.add_argument("--data", help="folder of images, slide file(s) folder, shard folder (histofm shard), image,caption CSV, or 'bundled'")
     p.add_argument("--steps", type=int, help=f"optimiser steps {default('steps')}")
     p.add_argument("--batch-size", type=int, help=f"global batch size {default('batch_size')}")
     p.add_argument("--out", help="output directory (checkpoints, log.jsonl, loss_curve.png, backbone.safetensors)")
@@ -247,8 +247,9 @@ def _attach_reconstructions(method: Any, dataset: Any, transform: Any, out: Path
     import torch
 
     images = []
+    preview = dataset.preview(8) if hasattr(dataset, "preview") else None  # a stream (shards) has no dataset[i]
     for i in range(min(8, len(dataset))):
-        item = dataset[i]
+        item = preview[i] if preview is not None else dataset[i]
         item = item[0] if isinstance(item, tuple) else item
         view = transform(item) if transform is not None else item
         while isinstance(view, (list, tuple)):  # multi-crop: the first global crop

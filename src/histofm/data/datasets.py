@@ -305,6 +305,8 @@ def tile_dataset(
     """What ``histofm pretrain --data`` accepts (``mpp``: level-0 override for slides, ``--mpp-override``).
 
     * ``"bundled"``: :func:`bundled_tiles` (grid tiles of ``tile_size`` from all bundled samples);
+    * a shard folder (with ``index.json``, from ``histofm shard``): a streaming
+      :class:`~histofm.data.shards.ShardStream` (tiles as stored; ``tile_size`` and ``target_mpp`` unused);
     * a slide file (``.svs``, ``.ndpi``, ``.mrxs`` ...) or a folder holding slide files:
       :func:`slide_tiles` at ``target_mpp``;
     * a folder of images (searched recursively): :class:`ImageFolderTiles`;
@@ -316,6 +318,10 @@ def tile_dataset(
     path = Path(data)
     if not path.exists():
         raise HistofmError(f"Data path {path} does not exist; give a folder of images, slide files, or 'bundled'.")
+    if path.is_dir() and (path / "index.json").is_file():
+        from histofm.data.shards import ShardStream
+
+        return ShardStream(path)
     if path.is_file() and path.suffix.lower() == ".csv":
         return CaptionedImages(path)
     if path.is_dir() and (path / "captions.csv").is_file():

@@ -10,6 +10,16 @@ run picks up at the exact batch it stopped at. This is the role of torch's
 ``DistributedSampler``, with two differences: slices are contiguous per step,
 and iteration can start at any step.
 
+Streams (``IterableDataset``) take part through the step-stream protocol instead:
+``data.plan_steps(seed=, global_batch=, rank=, world_size=, num_workers=, start_step=,
+stop_step=, views=)`` fixes this rank's batches for steps ``[start_step, stop_step)``
+as a pure function of those arguments, and iterating then yields one
+``(batch, keys)`` pair per step: the collated views and the names of their samples.
+``views(item, epoch, index)`` is :meth:`SeededViews.apply` (the method's transform under the
+sample's seed), so augmentations do not depend on workers, ranks or interruptions.
+With workers, worker ``w`` yields steps ``start + w, start + w + W, ...`` (the
+DataLoader's round-robin); :class:`histofm.data.shards.ShardStream` implements it.
+
 Every augmentation of sample ``i`` in epoch ``e`` runs under its own seed
 derived from (seed, e, i), inside a forked random state, so views do not depend
 on worker processes, ranks, or whether the run was interrupted.
@@ -18,6 +28,7 @@ on worker processes, ranks, or whether the run was interrupted.
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -66,7 +77,10 @@ class SeededViews(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> Any:  # noqa: ANN401
         index, epoch = key
-        item = self.base[index]
+        return self.apply(self.base[index], epoch, index)
+
+    def apply(self, item: Any, epoch: int, index: int) -> Any:  # noqa: ANN401
+        """The views of ``item``, sample ``index`` of ``epoch`` (what step streams call per sample)."""
         if self.transform is None:
             return item
         with seeded(sample_seed(self.seed, epoch, index)):
@@ -151,3 +165,32 @@ def first_image(sample: Any) -> torch.Tensor | None:  # noqa: ANN401
             if t is not None:
                 return t
     return None
+
+
+def is_step_stream(data: Any) -> bool:  # noqa: ANN401
+    """True for a dataset that follows the step-stream protocol (see the module docstring)."""
+    return callable(getattr(data, "plan_steps", None))
+
+
+class SampleTrace:
+    """Records which samples each step used, when ``HISTOFM_SAMPLE_TRACE`` names a folder.
+
+    Rank ``r`` appends ``step<TAB>key key ...`` lines to ``samples.rank{r}.txt`` there (flushed per
+    step), so a test can compare an interrupted-and-resumed run with a clean one. Off otherwise.
+    """
+
+    def __init__(self, rank: int) -> None:
+        folder = os.environ.get("HISTOFM_SAMPLE_TRACE")
+        self._fh = None
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+            self._fh = open(os.path.join(folder, f"samples.rank{rank}.txt"), "a")  # noqa: SIM115 - closed in close()
+
+    def record(self, step: int, keys: list[str]) -> None:
+        if self._fh is not None:
+            self._fh.write(f"{step}\t{' '.join(keys)}\n")
+            self._fh.flush()
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()

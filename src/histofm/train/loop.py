@@ -62,7 +62,15 @@ from histofm.train.checkpoint import (
     save_training_state,
 )
 from histofm.train.config import TrainConfig
-from histofm.train.data import SeededViews, StepBatchSampler, first_image, seeded, to_device
+from histofm.train.data import (
+    SampleTrace,
+    SeededViews,
+    StepBatchSampler,
+    first_image,
+    is_step_stream,
+    seeded,
+    to_device,
+)
 from histofm.train.logs import RunLogger, plot_loss_curve
 from histofm.train.monitor import collapse_stats
 from histofm.train.optim import build_optimizer
@@ -102,9 +110,11 @@ def fit(
 
     Args:
         method: the SSL method (its ``backbone`` is what gets exported).
-        data: a map-style dataset (items: PIL images, tensors, or ``(image, *rest)`` tuples) or a
-            ready ``DataLoader``. With a dataset the engine controls data order and augmentation
-            seeds, so ``resume`` is exact; a ``DataLoader`` is cycled as is (its own order).
+        data: a map-style dataset (items: PIL images, tensors, or ``(image, *rest)`` tuples), a
+            step stream (an ``IterableDataset`` with ``plan_steps``, e.g.
+            :class:`histofm.data.shards.ShardStream`; protocol in :mod:`histofm.train.data`), or a
+            ready ``DataLoader``. With a dataset or a step stream the engine fixes data order and
+            augmentation seeds, so ``resume`` is exact; a ``DataLoader`` is cycled as is (its own order).
         cfg: the training configuration.
         transform: per-sample view transform applied to each dataset item (the one returned by
             the method's ``build``); ignored with a ``DataLoader``.
@@ -164,7 +174,21 @@ def fit(
     stop_step = min(cfg.steps, cfg.stop_after) if cfg.stop_after is not None else cfg.steps
 
     # ------------------------------------------------------------------ data
-    if isinstance(data, DataLoader):
+    streaming = is_step_stream(data)
+    if streaming:  # an IterableDataset whose batches are a pure function of the step (histofm.train.data)
+        saved = (state.get("world_size", world), state.get("config", {}).get("num_workers", cfg.num_workers)) if state else None
+        if saved is not None and saved != (world, cfg.num_workers):
+            warnings.warn("resuming a step stream with another number of processes or workers: "
+                          "the sample order differs from the interrupted run's from here on", stacklevel=2)
+        data.plan_steps(seed=cfg.seed, global_batch=cfg.batch_size, rank=rank, world_size=world,
+                        num_workers=cfg.num_workers, start_step=start_step, stop_step=stop_step,
+                        views=SeededViews(None, transform, cfg.seed).apply if transform is not None else None)
+        sampler = None
+        loader = DataLoader(data, batch_size=None, num_workers=cfg.num_workers,
+                            pin_memory=device.type == "cuda", persistent_workers=False)
+        if monitor_images is None and cfg.monitor_every > 0:
+            monitor_images = _stream_monitor_batch(data, transform, cfg)
+    elif isinstance(data, DataLoader):
         loader, sampler = data, None
         if monitor_images is None:
             monitor_images = _first_image_batch(next(iter(data)), cfg.monitor_samples)
@@ -186,7 +210,7 @@ def fit(
             monitor_images = _monitor_batch(views, len(data), cfg)
 
     # The loader's iterator draws a base seed from the global RNG: create it before seeding.
-    it = _cycle(loader) if sampler is None else iter(loader)
+    it = _cycle(loader) if sampler is None and not streaming else iter(loader)
 
     # RNG: fresh seeds per rank, or exactly the saved state of this rank.
     if state is not None:
@@ -223,6 +247,7 @@ def fit(
                     "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                     "rng": rngs,
                     "nonfinite_streak": streak,
+                    "world_size": world,
                     "config": cfg.to_dict(),
                     "history": history,
                 },
@@ -230,11 +255,16 @@ def fit(
         dist_utils.barrier()
 
     progress = _Progress(enabled=cfg.progress and main, total=stop_step, start=start_step)
+    trace = SampleTrace(rank)
     method.train()
     t_last, n_last = time.perf_counter(), 0
     try:
         for step in range(start_step, stop_step):
-            batch = to_device(next(it), device)
+            batch = next(it)
+            if streaming:
+                batch, keys = batch
+                trace.record(step, keys)
+            batch = to_device(batch, device)
             lr = cosine_schedule(step, cfg.steps, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.warmup_lr_start)
             wd = cfg.weight_decay if cfg.weight_decay_end is None else cosine_schedule(
                 step, cfg.steps, cfg.weight_decay, cfg.weight_decay_end
@@ -299,6 +329,7 @@ def fit(
     finally:
         progress.close()
         logger.close()
+        trace.close()
 
     if ckpt_path is not None and stop_step > start_step:
         save(stop_step)
@@ -409,6 +440,23 @@ def _monitor_batch(views: SeededViews, n: int, cfg: TrainConfig) -> torch.Tensor
                 return None
             imgs.append(img)
     if len({tuple(t.shape) for t in imgs}) != 1:
+        return None
+    return torch.stack(imgs)  # (N, C, H, W)
+
+
+def _stream_monitor_batch(data: Any, transform: Callable[[Any], Any] | None, cfg: TrainConfig) -> torch.Tensor | None:  # noqa: ANN401
+    """The collapse watch's images from a step stream's first samples (its ``preview``)."""
+    preview = getattr(data, "preview", None)
+    if preview is None or transform is None:
+        return None
+    imgs = []
+    with seeded(cfg.seed):
+        for item in preview(cfg.monitor_samples):
+            img = first_image(transform(item))
+            if img is None:
+                return None
+            imgs.append(img)
+    if not imgs or len({tuple(t.shape) for t in imgs}) != 1:
         return None
     return torch.stack(imgs)  # (N, C, H, W)
 
