@@ -28,9 +28,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from histofm._registry import ModelInfo, register_model
 from histofm.layers.patch_embed import resize_patch_embed
 from histofm.models.vit import VisionTransformer
-from histofm.registry import ModelInfo, register_model
 from histofm.zoo._common import arxiv
 
 StateDict = dict[str, torch.Tensor]
