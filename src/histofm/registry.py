@@ -51,6 +51,7 @@ __all__ = [
     "slide_encoder_info",
 ]
 
+
 def _ensure_loaded() -> None:
     # Importing the zoo runs its @register_model decorators (the generic ViTs and every vendor).
     import histofm.zoo  # noqa: F401
