@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from histofm._registry import ModelInfo
 from histofm.errors import HistofmError
-from histofm.registry import ModelInfo
 
 _SNAPSHOT_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # preferred order in a snapshot
 _FALLBACK = {"pytorch_model.bin": "model.safetensors", "model.safetensors": "pytorch_model.bin"}

@@ -1,109 +1,60 @@
-"""The model registry: ``create_model``, ``list_models``, ``model_info``.
+"""The model factory: ``create_model``, ``list_models``, ``model_info`` (floor 6 of the house).
 
 A model is a function registered with :func:`register_model` that builds an
 ``nn.Module`` from keyword arguments. Zoo entries also carry a :class:`ModelInfo`
 record (preprocessing, embedding recipe, hub id, licence, paper) and optionally a
 ``checkpoint_filter_fn`` that converts a foreign checkpoint layout to ours.
+
+The records and the tables live in the registry leaf :mod:`histofm._registry`, which the
+zoo registers into; this module imports the zoo to fill them, and builds models from
+them. ``ModelInfo``, ``register_model`` and friends are re-exported here, so
+``histofm.registry.ModelInfo`` keeps working.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import fnmatch
 import os
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from histofm._registry import (
+    _REGISTRY,
+    _SLIDE_REGISTRY,
+    ModelInfo,
+    SlideEncoderInfo,
+    _Entry,
+    register_model,
+    register_slide_encoder,
+    replace_info,
+)
+from histofm.constants import IMAGENET_MEAN, IMAGENET_STD
 from histofm.errors import HistofmError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What a user needs to know to use a model's weights correctly."""
-
-    name: str
-    arch: str  # human-readable architecture, e.g. "ViT-H/14 + 4 registers"
-    arch_kwargs: dict[str, Any] = field(default_factory=dict)
-    embed_dim: int = 0  # size of model(x)
-    embedding: str = "class token after the final norm"
-    input_size: tuple[int, int, int] = (3, 224, 224)
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    interpolation: str = "bicubic"
-    resize: int | None = None  # resize shorter side before centre crop (None: resize to input)
-    mpp: float = 0.5
-    hub_id: str | None = None
-    hub_filename: str | None = None
-    gated: bool = False
-    public_weights: bool = True
-    license: str = "unknown"
-    paper: str = ""
-    method: str = ""
-    data: str = ""
-    num_params: int | None = None
-    pretrain_config: str | None = None  # histofm config that reproduces the recipe at small scale
-    notes: str = ""
-    # What the model is for: "tile" (a tile encoder: model(x) is the embedding that `extract` writes),
-    # "vision-language" (encode_image / encode_text into a joint space of size embed_dim; not for `extract`).
-    kind: str = "tile"
-    # Vision-language models: how histofm.tokenize() prepares their text (tokenizer, context_length, pad).
-    text: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class _Entry:
-    fn: Callable[..., nn.Module]
-    info: ModelInfo | None = None
-    filter_fn: Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]] | None = None
-    # Reads constructor arguments from a checkpoint's folder (e.g. LayerNorm eps from config.json).
-    config_fn: Callable[[Path], dict[str, Any]] | None = None
-
-
-_REGISTRY: dict[str, _Entry] = {}
-
-
-def register_model(
-    fn: Callable[..., nn.Module] | None = None,
-    *,
-    info: ModelInfo | None = None,
-    filter_fn: Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]] | None = None,
-    name: str | None = None,
-    config_fn: Callable[[Path], dict[str, Any]] | None = None,
-) -> Any:
-    """Register a model builder; usable as ``@register_model`` or ``@register_model(info=...)``.
-
-    ``config_fn(checkpoint_path)`` may return constructor arguments read beside the
-    checkpoint (a Hugging Face ``config.json``); explicit overrides still win.
-    """
-
-    def wrap(f: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        key = name or f.__name__
-        if key in _REGISTRY:
-            raise ValueError(f"model {key!r} is registered twice")
-        _REGISTRY[key] = _Entry(f, info, filter_fn, config_fn)
-        return f
-
-    return wrap(fn) if fn is not None else wrap
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ModelInfo",
+    "SlideEncoderInfo",
+    "create_model",
+    "create_slide_encoder",
+    "list_models",
+    "list_slide_encoders",
+    "model_info",
+    "register_model",
+    "register_slide_encoder",
+    "replace_info",
+    "slide_encoder_info",
+]
 
 
 def _ensure_loaded() -> None:
-    # Importing these modules runs their @register_model decorators.
-    import histofm.models.vit_archs  # noqa: F401
-
-    try:
-        import histofm.zoo  # noqa: F401
-    except ModuleNotFoundError as e:  # the zoo package is optional while it is being built
-        if e.name != "histofm.zoo":
-            raise
+    # Importing the zoo runs its @register_model decorators (the generic ViTs and every vendor).
+    import histofm.zoo  # noqa: F401
 
 
 def list_models(pattern: str | None = None) -> list[str]:
@@ -181,50 +132,6 @@ def create_model(
     model.histofm_name = name  # type: ignore[assignment]
     model.histofm_overrides = dict(overrides)  # type: ignore[assignment]  # recorded in exported checkpoints
     return model
-
-
-def replace_info(info: ModelInfo, **changes: Any) -> ModelInfo:
-    """``dataclasses.replace`` for info records (a misspelt field fails loudly)."""
-    return dataclasses.replace(info, **changes)
-
-
-# ---------------------------------------------------------------------------------------------
-# Slide encoders: models that turn a slide's tile features and coordinates into one embedding.
-# They live in a registry of their own because their forward takes ``(features, coords)``, not
-# images: ``create_model`` and the tile-encoder tests never see them.
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SlideEncoderInfo(ModelInfo):
-    """A :class:`ModelInfo` plus what a slide encoder needs from the tile features it reads."""
-
-    tile_encoder: str = ""  # zoo name of the tile encoder whose features it was trained on
-    in_dim: int = 0  # width of those tile features
-    tile_px: int = 256  # tile side in pixels at ``mpp`` that the tile encoder saw
-    verified: str = ""  # what the tests compare against, or "unverified" and why
-
-
-_SLIDE_REGISTRY: dict[str, _Entry] = {}
-
-
-def register_slide_encoder(
-    fn: Callable[..., nn.Module] | None = None,
-    *,
-    info: SlideEncoderInfo | None = None,
-    filter_fn: Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]] | None = None,
-    name: str | None = None,
-) -> Any:
-    """Register a slide-encoder builder (``@register_slide_encoder(info=...)``)."""
-
-    def wrap(f: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        key = name or f.__name__
-        if key in _SLIDE_REGISTRY:
-            raise ValueError(f"slide encoder {key!r} is registered twice")
-        _SLIDE_REGISTRY[key] = _Entry(f, info, filter_fn)
-        return f
-
-    return wrap(fn) if fn is not None else wrap
 
 
 def list_slide_encoders(pattern: str | None = None) -> list[str]:

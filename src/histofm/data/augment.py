@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms import v2
 
+from histofm.constants import IMAGENET_MEAN, IMAGENET_STD
 from histofm.data.stain import HEDJitter
-from histofm.registry import IMAGENET_MEAN, IMAGENET_STD
 
 
 class RandomRotate90(nn.Module):

@@ -41,10 +41,10 @@ import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
+from histofm.constants import IMAGENET_MEAN, IMAGENET_STD
 from histofm.data.augment import RandomRotate90
 from histofm.data.stain import HEDJitter
 from histofm.errors import HistofmError
-from histofm.registry import IMAGENET_MEAN, IMAGENET_STD
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The DINO projection head, shared by DINO, iBOT and DINOv2.
+"""Projection heads: the DINO head (DINO, iBOT, DINOv2) and the MLP head of SimCLR and MoCo.
 
 Caron et al. 2021, "Emerging Properties in Self-Supervised Vision Transformers",
 arXiv 2104.14294, Sec. 3.1: "The projection head consists of a 3-layer
@@ -12,6 +12,9 @@ normalization and a weight normalized fully connected layer with K dimensions"::
 With ``g`` fixed to 1 every row of the last layer is a unit vector, so the
 logits are cosine similarities between the bottleneck feature and ``K``
 learned prototypes; the temperatures of the loss then set their sharpness.
+
+:class:`ProjectionHead` is the plain MLP (Linear, BatchNorm, ReLU) of SimCLR (Chen et al.
+2020, arXiv 2002.05709) and MoCo v2/v3 (arXiv 2003.04297, 2104.02057).
 """
 
 from __future__ import annotations
@@ -105,3 +108,43 @@ class _ZeroGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(grad)
+
+
+class ProjectionHead(nn.Module):
+    """MLP ``in -> hidden -> ... -> out`` with optional BatchNorm and ReLU between layers.
+
+    Args:
+        in_dim, hidden_dim, out_dim: widths.
+        num_layers: number of Linear layers (>= 1).
+        batch_norm: BatchNorm1d after every hidden Linear.
+        last_bn: BatchNorm1d after the last Linear too; ``last_bn_affine=False`` as in MoCo v3.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        hidden_dim: int,
+        out_dim: int,
+        num_layers: int = 2,
+        batch_norm: bool = True,
+        last_bn: bool = False,
+        last_bn_affine: bool = True,
+    ) -> None:
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError("num_layers must be at least 1")
+        layers: list[nn.Module] = []
+        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
+        for i in range(num_layers):
+            last = i == num_layers - 1
+            layers.append(nn.Linear(dims[i], dims[i + 1], bias=not (batch_norm and (not last or last_bn))))
+            if not last:
+                if batch_norm:
+                    layers.append(nn.BatchNorm1d(dims[i + 1]))
+                layers.append(nn.ReLU(inplace=True))
+            elif last_bn:
+                layers.append(nn.BatchNorm1d(dims[i + 1], affine=last_bn_affine))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)

@@ -215,8 +215,8 @@ def encoder_features(
     ``mean``/``std`` default to the model's registered normalisation (ImageNet for
     generic architectures); ViTs give class token + mean patch token.
     """
+    from histofm.constants import IMAGENET_MEAN, IMAGENET_STD
     from histofm.eval.embed import embed_images
-    from histofm.registry import IMAGENET_MEAN, IMAGENET_STD
 
     name = getattr(model, "histofm_name", None)
     if mean is None or std is None:

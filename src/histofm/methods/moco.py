@@ -40,9 +40,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from histofm.data.augment import BatchAugment
+from histofm.layers.heads import ProjectionHead
 from histofm.methods.base import SSLMethod
 from histofm.methods.simclr import (
-    ProjectionHead,
     make_backbone,
     make_views,
     split_overrides,

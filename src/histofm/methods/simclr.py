@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from histofm.data.augment import BatchAugment, MultiView, ViewConfig, base_view, view_transform
+from histofm.layers.heads import ProjectionHead
 from histofm.methods.base import SSLMethod
 from histofm.train.config import config_replace
 from histofm.train.distributed import gather_with_grad, rank
@@ -69,46 +70,6 @@ class NTXentLoss(nn.Module):
 
     def forward(self, z0: torch.Tensor, z1: torch.Tensor) -> torch.Tensor:
         return nt_xent(z0, z1, self.temperature, self.gather_distributed)
-
-
-class ProjectionHead(nn.Module):
-    """MLP ``in -> hidden -> ... -> out`` with optional BatchNorm and ReLU between layers.
-
-    Args:
-        in_dim, hidden_dim, out_dim: widths.
-        num_layers: number of Linear layers (>= 1).
-        batch_norm: BatchNorm1d after every hidden Linear.
-        last_bn: BatchNorm1d after the last Linear too; ``last_bn_affine=False`` as in MoCo v3.
-    """
-
-    def __init__(
-        self,
-        in_dim: int,
-        hidden_dim: int,
-        out_dim: int,
-        num_layers: int = 2,
-        batch_norm: bool = True,
-        last_bn: bool = False,
-        last_bn_affine: bool = True,
-    ) -> None:
-        super().__init__()
-        if num_layers < 1:
-            raise ValueError("num_layers must be at least 1")
-        layers: list[nn.Module] = []
-        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
-        for i in range(num_layers):
-            last = i == num_layers - 1
-            layers.append(nn.Linear(dims[i], dims[i + 1], bias=not (batch_norm and (not last or last_bn))))
-            if not last:
-                if batch_norm:
-                    layers.append(nn.BatchNorm1d(dims[i + 1]))
-                layers.append(nn.ReLU(inplace=True))
-            elif last_bn:
-                layers.append(nn.BatchNorm1d(dims[i + 1], affine=last_bn_affine))
-        self.layers = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
 
 
 # ------------------------------------------------------------------- shared by builders

@@ -31,6 +31,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from histofm.errors import HistofmError
 from histofm.layers import (
     Attention,
     DropPath,
@@ -316,6 +317,58 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+    # ------------------------------------------------------ timm's model surface (issue 17)
+    # With ``forward_features``, ``forward_head``, ``num_features``, ``set_grad_checkpointing`` and
+    # ``no_weight_decay`` above, these let code written for timm's VisionTransformer (layer-wise
+    # lr decay, fine-tuning scripts, feature extractors) run on ours unchanged;
+    # tests/test_vit_timm_surface.py compares each with timm's on the same weights.
+    @property
+    def head_hidden_size(self) -> int:
+        """Width of what ``forward_head(x, pre_logits=True)`` returns (timm's name)."""
+        return self.num_features
+
+    def get_classifier(self) -> nn.Module:
+        """The classification head (``nn.Identity`` when ``num_classes == 0``)."""
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: PoolMode | None = None) -> None:
+        """Replace the head by a fresh ``Linear(num_features, num_classes)`` (none for 0), optionally re-pooling.
+
+        Args:
+            num_classes: outputs of the new head; 0 makes ``model(x)`` the pooled embedding.
+            global_pool: new pooling (``"token"``, ``"avg"``, ``"token_avg"``, ``""``); ``None`` keeps it.
+        """
+        if global_pool is not None:
+            if global_pool not in _POOLS:
+                raise HistofmError(f"global_pool must be one of {_POOLS}, got {global_pool!r}; pass one of those.")
+            if global_pool in ("token", "token_avg") and not self.has_class_token:
+                raise HistofmError(
+                    f"global_pool={global_pool!r} needs a class token, and this model has none; use 'avg' instead."
+                )
+            self.global_pool = global_pool
+            self.num_features = 2 * self.embed_dim if global_pool == "token_avg" else self.embed_dim
+        self.num_classes = num_classes
+        ref = self.norm.weight  # the new head lives where the model does, in its dtype
+        self.head = (
+            nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
+            if num_classes > 0
+            else nn.Identity()
+        )
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, str | list[tuple[str, tuple[int, ...] | None]]]:
+        """Regexes that group parameters into stem, one group per block, and the final norm (timm's format).
+
+        ``timm.optim.param_groups_layer_decay`` reads it to give block ``i`` the learning
+        rate ``lr * decay ** (depth + 1 - i)``; ``coarse`` is accepted for timm's signature
+        (a ViT's blocks are already the coarse groups). The head matches no group, so it
+        gets the full learning rate.
+        """
+        del coarse
+        return dict(
+            stem=r"^cls_token|reg_token|mask_token|pos_embed|patch_embed",  # the embedding
+            blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
+        )
 
 
 def _bind_block_index(factory: Callable[..., nn.Module], index: int) -> Callable[[int, int], nn.Module]:

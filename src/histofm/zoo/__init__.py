@@ -1,4 +1,4 @@
-"""The pathology foundation-model zoo: one module per vendor.
+"""The pathology foundation-model zoo: one module per vendor, plus ``generic`` (timm's ViT names, no weights).
 
 Importing this package registers every zoo entry (``histofm.list_models()``
 imports it lazily). Each entry carries a :class:`~histofm.registry.ModelInfo`
@@ -8,6 +8,7 @@ recipe) and, where the hub layout differs from ours, a checkpoint filter.
 
 from histofm.zoo import (  # noqa: F401  (imported for their @register_model side effect)
     bioptimus,
+    generic,
     histai,
     kaiko,
     lunit,

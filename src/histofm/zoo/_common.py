@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from histofm._registry import ModelInfo
 from histofm.models.vit import VisionTransformer
-from histofm.registry import ModelInfo
 
 
 def build_vit(info: ModelInfo, overrides: dict[str, Any]) -> VisionTransformer:

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from histofm._registry import ModelInfo, register_model
 from histofm.models.vit import VisionTransformer
-from histofm.registry import ModelInfo, register_model
 from histofm.zoo._common import build_vit
 
 H_OPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)

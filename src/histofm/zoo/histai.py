@@ -28,8 +28,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from histofm._registry import ModelInfo, register_model
 from histofm.models.vit import VisionTransformer
-from histofm.registry import ModelInfo, register_model
 from histofm.zoo._common import arxiv, build_vit
 from histofm.zoo._hf import convert_hf_vit, hf_config_overrides
 

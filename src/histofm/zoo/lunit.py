@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from histofm._registry import ModelInfo, register_model
 from histofm.models.vit import VisionTransformer
-from histofm.registry import ModelInfo, register_model
 from histofm.zoo._common import arxiv, build_vit
 
 LUNIT_MEAN = (0.70322989, 0.53606487, 0.66096631)

@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from histofm._registry import ModelInfo, SlideEncoderInfo, register_model, register_slide_encoder
 from histofm.models.slide_encoder import GIGAPATH_DILATIONS, GigaPathSlideEncoder, gigapath_segment_lengths
 from histofm.models.vit import VisionTransformer
-from histofm.registry import ModelInfo, SlideEncoderInfo, register_model, register_slide_encoder
 from histofm.zoo._common import build_vit
 
 PROV_GIGAPATH = ModelInfo(

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-from histofm.registry import ModelInfo, _entry, list_models, model_info
+from histofm._registry import _REGISTRY, ModelInfo
 
 COLUMNS = ("name", "kind", "arch", "embed dim", "params", "weights", "licence", "paper")
 
 
 def zoo_models() -> list[str]:
-    """Names of the registered pathology foundation models (generic architectures excluded)."""
-    return [n for n in list_models() if _entry(n).fn.__module__.startswith("histofm.zoo.")]
+    """Names of the registered pathology foundation models (generic architectures excluded), sorted.
+
+    Reached through the ``histofm.zoo`` package, whose import has registered every entry
+    before this module loads; it reads the registry leaf, so the zoo never imports the factory.
+    """
+    return sorted(
+        name for name, entry in _REGISTRY.items()
+        if entry.fn.__module__.startswith("histofm.zoo.") and entry.fn.__module__ != "histofm.zoo.generic"
+    )
 
 
 def weights_status(info: ModelInfo) -> str:
@@ -30,7 +37,7 @@ def zoo_rows() -> list[tuple[str, ...]]:
     """One row of :data:`COLUMNS` per zoo model, sorted by name."""
     rows = []
     for name in zoo_models():
-        info = model_info(name)
+        info = _REGISTRY[name].info or ModelInfo(name=name, arch=name, public_weights=False)
         rows.append((
             name, info.kind, info.arch, str(info.embed_dim), format_params(info.num_params),
             weights_status(info), info.license, info.paper,

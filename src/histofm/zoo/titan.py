@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from histofm._registry import SlideEncoderInfo, register_slide_encoder
 from histofm.models.titan import TitanSlideEncoder, titan_checkpoint_filter
-from histofm.registry import SlideEncoderInfo, register_slide_encoder
 
 TITAN = SlideEncoderInfo(
     name="titan",

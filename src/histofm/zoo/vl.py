@@ -36,10 +36,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from histofm._registry import ModelInfo, register_model
 from histofm.models.clip_model import CLIPModel, VisionTower
 from histofm.models.coca import CoCa
 from histofm.models.text import TextTransformer
-from histofm.registry import ModelInfo, register_model
 from histofm.zoo._common import arxiv
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)

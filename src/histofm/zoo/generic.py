@@ -1,4 +1,4 @@
-"""Generic ViT architectures under timm's names (no weights attached).
+"""Generic ViT architectures under timm's names (no weights attached), registered into the zoo.
 
 Each builder takes the same keyword overrides as :class:`VisionTransformer`, so
 ``create_model("vit_small_patch16_224", depth=4, drop_path_rate=0.1)`` works.
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from histofm._registry import register_model
 from histofm.models.vit import VisionTransformer
-from histofm.registry import register_model
 
 
 def _vit(defaults: dict[str, Any], overrides: dict[str, Any]) -> VisionTransformer:
