@@ -75,18 +75,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _load_yaml(path: str) -> dict[str, Any]:
-    import yaml
+    from histofm.settings import load_config_file
 
-    p = Path(path)
-    if not p.is_file():
-        raise HistofmError(f"Config file {p} does not exist.")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise HistofmError(f"Config file {p} is not valid YAML ({type(e).__name__}).") from None
-    if not isinstance(data, dict):
-        raise HistofmError(f"Config file {p} must hold a mapping of settings.")
-    return data
+    return load_config_file(path)  # binary, non-UTF-8 or non-mapping files: one sentence
 
 
 def _nest(d: dict[str, Any], dotted: str, value: Any) -> None:  # noqa: ANN401
@@ -156,13 +147,14 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from histofm.commands._settings import check_pretrain_settings
     from histofm.data.datasets import tile_dataset
     from histofm.methods.registry import build_method
     from histofm.train import TrainConfig, fit
     from histofm.train.distributed import is_main
     from histofm.utils import seed_everything
 
-    s = resolve_settings(args)
+    s = check_pretrain_settings(resolve_settings(args), args)  # every value checked before any work
     cfg = TrainConfig.from_dict(s["train"])
     seed_everything(cfg.seed)  # the initial weights too: the same --seed gives the same run
     overrides = dict(s["method_args"])

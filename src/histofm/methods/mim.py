@@ -55,6 +55,7 @@ from histofm.methods.mae import (
 )
 from histofm.methods.masking import block_mask
 from histofm.methods.tokenizer import KMeansTokenizer
+from histofm.settings import check_config, setting
 
 
 @dataclass(frozen=True)
@@ -74,17 +75,18 @@ class MIMConfig:
 
     target: Literal["pixels", "tokens"] = "pixels"
     masking: Literal["random", "block"] = "random"
-    mask_ratio: float = 0.6
-    mask_patch_size: int = 32
-    min_block_patches: int = 16
-    block_min_aspect: float = 0.3
-    vocab_size: int = 512
-    token_pool: int = 4
-    tokenizer_iters: int = 20
-    crop_scale: tuple[float, float] = (0.67, 1.0)
+    mask_ratio: float = setting(0.6, range="(0, 1)")
+    mask_patch_size: int = setting(32, range=">= 1", allow_zero=True)
+    min_block_patches: int = setting(16, range=">= 1")
+    block_min_aspect: float = setting(0.3, range="(0, 1]")
+    vocab_size: int = setting(512, range=">= 2")
+    token_pool: int = setting(4, range=">= 1")
+    tokenizer_iters: int = setting(20, range=">= 1")
+    crop_scale: tuple[float, float] = setting((0.67, 1.0), range="(0, 1]", ordered=True)
     vertical_flip: bool = True
 
     def __post_init__(self) -> None:
+        check_config(self)
         if self.target not in ("pixels", "tokens"):
             raise HistofmError(f"target must be 'pixels' or 'tokens', got {self.target!r}.")
         if self.masking not in ("random", "block"):

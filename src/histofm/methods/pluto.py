@@ -74,6 +74,7 @@ from histofm.methods.mae import (
     run_step_callbacks,
     unpatchify,
 )
+from histofm.settings import setting
 
 
 @dataclass(frozen=True)
@@ -91,17 +92,17 @@ class PLUTOConfig(DINOv2Config):
         mpps: magnifications (um/px) drawn per tile; ``source_mpp``: that of the input tiles.
     """
 
-    patch_sizes: tuple[int, ...] = (8, 16, 32)
-    mae_weight: float = 1.0
-    fourier_weight: float = 0.1
-    mae_mask_ratio: float = 0.75
-    decoder_dim: int = 256
-    decoder_depth: int = 4
-    decoder_heads: int = 8
-    decoder_patch: int = 16
+    patch_sizes: tuple[int, ...] = setting((8, 16, 32), range=">= 1")
+    mae_weight: float = setting(1.0, range=">= 0")
+    fourier_weight: float = setting(0.1, range=">= 0")
+    mae_mask_ratio: float = setting(0.75, range="[0, 1)")
+    decoder_dim: int = setting(256, range=">= 1")
+    decoder_depth: int = setting(4, range=">= 1")
+    decoder_heads: int = setting(8, range=">= 1", divides="decoder_dim")
+    decoder_patch: int = setting(16, range=">= 1")
     norm_pix_loss: bool = True
-    mpps: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
-    source_mpp: float = 0.5
+    mpps: tuple[float, ...] = setting((0.25, 0.5, 1.0, 2.0), range="> 0")
+    source_mpp: float = setting(0.5, range="> 0")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -22,8 +22,8 @@ BatchNorm, ReLU, Linear; 2048 -> 128 by default) is thrown away after training.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,7 @@ from torch import nn
 
 from histofm.data.augment import BatchAugment, MultiView, ViewConfig, base_view, view_transform
 from histofm.methods.base import SSLMethod
+from histofm.settings import check_config, setting
 from histofm.train.config import config_replace
 from histofm.train.distributed import gather_with_grad, rank
 
@@ -166,15 +167,19 @@ class SimCLRConfig:
         base_size: side of the tiles handed to :class:`BatchAugment` (0: ``img_size``).
     """
 
-    temperature: float = 0.1
-    proj_hidden_dim: int = 2048
-    proj_dim: int = 128
-    proj_layers: int = 2
+    temperature: float = setting(0.1, range="> 0")
+    proj_hidden_dim: int = setting(2048, range=">= 1")
+    proj_dim: int = setting(128, range=">= 1")
+    proj_layers: int = setting(2, range=">= 1")
     proj_bn: bool = True
     gather_distributed: bool = True
-    view: dict[str, Any] = field(default_factory=dict)
-    augment: str = "sample"
-    base_size: int = 0
+    view: dict[str, Any] = setting(default_factory=dict, of=ViewConfig)
+    augment: Literal["sample", "batch"] = "sample"
+    base_size: int = setting(0, range=">= 1", allow_zero=True)
+
+    def __post_init__(self) -> None:
+        check_config(self)
+
 
 
 class SimCLR(SSLMethod):

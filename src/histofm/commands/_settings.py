@@ -1,0 +1,200 @@
+"""Check a command's merged settings before any model is built or file is read.
+
+``histofm pretrain`` merges defaults, ``--config``, flags and ``--set`` into one dict
+(``resolve_settings``); :func:`check_pretrain_settings` then checks every value
+against its one declaration (:mod:`histofm.settings`: ``TrainConfig``, the method's
+config, the backbone's arguments) and restates a bad one with where it came from::
+
+    --set temperature=0: temperature must be > 0, got 0.
+
+:func:`check_semi_args` does the same for ``histofm semi``'s flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from typing import Any
+
+from histofm.errors import HistofmError
+from histofm.settings import SettingError, coerce, coerce_fields, setting
+
+# Flags of `histofm pretrain` that set a TrainConfig field or a top-level setting.
+_TRAIN_FLAGS = {"steps": "--steps", "batch_size": "--batch-size", "lr": "--lr", "precision": "--precision",
+                "device": "--device", "num_workers": "--workers", "seed": "--seed", "parallel": "--parallel"}
+_TOP_FLAGS = {"method": "--method", "arch": "--arch", "model": "--model", "data": "--data",
+              "img_size": "--img-size", "tile_size": "--tile-size", "target_mpp": "--target-mpp",
+              "mpp_override": "--mpp-override"}
+_TOP_KEYS = {"method", "arch", "model", "data", "img_size", "tile_size", "target_mpp", "mpp_override", "out"}
+
+
+@dataclasses.dataclass(frozen=True)
+class TopSettings:
+    """The top-level settings of ``histofm pretrain`` (besides method, model, data and out)."""
+
+    img_size: int = setting(224, range="[8, 8192]")
+    tile_size: int | None = setting(None, range="[8, 65536]")
+    target_mpp: float = setting(0.5, range="(0, 1000]")
+    mpp_override: float | None = setting(None, range="(0, 1000]")
+
+
+# --------------------------------------------------------------------------- where a value came from
+def _set_path(key: str, train_fields: set[str]) -> str:
+    """The merged-settings path a ``--set`` key lands on (the rule of ``resolve_settings``)."""
+    if key.startswith(("train.", "backbone.")):
+        return key
+    if key in train_fields:
+        return f"train.{key}"
+    if key in _TOP_KEYS:
+        return key
+    return f"method_args.{key}"
+
+
+def origin(path: str, args: argparse.Namespace) -> str:
+    """Where the value at ``path`` (``train.lr``, ``method_args.view.hed_p``) came from, as the user typed it."""
+    from histofm.train.config import TrainConfig
+
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    for item in reversed(getattr(args, "set", None) or []):
+        key = item.partition("=")[0].strip()
+        p = _set_path(key, train_fields)
+        if path == p or path.startswith(p + ".") or p.startswith(path + "."):
+            return f"--set {item}"
+    leaf = path.split(".", 1)[1] if path.startswith("train.") else path
+    flag = _TRAIN_FLAGS.get(leaf) if path.startswith("train.") else _TOP_FLAGS.get(path)
+    if flag is not None and getattr(args, flag[2:].replace("-", "_"), None) is not None:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        return f"{flag} {value}"
+    if getattr(args, "config", None):
+        return f"--config {args.config}"
+    return ""
+
+
+def _restate(e: SettingError, path_prefix: str, args: argparse.Namespace) -> HistofmError:
+    where = origin(path_prefix + e.key, args)
+    return HistofmError(f"{where}: {e}" if where else str(e))
+
+
+# --------------------------------------------------------------------------- checks
+def check_device(name: str, flag: str = "--device") -> None:
+    """``name`` is ``auto`` or a torch device this machine has."""
+    import torch
+
+    if name == "auto":
+        return
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise HistofmError(f"{flag} {name}: not a device; use auto, cpu, cuda, cuda:N or mps.") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise HistofmError(f"{flag} {name}: this machine has no CUDA GPU; use --device cpu (or auto).")
+        if dev.index is not None and dev.index >= n:
+            raise HistofmError(f"{flag} {name}: this machine has {n} CUDA GPU(s) (cuda:0 to cuda:{n - 1}).")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+            raise HistofmError(f"{flag} {name}: Apple MPS is not available here; use --device cpu (or auto).")
+    elif dev.type != "cpu":
+        raise HistofmError(f"{flag} {name}: histofm runs on cpu, cuda or mps, not {dev.type}.")
+
+
+def _memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_batch_memory(batch_size: int, img_size: int, what: str) -> None:
+    """One float32 view of the batch must fit in a quarter of this machine's memory."""
+    need = batch_size * 3 * img_size * img_size * 4
+    have = _memory_bytes()
+    if have is not None and need > have / 4:
+        raise HistofmError(f"{what} needs {need / 2**30:.1f} GiB for one view of one batch, more than a quarter of "
+                           f"this machine's {have / 2**30:.1f} GiB; lower the batch size or the image size.")
+
+
+def check_pretrain_settings(s: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Check ``resolve_settings``'s merged dict in place of any work; returns it with values coerced.
+
+    Raises:
+        HistofmError: one sentence naming where the bad value came from and what it must be.
+    """
+    from histofm.methods.backbone_settings import check_backbone_overrides
+    from histofm.methods.registry import list_methods, method_config, method_config_class, method_presets
+    from histofm.registry import list_models
+    from histofm.train.config import TrainConfig
+
+    model_key = "model" if "model" in s else "arch"
+    if s.get("method") not in list_methods():
+        raise HistofmError(f"{origin('method', args)}: unknown method {s.get('method')!r}; "
+                           f"choose one of {', '.join(list_methods())}.")
+    if not isinstance(s.get(model_key), str) or s[model_key] not in list_models():
+        raise HistofmError(f"{origin(model_key, args)}: unknown model {s.get(model_key)!r}; "
+                           "run `histofm models` to list them.")
+    if not isinstance(s.get("data"), str):
+        raise HistofmError(f"{origin('data', args)}: data must be a path or 'bundled', got {s.get('data')!r}.")
+    top = {k: s[k] for k in ("img_size", "tile_size", "target_mpp", "mpp_override") if s.get(k) is not None}
+    try:
+        s.update(coerce_fields(TopSettings, top))
+        cfg = TrainConfig.from_dict(s["train"])
+    except SettingError as e:
+        raise _restate(e, "" if e.key in top else "train.", args) from None
+    check_device(cfg.device, origin("train.device", args).split(" ")[0] if cfg.device != "auto" else "--device")
+    check_batch_memory(cfg.batch_size, int(s["img_size"]), f"--batch-size {cfg.batch_size} at --img-size {s['img_size']}")
+
+    method_args = dict(s["method_args"])
+    preset = method_args.pop("preset", None)
+    if preset is not None and preset not in method_presets(s["method"]):
+        choices = ", ".join(method_presets(s["method"])) or "none"
+        raise HistofmError(f"{origin('method_args.preset', args)}: unknown preset {preset!r} for {s['method']}; "
+                           f"choose one of: {choices}.")
+    backbone = dict(s["backbone"])
+    cls = method_config_class(s["method"])
+    try:
+        fixed = coerce_fields(cls, method_args)
+        method_config(s["method"], {**fixed, **({"preset": preset} if preset is not None else {})})  # cross-field rules
+    except SettingError as e:
+        raise _restate(e, "method_args.", args) from None
+    nested = fixed.get("backbone_kwargs") or {}
+    try:
+        check_backbone_overrides(s[model_key], {**nested, **backbone})
+    except SettingError as e:
+        raise _restate(e, "", args) from None
+    return s
+
+
+# --------------------------------------------------------------------------- semi
+@dataclasses.dataclass(frozen=True)
+class SemiInputs:
+    """``histofm semi``'s flags that are not :class:`~histofm.learning.semi.FitConfig` fields."""
+
+    width: int = setting(32, range="[1, 1024]")
+    img_size: int = setting(32, range="[8, 4096]")
+    threshold: float | None = setting(None, range="[0, 1]")
+
+
+def check_semi_args(args: argparse.Namespace) -> None:
+    """Check ``histofm semi``'s flags before any file is read or model built.
+
+    Raises:
+        HistofmError: ``--FLAG VALUE: why``.
+    """
+    from histofm.learning.semi import FitConfig
+
+    def flag_error(e: SettingError) -> HistofmError:
+        name = e.key.split(".")[0]
+        return HistofmError(f"--{name.replace('_', '-')} {getattr(args, name, '')}: {e}")
+
+    try:
+        coerce_fields(SemiInputs, {k: getattr(args, k) for k in ("width", "img_size", "threshold")})
+        FitConfig(**{k: coerce(int if k != "lr" else float, getattr(args, k), k)
+                     for k in ("steps", "batch_size", "mu", "lr", "seed")})
+    except SettingError as e:
+        raise flag_error(e) from None
+    if args.device:
+        check_device(args.device)
+    check_batch_memory(args.batch_size * (1 + 2 * args.mu), args.img_size,
+                       f"--batch-size {args.batch_size} with --mu {args.mu} at --img-size {args.img_size}")

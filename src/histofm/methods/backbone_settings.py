@@ -1,0 +1,86 @@
+"""Declared ranges of the backbone arguments a user may set (``--set backbone.depth=6``).
+
+The types come from :class:`~histofm.models.vit.VisionTransformer`'s signature; the
+ranges are declared here, once. :func:`check_backbone_overrides` checks a dict of
+overrides against both, then builds the backbone on the ``meta`` device (no memory,
+no weights) so that arguments that only fail together (heads that do not divide the
+width) are reported before any real model is built.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from typing import Any
+
+from histofm.errors import HistofmError
+from histofm.settings import Rule, SettingError, coerce, setting
+
+_RANGES: dict[str, str] = {
+    "img_size": "[1, 16384]",
+    "patch_size": "[1, 1024]",
+    "in_chans": "[1, 64]",
+    "num_classes": ">= 0",
+    "embed_dim": "[1, 65536]",
+    "depth": "[1, 1024]",
+    "num_heads": "[1, 4096]",
+    "mlp_ratio": "(0, 64]",
+    "init_values": "> 0",
+    "reg_tokens": "[0, 1024]",
+    "drop_rate": "[0, 1)",
+    "attn_drop_rate": "[0, 1)",
+    "drop_path_rate": "[0, 1)",
+    "norm_eps": "> 0",
+    "moe_every": "[0, 1024]",
+    "num_experts": "[1, 4096]",
+    "top_k": "[1, 4096]",
+    "capacity_factor": "> 0",
+}
+_CHOICES: dict[str, Any] = {"mlp_layer": typing.Literal["mlp", "swiglu"]}
+
+
+def backbone_declarations() -> dict[str, tuple[Any, Rule]]:
+    """``{argument: (type, rule)}`` of the ViT backbone's user-settable arguments."""
+    from histofm.models.vit import VisionTransformer
+
+    hints = typing.get_type_hints(VisionTransformer.__init__)
+    params = inspect.signature(VisionTransformer.__init__).parameters
+    out: dict[str, tuple[Any, Rule]] = {}
+    for name in params:
+        if name == "self" or name not in hints or "Callable" in str(hints[name]):
+            continue
+        rule = setting(range=_RANGES[name]).metadata["histofm_setting"] if name in _RANGES else Rule()
+        out[name] = (_CHOICES.get(name, hints[name]), rule)
+    return out
+
+
+def check_backbone_overrides(arch: str, overrides: dict[str, Any], prefix: str = "backbone.") -> dict[str, Any]:
+    """Coerce and check ``overrides`` of backbone ``arch``; returns the coerced dict.
+
+    Raises:
+        SettingError: a wrong type or range, or arguments the backbone rejects together.
+    """
+    import torch
+
+    from histofm.registry import create_model
+
+    decl = backbone_declarations()
+    fixed = {}
+    for key, value in overrides.items():
+        if key in decl:
+            tp, rule = decl[key]
+            fixed[key] = coerce(tp, value, prefix + key, rule)
+        else:
+            fixed[key] = value  # the probe below names an argument this backbone does not take
+    if fixed:
+        try:
+            with torch.device("meta"):
+                create_model(arch, **fixed)
+        except (TypeError, ValueError, HistofmError, RuntimeError) as e:
+            if isinstance(e, HistofmError) and str(e).startswith("Unknown model"):
+                raise
+            names = ", ".join(f"{prefix}{k}={v!r}" for k, v in fixed.items())
+            detail = str(e).rstrip(".").replace(f"Model {arch!r} does not accept these arguments: ", "")
+            raise SettingError(prefix + next(iter(fixed)), "",
+                               f"The backbone {arch} rejects {names} ({detail}); change these settings.") from None
+    return fixed
