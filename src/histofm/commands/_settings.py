@@ -100,6 +100,24 @@ def check_device(name: str, flag: str = "--device") -> None:
         raise HistofmError(f"{flag} {name}: histofm runs on cpu, cuda or mps, not {dev.type}.")
 
 
+def check_out_dir(path: str | os.PathLike[str], flag: str = "--out") -> None:
+    """``path`` is, or can become, a writable directory (nothing is created here)."""
+    from pathlib import Path
+
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise HistofmError(f"{flag} {p} is a file; {flag} is always a directory, so name a folder.")
+    parent = p
+    while not parent.exists():
+        if parent.parent == parent:
+            break
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise HistofmError(f"{flag} {p} lies under the file {parent}; name a folder that is not inside a file.")
+    if parent.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        raise HistofmError(f"{flag} {p}: {parent} is not writable; choose another {flag}.")
+
+
 def _memory_bytes() -> int | None:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -129,10 +147,10 @@ def check_pretrain_settings(s: dict[str, Any], args: argparse.Namespace) -> dict
 
     model_key = "model" if "model" in s else "arch"
     if s.get("method") not in list_methods():
-        raise HistofmError(f"{origin('method', args)}: unknown method {s.get('method')!r}; "
+        raise HistofmError(f"{origin('method', args)}: Unknown method {s.get('method')!r}; "
                            f"choose one of {', '.join(list_methods())}.")
     if not isinstance(s.get(model_key), str) or s[model_key] not in list_models():
-        raise HistofmError(f"{origin(model_key, args)}: unknown model {s.get(model_key)!r}; "
+        raise HistofmError(f"{origin(model_key, args)}: Unknown model {s.get(model_key)!r}; "
                            "run `histofm models` to list them.")
     if not isinstance(s.get("data"), str):
         raise HistofmError(f"{origin('data', args)}: data must be a path or 'bundled', got {s.get('data')!r}.")
@@ -143,6 +161,7 @@ def check_pretrain_settings(s: dict[str, Any], args: argparse.Namespace) -> dict
     except SettingError as e:
         raise _restate(e, "" if e.key in top else "train.", args) from None
     check_device(cfg.device, origin("train.device", args).split(" ")[0] if cfg.device != "auto" else "--device")
+    check_out_dir(str(s["out"]), "--out")
     check_batch_memory(cfg.batch_size, int(s["img_size"]), f"--batch-size {cfg.batch_size} at --img-size {s['img_size']}")
 
     method_args = dict(s["method_args"])
@@ -196,5 +215,10 @@ def check_semi_args(args: argparse.Namespace) -> None:
         raise flag_error(e) from None
     if args.device:
         check_device(args.device)
+    check_out_dir(args.out)
+    for flag, path, want in (("--data", args.data, "folder"), ("--labels", args.labels, "file"),
+                             ("--test-labels", args.test_labels, "file")):
+        if path is not None and not (path.is_dir() if want == "folder" else path.is_file()):
+            raise HistofmError(f"{flag} {path} is not an existing {want}; check the path.")
     check_batch_memory(args.batch_size * (1 + 2 * args.mu), args.img_size,
                        f"--batch-size {args.batch_size} with --mu {args.mu} at --img-size {args.img_size}")

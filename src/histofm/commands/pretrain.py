@@ -67,6 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, help="data-loading worker processes")
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--check", action="store_true", help="check the settings and exit (nothing is read or written)")
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",
         help="override one setting (repeatable): TrainConfig field, method option, or backbone.<arg>",
@@ -155,6 +156,8 @@ def run(args: argparse.Namespace) -> int:
     from histofm.utils import seed_everything
 
     s = check_pretrain_settings(resolve_settings(args), args)  # every value checked before any work
+    if args.check:
+        return _print_checked(s)
     cfg = TrainConfig.from_dict(s["train"])
     seed_everything(cfg.seed)  # the initial weights too: the same --seed gives the same run
     overrides = dict(s["method_args"])
@@ -175,6 +178,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"final loss {sum(last) / max(len(last), 1):.4f} (mean of the last {len(last)} steps)")
         print(f"backbone: {out / 'backbone.safetensors'} (load: histofm.train.load_backbone({str(out)!r}))")
         print(f"log: {out / 'log.jsonl'}, curve: {out / 'loss_curve.png'}")
+    return 0
+
+
+def _print_checked(s: dict[str, Any]) -> int:
+    print(f"histofm pretrain: settings OK ({s['method']}, {s.get('model') or s.get('arch')}); nothing was run.")
     return 0
 
 

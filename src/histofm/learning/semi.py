@@ -289,6 +289,10 @@ def fit(
         bar[0].stop()
     if cfg.recalibrate_bn:
         recalibrate_batchnorm(method.deployed(), torch.cat([data.x_l, data.x_u]), device)
+    bad = next((k for k, v in method.deployed().state_dict().items()
+                if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:  # never hand back (and save) a model with NaN weights
+        raise HistofmError(f"The model's weight {bad} is not finite after training; lower --lr.")
     method.eval()
     return history
 

@@ -10,6 +10,7 @@ width) are reported before any real model is built.
 from __future__ import annotations
 
 import inspect
+import re
 import typing
 from typing import Any
 
@@ -79,8 +80,12 @@ def check_backbone_overrides(arch: str, overrides: dict[str, Any], prefix: str =
         except (TypeError, ValueError, HistofmError, RuntimeError) as e:
             if isinstance(e, HistofmError) and str(e).startswith("Unknown model"):
                 raise
-            names = ", ".join(f"{prefix}{k}={v!r}" for k, v in fixed.items())
             detail = str(e).rstrip(".").replace(f"Model {arch!r} does not accept these arguments: ", "")
-            raise SettingError(prefix + next(iter(fixed)), "",
-                               f"The backbone {arch} rejects {names} ({detail}); change these settings.") from None
+            m = re.search(r"unexpected keyword argument '(\w+)'", detail)
+            if m:
+                raise SettingError(prefix + m[1], "", f"{prefix}{m[1]} is not an argument of the backbone {arch}; "
+                                                      f"valid ones are {', '.join(sorted(decl))}.") from None
+            culprit = next((k for k in reversed(list(fixed)) if k in detail), next(iter(reversed(list(fixed)))))
+            raise SettingError(prefix + culprit, "", f"The backbone {arch} rejects {prefix}{culprit}={fixed[culprit]!r} "
+                                                      f"({detail}); change it.") from None
     return fixed
