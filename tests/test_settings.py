@@ -253,3 +253,15 @@ def test_semi_flags_checked_before_reading(tmp_path, capsys) -> None:
         assert rc == 2 and msg in one_sentence(err), (extra, err)
     rc, out, _ = run_cli(base, capsys)
     assert rc == 0 and "settings OK" in out and not (tmp_path / "out").exists()
+
+
+def test_eval_nuclei_flags_checked_before_work(tmp_path, capsys) -> None:
+    base = ["eval", "nuclei", "--model", "vit_tiny_patch16_224"]
+    for extra, msg in [(["--linear-c", "0"], "--linear-c 0.0: linear_c must be > 0"),
+                       (["--linear-c", "nan"], "linear_c must be a finite number"),
+                       (["--crop", "0"], "--crop 0: crop must be in [8, 1024]"),
+                       (["--bootstrap", "-1"], "bootstrap must be in [0, 1000000]"),
+                       (["--json", str(tmp_path)], "is a folder"),
+                       (["--device", "nonsense"], "not a device")]:
+        rc, _, err = run_cli([*base, *extra], capsys)
+        assert rc == 2 and msg in one_sentence(err), (extra, err)

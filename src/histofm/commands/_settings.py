@@ -222,3 +222,44 @@ def check_semi_args(args: argparse.Namespace) -> None:
             raise HistofmError(f"{flag} {path} is not an existing {want}; check the path.")
     check_batch_memory(args.batch_size * (1 + 2 * args.mu), args.img_size,
                        f"--batch-size {args.batch_size} with --mu {args.mu} at --img-size {args.img_size}")
+
+
+# --------------------------------------------------------------------------- eval nuclei
+@dataclasses.dataclass(frozen=True)
+class EvalNucleiOptions:
+    """``histofm eval nuclei``'s numeric flags, declared once."""
+
+    crop: int = setting(48, range="[8, 1024]")
+    seed: int = setting(0, range="[0, 4294967295]")
+    seeds: int = setting(3, range="[1, 1000]")
+    linear_c: float | None = setting(None, range="> 0")
+    shots: int = setting(10, range="[1, 10000]")
+    episodes: int = setting(100, range="[1, 1000000]")
+    bootstrap: int = setting(500, range="[0, 1000000]")
+
+
+def check_json_path(path: str | os.PathLike[str] | None, flag: str = "--json") -> None:
+    """``path`` can be written as a file (checked before the work whose result it receives)."""
+    from pathlib import Path
+
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise HistofmError(f"{flag} {p} is a folder; give a file name such as {p / 'results.json'}.")
+    check_out_dir(p.parent, f"{flag} {p}: its folder")
+
+
+def check_eval_nuclei_args(args: argparse.Namespace) -> None:
+    """Check ``histofm eval nuclei``'s flags before any model is built or file read.
+
+    Raises:
+        HistofmError: ``--FLAG VALUE: why``.
+    """
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(EvalNucleiOptions) if hasattr(args, f.name)}
+    try:
+        coerce_fields(EvalNucleiOptions, values)
+    except SettingError as e:
+        raise HistofmError(f"--{e.key.replace('_', '-')} {values.get(e.key)}: {e}") from None
+    check_device(args.device)
+    check_json_path(getattr(args, "json", None))
