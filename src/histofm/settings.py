@@ -51,6 +51,7 @@ __all__ = [
     "parse_value",
     "replace_config",
     "setting",
+    "shown",
 ]
 
 _META = "histofm_setting"
@@ -67,6 +68,12 @@ class SettingError(HistofmError):
         self.key = key
         self.problem = problem
         super().__init__(message or f"{key} {problem}.")
+
+
+def shown(text: object) -> str:
+    """``text`` as it can be quoted in a one-line message (control characters escaped)."""
+    t = str(text)
+    return t if t.isprintable() else repr(t)[1:-1]
 
 
 # --------------------------------------------------------------------------- declaration
@@ -332,8 +339,8 @@ def coerce_fields(cls: type, values: dict[str, Any], prefix: str = "") -> dict[s
     unknown = [k for k in values if k not in decl]
     if unknown:
         valid = ", ".join(sorted(decl))
-        raise SettingError(f"{prefix}{unknown[0]}", f"is not a setting of {cls.__name__} (valid: {valid})",
-                           f"Unknown option(s) {', '.join(prefix + k for k in unknown)} for {cls.__name__}; "
+        raise SettingError(shown(f"{prefix}{unknown[0]}"), f"is not a setting of {cls.__name__} (valid: {valid})",
+                           f"Unknown option(s) {', '.join(shown(prefix + k) for k in unknown)} for {cls.__name__}; "
                            f"valid ones are {valid}.")
     out = {}
     for k, v in values.items():

@@ -18,7 +18,7 @@ import os
 from typing import Any
 
 from histofm.errors import HistofmError
-from histofm.settings import SettingError, coerce, coerce_fields, setting
+from histofm.settings import SettingError, coerce, coerce_fields, setting, shown
 
 # Flags of `histofm pretrain` that set a TrainConfig field or a top-level setting.
 _TRAIN_FLAGS = {"steps": "--steps", "batch_size": "--batch-size", "lr": "--lr", "precision": "--precision",
@@ -60,14 +60,14 @@ def origin(path: str, args: argparse.Namespace) -> str:
         key = item.partition("=")[0].strip()
         p = _set_path(key, train_fields)
         if path == p or path.startswith(p + ".") or p.startswith(path + "."):
-            return f"--set {item}"
+            return f"--set {shown(item)}"
     leaf = path.split(".", 1)[1] if path.startswith("train.") else path
     flag = _TRAIN_FLAGS.get(leaf) if path.startswith("train.") else _TOP_FLAGS.get(path)
     if flag is not None and getattr(args, flag[2:].replace("-", "_"), None) is not None:
         value = getattr(args, flag[2:].replace("-", "_"))
-        return f"{flag} {value}"
+        return f"{flag} {shown(value)}"
     if getattr(args, "config", None):
-        return f"--config {args.config}"
+        return f"--config {shown(args.config)}"
     return ""
 
 
@@ -83,6 +83,7 @@ def check_device(name: str, flag: str = "--device") -> None:
 
     if name == "auto":
         return
+    name = shown(name)
     try:
         dev = torch.device(name)
     except (RuntimeError, TypeError):
@@ -105,17 +106,19 @@ def check_out_dir(path: str | os.PathLike[str], flag: str = "--out") -> None:
     from pathlib import Path
 
     p = Path(path)
+    flag = shown(flag)
     if p.exists() and not p.is_dir():
-        raise HistofmError(f"{flag} {p} is a file; {flag} is always a directory, so name a folder.")
+        raise HistofmError(f"{flag} {shown(p)} is a file; {flag} is always a directory, so name a folder.")
     parent = p
     while not parent.exists():
         if parent.parent == parent:
             break
         parent = parent.parent
     if parent.exists() and not parent.is_dir():
-        raise HistofmError(f"{flag} {p} lies under the file {parent}; name a folder that is not inside a file.")
+        raise HistofmError(f"{flag} {shown(p)} lies under the file {shown(parent)}; name a folder that is not inside a "
+                           "file.")
     if parent.exists() and not os.access(parent, os.W_OK | os.X_OK):
-        raise HistofmError(f"{flag} {p}: {parent} is not writable; choose another {flag}.")
+        raise HistofmError(f"{flag} {shown(p)}: {shown(parent)} is not writable; choose another {flag}.")
 
 
 def _memory_bytes() -> int | None:
@@ -219,7 +222,7 @@ def check_semi_args(args: argparse.Namespace) -> None:
     for flag, path, want in (("--data", args.data, "folder"), ("--labels", args.labels, "file"),
                              ("--test-labels", args.test_labels, "file")):
         if path is not None and not (path.is_dir() if want == "folder" else path.is_file()):
-            raise HistofmError(f"{flag} {path} is not an existing {want}; check the path.")
+            raise HistofmError(f"{flag} {shown(path)} is not an existing {want}; check the path.")
     check_batch_memory(args.batch_size * (1 + 2 * args.mu), args.img_size,
                        f"--batch-size {args.batch_size} with --mu {args.mu} at --img-size {args.img_size}")
 
