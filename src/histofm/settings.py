@@ -52,6 +52,7 @@ __all__ = [
     "replace_config",
     "setting",
     "shown",
+    "split_backbone_overrides",
 ]
 
 _META = "histofm_setting"
@@ -396,3 +397,21 @@ def replace_config(cfg: Any, changes: dict[str, Any], prefix: str = "") -> Any: 
     if not hasattr(type(cfg), "__post_init__"):
         check_config(new, prefix)
     return new
+
+
+def split_backbone_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split a method's overrides into its config's keys and the backbone's ``create_model`` keys.
+
+    Backbone keys come in a ``"backbone_kwargs"`` dict, a ``"backbone"`` dict or as ``"backbone.<arg>"``
+    keys (the command line's form); later forms win in that order. The one place that does this split.
+    """
+    rest = dict(overrides)
+    backbone: dict[str, Any] = {}
+    for group in ("backbone_kwargs", "backbone"):
+        value = rest.pop(group, None) or {}
+        if not isinstance(value, dict):
+            raise SettingError(group, f"expects a mapping of backbone arguments, got {value!r}")
+        backbone.update(value)
+    for key in [k for k in rest if k.startswith("backbone.")]:
+        backbone[key.split(".", 1)[1]] = rest.pop(key)
+    return rest, backbone

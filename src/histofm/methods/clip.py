@@ -36,9 +36,9 @@ from histofm.data.augment import ViewConfig, view_transform
 from histofm.data.tokenizer import ByteTokenizer
 from histofm.errors import HistofmError
 from histofm.methods.base import SSLMethod
-from histofm.methods.simclr import make_backbone, split_overrides, view_config
+from histofm.methods.simclr import make_backbone, view_config
 from histofm.models.transformer import TransformerEncoder
-from histofm.settings import check_config, setting
+from histofm.settings import check_config, setting, split_backbone_overrides
 from histofm.train.config import config_replace
 from histofm.train.distributed import gather_with_grad, rank
 
@@ -208,7 +208,7 @@ def build(name: str, arch: str, *, img_size: int, overrides: dict[str, Any]) -> 
 
     The dataset must yield ``(image, caption)`` pairs.
     """
-    cfg_kw, backbone_kw = split_overrides(overrides)
+    cfg_kw, backbone_kw = split_backbone_overrides(overrides)
     view = {**CLIPConfig().view, **(cfg_kw.pop("view", None) or {})}
     cfg = config_replace(CLIPConfig(), {**cfg_kw, "view": view})
     method = CLIP(make_backbone(arch, img_size, backbone_kw), cfg)

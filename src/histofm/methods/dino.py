@@ -41,7 +41,7 @@ from histofm.data.multicrop import MultiCropConfig, MultiCropTransform, scaled_m
 from histofm.errors import HistofmError
 from histofm.layers.heads import DINOHead
 from histofm.methods.base import SSLMethod
-from histofm.settings import check_config, setting
+from histofm.settings import check_config, setting, split_backbone_overrides
 from histofm.train.config import config_replace
 from histofm.train.distributed import all_reduce_mean
 from histofm.train.ema import ema_update, make_teacher
@@ -211,12 +211,9 @@ def make_config(base: Any, overrides: dict[str, Any], presets: dict[str, dict[st
     Backbone ``create_model`` arguments may come as ``backbone_kwargs``, a ``"backbone"`` dict or
     ``"backbone.<arg>"`` keys (the command line's form); they are merged into ``backbone_kwargs``.
     """
-    overrides = dict(overrides)
-    backbone = dict(overrides.pop("backbone", None) or {})
-    for key in [k for k in overrides if k.startswith("backbone.")]:
-        backbone[key.split(".", 1)[1]] = overrides.pop(key)
+    overrides, backbone = split_backbone_overrides(overrides)
     if backbone:
-        overrides["backbone_kwargs"] = {**backbone, **dict(overrides.get("backbone_kwargs") or {})}
+        overrides["backbone_kwargs"] = backbone
     preset = overrides.pop("preset", None)
     cfg = base() if isinstance(base, type) else base
     if preset is not None:

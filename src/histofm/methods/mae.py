@@ -37,7 +37,7 @@ from histofm.errors import HistofmError
 from histofm.layers import sincos_2d
 from histofm.methods.base import SSLMethod
 from histofm.models.vit import Block
-from histofm.settings import check_config, setting
+from histofm.settings import check_config, setting, split_backbone_overrides
 from histofm.train.config import config_replace
 from histofm.train.distributed import is_main
 from histofm.utils import atomic_path
@@ -443,16 +443,6 @@ def attach_reconstructions(
 
 
 # --------------------------------------------------------------------------- builder
-def split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Split ``overrides`` into config keys and backbone keys (``"backbone"`` / ``"backbone_kwargs"`` dicts, ``"backbone.<arg>"``)."""
-    overrides = dict(overrides)
-    backbone = dict(overrides.pop("backbone", None) or {})
-    backbone.update(overrides.pop("backbone_kwargs", None) or {})
-    for key in [k for k in overrides if k.startswith("backbone.")]:
-        backbone[key.split(".", 1)[1]] = overrides.pop(key)
-    return overrides, backbone
-
-
 def make_config(base: Any, overrides: dict[str, Any], presets: dict[str, dict[str, Any]]) -> Any:  # noqa: ANN401
     """``base`` with ``overrides["preset"]`` applied first, then the other overrides (unknown keys fail loudly)."""
     overrides = dict(overrides)
@@ -503,7 +493,7 @@ def build(
     """
     import histofm
 
-    cfg_kw, backbone_kw = split_overrides(overrides or {})
+    cfg_kw, backbone_kw = split_backbone_overrides(overrides or {})
     cfg = make_config(MAEConfig(), cfg_kw, PRESETS)
     backbone = histofm.create_model(arch, **{"img_size": img_size, **backbone_kw})
     info = histofm.model_info(arch)

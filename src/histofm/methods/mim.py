@@ -50,12 +50,11 @@ from histofm.methods.mae import (
     patchify,
     picture_set,
     pretrain_transform,
-    split_overrides,
     unpatchify,
 )
 from histofm.methods.masking import block_mask
 from histofm.methods.tokenizer import KMeansTokenizer
-from histofm.settings import check_config, setting
+from histofm.settings import check_config, setting, split_backbone_overrides
 
 
 @dataclass(frozen=True)
@@ -304,7 +303,7 @@ def build(
 
     if name not in ("simmim", "beit"):
         raise HistofmError(f"mim.py builds 'simmim' or 'beit', not {name!r}.")
-    cfg_kw, backbone_kw = split_overrides(overrides or {})
+    cfg_kw, backbone_kw = split_backbone_overrides(overrides or {})
     cfg = make_config(SIMMIM if name == "simmim" else BEIT, cfg_kw, PRESETS)
     backbone = histofm.create_model(arch, **{"img_size": img_size, **backbone_kw, "use_mask_token": True})
     if cfg.masking == "random" and cfg.mask_patch_size and img_size % cfg.mask_patch_size:

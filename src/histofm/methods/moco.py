@@ -45,11 +45,10 @@ from histofm.methods.simclr import (
     ProjectionHead,
     make_backbone,
     make_views,
-    split_overrides,
     view_config,
     view_pipeline,
 )
-from histofm.settings import check_config, setting
+from histofm.settings import check_config, setting, split_backbone_overrides
 from histofm.train.config import config_replace
 from histofm.train.distributed import gather_no_grad, rank
 from histofm.train.ema import ema_update, make_teacher
@@ -221,7 +220,7 @@ class MoCo(SSLMethod):
 
 def build(name: str, arch: str, *, img_size: int, overrides: dict[str, Any]) -> tuple[MoCo, Callable[[Any], Any]]:
     """``histofm pretrain --method mocov2|mocov3``: MoCo with the version's defaults, and its transform."""
-    cfg_kw, backbone_kw = split_overrides(overrides)
+    cfg_kw, backbone_kw = split_backbone_overrides(overrides)
     base = MoCoConfig() if name == "mocov2" else config_replace(MoCoConfig(), V3_DEFAULTS)
     user_view, user_view2 = cfg_kw.pop("view", None) or {}, cfg_kw.pop("view2", None) or {}
     cfg = config_replace(base, cfg_kw)

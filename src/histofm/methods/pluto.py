@@ -340,13 +340,7 @@ def build(
     ``arch`` must be a FlexiViT (``"pluto"``); backbone arguments go in
     ``overrides["backbone_kwargs"]`` (as for DINOv2), e.g. ``{"depth": 2, "embed_dim": 64}``.
     """
-    overrides = dict(overrides or {})
-    backbone = dict(overrides.pop("backbone", None) or {})
-    for key in [k for k in overrides if k.startswith("backbone.")]:
-        backbone[key.split(".", 1)[1]] = overrides.pop(key)
-    if backbone:
-        overrides["backbone_kwargs"] = {**dict(overrides.get("backbone_kwargs") or {}), **backbone}
-    cfg = make_config(PLUTOConfig, overrides, PRESETS)
+    cfg = make_config(PLUTOConfig, dict(overrides or {}), PRESETS)  # backbone keys go to backbone_kwargs
     method = PLUTO(arch, cfg, img_size=img_size)
     crops = multicrop_transform(cfg, img_size, max(cfg.patch_sizes))  # local crops: multiples of every patch size
     return method, PLUTOTransform(MultiScaleTile(img_size, cfg.mpps, cfg.source_mpp), crops)

@@ -31,7 +31,7 @@ from torch import nn
 
 from histofm.data.augment import BatchAugment, MultiView, ViewConfig, base_view, view_transform
 from histofm.methods.base import SSLMethod
-from histofm.settings import check_config, setting
+from histofm.settings import check_config, setting, split_backbone_overrides
 from histofm.train.config import config_replace
 from histofm.train.distributed import gather_with_grad, rank
 
@@ -113,19 +113,6 @@ class ProjectionHead(nn.Module):
 
 
 # ------------------------------------------------------------------- shared by builders
-def split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Split ``overrides`` into method-config keys and backbone ``create_model`` keys.
-
-    Backbone keys come as ``"backbone.<arg>"`` or inside a ``"backbone"`` / ``"backbone_kwargs"`` dict.
-    """
-    overrides = dict(overrides)
-    backbone = dict(overrides.pop("backbone", None) or {})
-    backbone.update(overrides.pop("backbone_kwargs", None) or {})
-    for key in [k for k in overrides if k.startswith("backbone.")]:
-        backbone[key.split(".", 1)[1]] = overrides.pop(key)
-    return overrides, backbone
-
-
 def make_backbone(arch: str, img_size: int, kwargs: dict[str, Any]) -> nn.Module:
     """``histofm.create_model(arch, img_size=img_size, **kwargs)``."""
     import histofm
@@ -231,7 +218,7 @@ def view_pipeline(
 
 def build(name: str, arch: str, *, img_size: int, overrides: dict[str, Any]) -> tuple[SimCLR, Callable[[Any], Any]]:
     """``histofm pretrain --method simclr``: SimCLR on ``create_model(arch)`` and its two-view transform."""
-    cfg_kw, backbone_kw = split_overrides(overrides)
+    cfg_kw, backbone_kw = split_backbone_overrides(overrides)
     cfg = config_replace(SimCLRConfig(), cfg_kw)
     view = view_config(arch, img_size, cfg.view)
     transform, augmenters = view_pipeline([view, view], cfg.augment, cfg.base_size)
