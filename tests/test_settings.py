@@ -265,3 +265,11 @@ def test_eval_nuclei_flags_checked_before_work(tmp_path, capsys) -> None:
                        (["--device", "nonsense"], "not a device")]:
         rc, _, err = run_cli([*base, *extra], capsys)
         assert rc == 2 and msg in one_sentence(err), (extra, err)
+
+
+def test_pretrain_memory_of_activations_and_tiles_checked(tmp_path, capsys) -> None:
+    rc, _, err = run_cli(pretrain_argv("simclr", tmp_path / "r", "--img-size", "8192", "--set", "backbone.depth=12",
+                                       "--set", "backbone.embed_dim=192"), capsys)
+    assert rc == 2 and "GiB of activations per step" in one_sentence(err)
+    rc, _, err = run_cli(pretrain_argv("simclr", tmp_path / "r", "--tile-size", "65536"), capsys)
+    assert rc == 2 and "--tile-size 65536 needs" in one_sentence(err)

@@ -121,7 +121,14 @@ def check_out_dir(path: str | os.PathLike[str], flag: str = "--out") -> None:
         raise HistofmError(f"{flag} {shown(p)}: {shown(parent)} is not writable; choose another {flag}.")
 
 
-def _memory_bytes() -> int | None:
+def _memory_bytes(device: str = "cpu") -> int | None:
+    """Memory of ``device`` (a CUDA GPU's own, else this machine's RAM)."""
+    if device.startswith("cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            index = torch.device(device).index or 0
+            return int(torch.cuda.get_device_properties(index).total_memory)
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
@@ -143,7 +150,7 @@ def check_pretrain_settings(s: dict[str, Any], args: argparse.Namespace) -> dict
     Raises:
         HistofmError: one sentence naming where the bad value came from and what it must be.
     """
-    from histofm.methods.backbone_settings import check_backbone_overrides
+    from histofm.methods.backbone_settings import activation_bytes, check_backbone_overrides
     from histofm.methods.registry import list_methods, method_config, method_config_class, method_presets
     from histofm.registry import list_models
     from histofm.train.config import TrainConfig
@@ -166,6 +173,8 @@ def check_pretrain_settings(s: dict[str, Any], args: argparse.Namespace) -> dict
     check_device(cfg.device, origin("train.device", args).split(" ")[0] if cfg.device != "auto" else "--device")
     check_out_dir(str(s["out"]), "--out")
     check_batch_memory(cfg.batch_size, int(s["img_size"]), f"--batch-size {cfg.batch_size} at --img-size {s['img_size']}")
+    if s.get("tile_size"):
+        check_batch_memory(1, int(s["tile_size"]), f"--tile-size {s['tile_size']}")
 
     method_args = dict(s["method_args"])
     preset = method_args.pop("preset", None)
@@ -182,9 +191,19 @@ def check_pretrain_settings(s: dict[str, Any], args: argparse.Namespace) -> dict
         raise _restate(e, "method_args.", args) from None
     nested = fixed.get("backbone_kwargs") or {}
     try:
-        check_backbone_overrides(s[model_key], {**nested, **backbone})
+        _, probe = check_backbone_overrides(s[model_key], {**nested, **backbone})
     except SettingError as e:
         raise _restate(e, "", args) from None
+    # Activations of one rank's share of the batch; refused only when they could not fit twice over.
+    per_rank = max(cfg.batch_size // max(int(os.environ.get("WORLD_SIZE", "1") or 1), 1), 1)
+    need = activation_bytes(probe, per_rank, int(s["img_size"]))
+    have = _memory_bytes(cfg.device)
+    if need is not None:
+        need //= (12 if cfg.grad_checkpointing else 1) * (2 if cfg.precision != "fp32" else 1)
+    if need is not None and have is not None and need > 2 * have:
+        raise HistofmError(f"--batch-size {cfg.batch_size} at --img-size {s['img_size']} on {s[model_key]} needs about "
+                           f"{need / 2**30:.0f} GiB of activations per step, more than the {have / 2**30:.0f} GiB here; "
+                           "lower the batch size or the image size.")
     return s
 
 

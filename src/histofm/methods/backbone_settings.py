@@ -55,8 +55,11 @@ def backbone_declarations() -> dict[str, tuple[Any, Rule]]:
     return out
 
 
-def check_backbone_overrides(arch: str, overrides: dict[str, Any], prefix: str = "backbone.") -> dict[str, Any]:
-    """Coerce and check ``overrides`` of backbone ``arch``; returns the coerced dict.
+def check_backbone_overrides(arch: str, overrides: dict[str, Any], prefix: str = "backbone.") -> tuple[dict[str, Any], Any]:
+    """Coerce and check ``overrides`` of backbone ``arch``.
+
+    Returns:
+        The coerced overrides and the backbone built on the ``meta`` device (its shapes, no memory).
 
     Raises:
         SettingError: a wrong type or range, or arguments the backbone rejects together.
@@ -73,19 +76,30 @@ def check_backbone_overrides(arch: str, overrides: dict[str, Any], prefix: str =
             fixed[key] = coerce(tp, value, prefix + key, rule)
         else:
             fixed[key] = value  # the probe below names an argument this backbone does not take
-    if fixed:
-        try:
-            with torch.device("meta"):
-                create_model(arch, **fixed)
-        except (TypeError, ValueError, HistofmError, RuntimeError) as e:
-            if isinstance(e, HistofmError) and str(e).startswith("Unknown model"):
-                raise
-            detail = str(e).rstrip(".").replace(f"Model {arch!r} does not accept these arguments: ", "")
-            m = re.search(r"unexpected keyword argument '(\w+)'", detail)
-            if m:
-                raise SettingError(prefix + m[1], "", f"{prefix}{m[1]} is not an argument of the backbone {arch}; "
-                                                      f"valid ones are {', '.join(sorted(decl))}.") from None
-            culprit = next((k for k in reversed(list(fixed)) if k in detail), next(iter(reversed(list(fixed)))))
-            raise SettingError(prefix + culprit, "", f"The backbone {arch} rejects {prefix}{culprit}={fixed[culprit]!r} "
-                                                      f"({detail}); change it.") from None
-    return fixed
+    try:
+        with torch.device("meta"):
+            model = create_model(arch, **fixed)
+    except (TypeError, ValueError, HistofmError, RuntimeError) as e:
+        if not fixed or (isinstance(e, HistofmError) and str(e).startswith("Unknown model")):
+            raise
+        detail = str(e).rstrip(".").replace(f"Model {arch!r} does not accept these arguments: ", "")
+        m = re.search(r"unexpected keyword argument '(\w+)'", detail)
+        if m:
+            raise SettingError(prefix + m[1], "", f"{prefix}{m[1]} is not an argument of the backbone {arch}; "
+                                                  f"valid ones are {', '.join(sorted(decl))}.") from None
+        culprit = next((k for k in reversed(list(fixed)) if k in detail), list(fixed)[-1])
+        raise SettingError(prefix + culprit, "", f"The backbone {arch} rejects {prefix}{culprit}={fixed[culprit]!r} "
+                                                  f"({detail}); change it.") from None
+    return fixed, model
+
+
+def activation_bytes(model: Any, batch_size: int, img_size: int, views: int = 2) -> int | None:  # noqa: ANN401
+    """A rough lower bound of the activations a ViT ``model`` keeps for backward on one step (``None``: not a ViT).
+
+    Per block and token: about 12 ``D``-wide float32 tensors (norms, q/k/v, attention output, a 4x MLP).
+    """
+    patch, dim, blocks = getattr(model, "patch_size", None), getattr(model, "embed_dim", None), getattr(model, "blocks", None)
+    if not isinstance(patch, int) or not isinstance(dim, int) or blocks is None or patch < 1:
+        return None
+    tokens = (img_size // patch) ** 2 + 1
+    return views * batch_size * tokens * dim * len(blocks) * 12 * 4
