@@ -273,3 +273,11 @@ def test_pretrain_memory_of_activations_and_tiles_checked(tmp_path, capsys) -> N
     assert rc == 2 and "GiB of activations per step" in one_sentence(err)
     rc, _, err = run_cli(pretrain_argv("simclr", tmp_path / "r", "--tile-size", "65536"), capsys)
     assert rc == 2 and "--tile-size 65536 needs" in one_sentence(err)
+
+
+def test_pretrain_sizes_must_be_whole_patches(tmp_path, capsys) -> None:
+    for method, extra, msg in [("simclr", ["--img-size", "36"], "--img-size 36: img_size=36 is not a multiple"),
+                               ("simclr", ["--set", "view.size=2"], "--set view.size=2: view.size=2 is not a multiple"),
+                               ("dino", ["--set", "augment.local_size=12"], "augment.local_size=12 is not a multiple")]:
+        rc, _, err = run_cli(pretrain_argv(method, tmp_path / "r", *extra), capsys)
+        assert rc == 2 and msg in one_sentence(err), err

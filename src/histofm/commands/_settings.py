@@ -194,6 +194,7 @@ def check_pretrain_settings(s: dict[str, Any], args: argparse.Namespace) -> dict
         _, probe = check_backbone_overrides(s[model_key], {**nested, **backbone})
     except SettingError as e:
         raise _restate(e, "", args) from None
+    _check_patch_multiples(s, fixed, probe, args)
     # Activations of one rank's share of the batch; refused only when they could not fit twice over.
     per_rank = max(cfg.batch_size // max(int(os.environ.get("WORLD_SIZE", "1") or 1), 1), 1)
     need = activation_bytes(probe, per_rank, int(s["img_size"]))
@@ -205,6 +206,25 @@ def check_pretrain_settings(s: dict[str, Any], args: argparse.Namespace) -> dict
                            f"{need / 2**30:.0f} GiB of activations per step, more than the {have / 2**30:.0f} GiB here; "
                            "lower the batch size or the image size.")
     return s
+
+
+def _check_patch_multiples(s: dict[str, Any], method_args: dict[str, Any], probe: Any, args: argparse.Namespace) -> None:  # noqa: ANN401
+    """Image and crop sides must be whole numbers of the backbone's patches (else a traceback at the first step)."""
+    patch = getattr(probe, "patch_size", None)
+    if not isinstance(patch, int) or patch < 2 or s["method"] == "pluto":  # PLUTO draws its patch size per step
+        return
+    sides = [("img_size", "img_size", s["img_size"])]
+    for group, keys in (("view", ("size",)), ("view2", ("size",)), ("augment", ("global_size", "local_size"))):
+        sub = method_args.get(group)
+        if isinstance(sub, dict):
+            sides += [(f"method_args.{group}.{k}", f"{group}.{k}", sub[k]) for k in keys if k in sub]
+    if method_args.get("local_size"):
+        sides.append(("method_args.local_size", "local_size", method_args["local_size"]))
+    for path, name, side in sides:
+        if int(side) % patch:
+            where = origin(path, args)
+            raise HistofmError(f"{where + ': ' if where else ''}{name}={side} is not a multiple of the backbone's "
+                               f"patch size {patch}; use a multiple such as {max(patch, int(side) // patch * patch)}.")
 
 
 # --------------------------------------------------------------------------- semi
