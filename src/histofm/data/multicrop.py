@@ -73,7 +73,7 @@ class MultiCropConfig:
     """
 
     global_size: int = setting(224, range=">= 1")
-    local_size: int = setting(98, range=">= 1")
+    local_size: int = setting(98, range=">= 1", allow_zero=True)
     n_global: int = setting(2, range=">= 1")
     n_local: int = setting(8, range=">= 0")
     crop: Literal["rrc", "ect"] = "rrc"
@@ -98,12 +98,8 @@ class MultiCropConfig:
     std: tuple[float, float, float] = setting(IMAGENET_STD, range="> 0")
 
     def __post_init__(self) -> None:
-        check_config(self)
-        if self.crop not in ("rrc", "ect"):
-            raise HistofmError(f"crop must be 'rrc' or 'ect', got {self.crop!r}.")
-        if self.n_global < 1 or self.n_local < 0:
-            raise HistofmError(f"Need n_global >= 1 and n_local >= 0, got {self.n_global} and {self.n_local}.")
-        if self.global_size < 1 or (self.n_local and self.local_size < 1):
+        check_config(self)  # types, choices and ranges declared above
+        if self.n_local and self.local_size < 1:
             raise HistofmError(f"Crop sizes must be positive, got {self.global_size} and {self.local_size}.")
 
 

@@ -174,11 +174,7 @@ class DINOv2Config(IBOTConfig):
     mlp_layer: Literal["mlp", "swiglu"] | None = None
 
     def __post_init__(self) -> None:
-        check_config(self)
-        if self.centering not in ("sinkhorn", "centering"):
-            raise HistofmError(f"centering must be 'sinkhorn' or 'centering', got {self.centering!r}.")
-        if self.regularizer not in ("koleo", "kde", "none"):
-            raise HistofmError(f"regularizer must be 'koleo', 'kde' or 'none', got {self.regularizer!r}.")
+        check_config(self)  # types, choices and ranges declared above
 
 
 #: Virchow2: DINOv2 with ECT crops, the KDE regulariser, 4 registers and SwiGLU.

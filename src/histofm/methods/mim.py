@@ -85,13 +85,7 @@ class MIMConfig:
     vertical_flip: bool = True
 
     def __post_init__(self) -> None:
-        check_config(self)
-        if self.target not in ("pixels", "tokens"):
-            raise HistofmError(f"target must be 'pixels' or 'tokens', got {self.target!r}.")
-        if self.masking not in ("random", "block"):
-            raise HistofmError(f"masking must be 'random' or 'block', got {self.masking!r}.")
-        if not 0.0 < self.mask_ratio < 1.0:
-            raise HistofmError(f"mask_ratio must be between 0 and 1, got {self.mask_ratio}.")
+        check_config(self)  # types, choices and ranges declared above
 
 
 SIMMIM = MIMConfig()

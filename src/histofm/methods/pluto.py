@@ -105,11 +105,7 @@ class PLUTOConfig(DINOv2Config):
     source_mpp: float = setting(0.5, range="> 0")
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        if not self.patch_sizes or any(p < 1 for p in self.patch_sizes):
-            raise HistofmError(f"patch_sizes must be positive integers, got {self.patch_sizes}.")
-        if not self.mpps or any(m <= 0 for m in self.mpps) or self.source_mpp <= 0:
-            raise HistofmError(f"mpps and source_mpp must be positive, got {self.mpps} and {self.source_mpp}.")
+        super().__post_init__()  # checks the declarations above too (patch_sizes >= 1, mpps > 0, not empty)
 
 
 #: ``cpu_small``: DINOv2's small-run preset, a 2-block decoder, 2 local crops.
