@@ -198,7 +198,7 @@ def test_loss_never_finite_exits_2_and_exports_nothing(tmp_path, capsys) -> None
                          "--steps", "3", check=False)
     rc, stdout, err = run_cli(argv, capsys)
     assert rc == 2
-    assert "not finite at any of the 2 step(s)" in one_sentence(err)
+    assert "not finite at any of the 2 steps" in one_sentence(err)
     assert "final loss" not in stdout
     assert not (out / "backbone.safetensors").exists() and not (out / "checkpoint.pt").exists()
 

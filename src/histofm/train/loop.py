@@ -292,7 +292,7 @@ def fit(
                 _export(method, out_dir, main, fsdp, {"steps": step + 1, "stopped": "non-finite loss"})
                 where = f"; checkpoint saved in {out_dir}" if out_dir is not None else ""
                 raise HistofmError(
-                    f"The loss was not finite for {streak} step(s) in a row (up to step {step}, "
+                    f"The loss was not finite for {streak} step{'s' if streak > 1 else ''} in a row (up to step {step}, "
                     f"max_nonfinite={cfg.max_nonfinite}){where}; lower the learning rate or use fp32, then resume."
                 )
             done = step + 1
@@ -355,7 +355,8 @@ def _any_step_taken(history: list[dict[str, Any]]) -> bool:
 
 def _never_finite(steps: int) -> HistofmError:
     return HistofmError(
-        f"The loss was not finite at any of the {steps} step(s) run, so nothing was learnt and nothing exported; "
+        f"The loss was not finite at any of the {steps} step{'s' if steps > 1 else ''} run, so nothing was learnt "
+        "and nothing exported; "
         "check the method's settings (temperatures, learning rate) and the data."
     )
 
