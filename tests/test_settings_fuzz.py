@@ -104,17 +104,23 @@ def test_pretrain_check_never_tracebacks(tmp_path_factory, capsys, data) -> None
     key, tp = data.draw(st.one_of(st.sampled_from(KEYS[method]),
                                   KEY_TEXT.map(lambda k: (k, None))), label="key")
     raw = data.draw(VALUES, label="value")
+    via_config = data.draw(st.booleans(), label="via --config") and "." not in key
     root = tmp_path_factory.mktemp("fuzz")
     out = root / "out"
+    if via_config:  # the same setting as a line of a YAML file (random text may make it invalid YAML)
+        (root / "run.yaml").write_bytes(f"{key}: {raw}\n".encode("utf-8", "surrogatepass"))
+        extra = ["--config", str(root / "run.yaml")]
+    else:
+        extra = [f"--set={key}={raw}"]  # `=`: a key may start with -
     before = _snapshot(root, out)
-    rc, _, err = run_cli(pretrain_argv(method, out, f"--set={key}={raw}"), capsys)  # `=`: a key may start with -
+    rc, _, err = run_cli(pretrain_argv(method, out, *extra), capsys)
     assert rc in (0, 2), err
     event(f"exit {rc}")
     if rc == 2:
         one_sentence(err)
         assert "Traceback" not in err
     unknown = tp is None and not any(k == key for k, _ in KEYS[method])
-    if unknown or (tp is not None and wrong_by_type(tp, raw)):
+    if not via_config and (unknown or (tp is not None and wrong_by_type(tp, raw))):
         assert rc == 2, f"{method} --set {key}={raw!r} was accepted"
     assert _snapshot(root, out) == before and not out.exists()  # --check writes nothing anywhere
 
