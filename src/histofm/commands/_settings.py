@@ -71,6 +71,12 @@ def origin(path: str, args: argparse.Namespace) -> str:
     return ""
 
 
+def _at(path: str, args: argparse.Namespace) -> str:
+    """``"--set key=value: "`` (where the value at ``path`` came from), or nothing when it is a default."""
+    where = origin(path, args)
+    return f"{where}: " if where else ""
+
+
 def _restate(e: SettingError, path_prefix: str, args: argparse.Namespace) -> HistofmError:
     where = origin(path_prefix + e.key, args)
     return HistofmError(f"{where}: {e}" if where else str(e))
@@ -157,13 +163,13 @@ def check_pretrain_settings(s: dict[str, Any], args: argparse.Namespace) -> dict
 
     model_key = "model" if "model" in s else "arch"
     if s.get("method") not in list_methods():
-        raise HistofmError(f"{origin('method', args)}: Unknown method {s.get('method')!r}; "
+        raise HistofmError(f"{_at('method', args)}Unknown method {s.get('method')!r}; "
                            f"choose one of {', '.join(list_methods())}.")
     if not isinstance(s.get(model_key), str) or s[model_key] not in list_models():
-        raise HistofmError(f"{origin(model_key, args)}: Unknown model {s.get(model_key)!r}; "
+        raise HistofmError(f"{_at(model_key, args)}Unknown model {s.get(model_key)!r}; "
                            "run `histofm models` to list them.")
     if not isinstance(s.get("data"), str):
-        raise HistofmError(f"{origin('data', args)}: data must be a path or 'bundled', got {s.get('data')!r}.")
+        raise HistofmError(f"{_at('data', args)}data must be a path or 'bundled', got {s.get('data')!r}.")
     top = {k: s[k] for k in ("img_size", "tile_size", "target_mpp", "mpp_override") if s.get(k) is not None}
     try:
         s.update(coerce_fields(TopSettings, top))
@@ -180,7 +186,7 @@ def check_pretrain_settings(s: dict[str, Any], args: argparse.Namespace) -> dict
     preset = method_args.pop("preset", None)
     if preset is not None and preset not in method_presets(s["method"]):
         choices = ", ".join(method_presets(s["method"])) or "none"
-        raise HistofmError(f"{origin('method_args.preset', args)}: unknown preset {preset!r} for {s['method']}; "
+        raise HistofmError(f"{_at('method_args.preset', args)}unknown preset {preset!r} for {s['method']}; "
                            f"choose one of: {choices}.")
     backbone = dict(s["backbone"])
     cls = method_config_class(s["method"])
@@ -222,8 +228,7 @@ def _check_patch_multiples(s: dict[str, Any], method_args: dict[str, Any], probe
         sides.append(("method_args.local_size", "local_size", method_args["local_size"]))
     for path, name, side in sides:
         if int(side) % patch:
-            where = origin(path, args)
-            raise HistofmError(f"{where + ': ' if where else ''}{name}={side} is not a multiple of the backbone's "
+            raise HistofmError(f"{_at(path, args)}{name}={side} is not a multiple of the backbone's "
                                f"patch size {patch}; use a multiple such as {max(patch, int(side) // patch * patch)}.")
 
 
