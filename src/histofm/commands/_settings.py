@@ -263,10 +263,10 @@ def check_semi_args(args: argparse.Namespace) -> None:
     if args.device:
         check_device(args.device)
     check_out_dir(args.out)
-    for flag, path, want in (("--data", args.data, "folder"), ("--labels", args.labels, "file"),
-                             ("--test-labels", args.test_labels, "file")):
-        if path is not None and not (path.is_dir() if want == "folder" else path.is_file()):
-            raise HistofmError(f"{flag} {shown(path)} is not an existing {want}; check the path.")
+    for flag, path, what in (("--data", args.data, "Image folder"), ("--labels", args.labels, "Labels file"),
+                             ("--test-labels", args.test_labels, "Labels file")):
+        if path is not None and not (path.is_dir() if flag == "--data" else path.is_file()):
+            raise HistofmError(f"{what} not found: {shown(path)}; check {flag}.")
     check_batch_memory(args.batch_size * (1 + 2 * args.mu), args.img_size,
                        f"--batch-size {args.batch_size} with --mu {args.mu} at --img-size {args.img_size}")
 
