@@ -63,8 +63,10 @@ def run_nuclei_command(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from histofm.commands._settings import check_eval_nuclei_args
     from histofm.eval.nuclei import BASELINES, run_nuclei
 
+    check_eval_nuclei_args(args)  # declared types and ranges, --device, --json: before any work
     for name, value in (("--seeds", args.seeds), ("--shots", args.shots), ("--episodes", args.episodes)):
         if value < 1:
             raise HistofmError(f"{name} must be at least 1, got {value}.")

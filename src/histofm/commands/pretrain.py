@@ -88,6 +88,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, help=f"data-loading worker processes {default('num_workers')}")
     p.add_argument("--seed", type=int, help=f"random seed {default('seed')}")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--check", action="store_true", help="check the settings and exit (nothing is read or written)")
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",
         help="override one setting (repeatable): TrainConfig field, method option, or backbone.<arg>",
@@ -96,18 +97,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _load_yaml(path: str) -> dict[str, Any]:
-    import yaml
+    from histofm.settings import load_config_file
 
-    p = Path(path)
-    if not p.is_file():
-        raise HistofmError(f"Config file {p} does not exist.")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise HistofmError(f"Config file {p} is not valid YAML ({type(e).__name__}).") from None
-    if not isinstance(data, dict):
-        raise HistofmError(f"Config file {p} must hold a mapping of settings.")
-    return data
+    return load_config_file(path)  # binary, non-UTF-8 or non-mapping files: one sentence
 
 
 def _nest(d: dict[str, Any], dotted: str, value: Any) -> None:  # noqa: ANN401
@@ -184,13 +176,16 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from histofm.commands._settings import check_pretrain_settings
     from histofm.data.datasets import tile_dataset
     from histofm.methods.registry import build_method
     from histofm.train import TrainConfig, fit
     from histofm.train.distributed import is_main
     from histofm.utils import seed_everything
 
-    s = resolve_settings(args)
+    s = check_pretrain_settings(resolve_settings(args), args)  # every value checked before any work
+    if args.check:
+        return _print_checked(s)
     try:
         cfg = TrainConfig.from_dict(s["train"])
     except HistofmError as e:
@@ -240,6 +235,11 @@ def _train_fields() -> set[str]:
     from histofm.train import TrainConfig
 
     return {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def _print_checked(s: dict[str, Any]) -> int:
+    print(f"histofm pretrain: settings OK ({s['method']}, {s.get('model') or s.get('arch')}); nothing was run.")
+    return 0
 
 
 def _attach_reconstructions(method: Any, dataset: Any, transform: Any, out: Path, steps: int) -> None:  # noqa: ANN401

@@ -54,6 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--device", help="cpu, cuda, ... (default: the best available)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--check", action="store_true", help="check the flags and paths and exit (nothing is read or written)")
     p.set_defaults(func=run)
 
 
@@ -89,6 +90,7 @@ def build_classifier(model: str, num_classes: int, img_size: int, width: int = 3
 
 
 def run(args: argparse.Namespace) -> int:
+    from histofm.commands._settings import check_semi_args
     from histofm.learning import build_semi_method
     from histofm.learning.folder import load_labelled_folder, read_label_csv
     from histofm.learning.semi import FitConfig, SemiData, evaluate, fit
@@ -103,6 +105,10 @@ def run(args: argparse.Namespace) -> int:
     if args.threshold is not None and not 0 <= args.threshold <= 1:
         raise HistofmError(f"--threshold must lie between 0 and 1, got {args.threshold}.")
     overrides = parse_set(args.set)
+    check_semi_args(args)  # every flag's declared type and range (histofm.settings), before any file is read
+    if args.check:
+        print(f"histofm semi: settings OK ({args.method}, {args.model}); nothing was run.")
+        return 0
     test_paths: set[str] = set()
     if args.test_labels is not None:
         test_paths = {Path(p).as_posix() for p, _ in read_label_csv(args.test_labels)}

@@ -31,6 +31,7 @@ from torchvision.transforms import v2
 
 from histofm.constants import IMAGENET_MEAN, IMAGENET_STD
 from histofm.data.stain import HEDJitter
+from histofm.settings import check_config, setting
 
 
 class RandomRotate90(nn.Module):
@@ -60,26 +61,30 @@ class ViewConfig:
         mean, std: normalisation.
     """
 
-    size: int = 224
-    scale: tuple[float, float] = (0.2, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    hflip: float = 0.5
-    vflip: float = 0.5
+    size: int = setting(224, range=">= 1")
+    scale: tuple[float, float] = setting((0.2, 1.0), range="(0, 1]", ordered=True)
+    ratio: tuple[float, float] = setting((3 / 4, 4 / 3), range="> 0", ordered=True)
+    hflip: float = setting(0.5, range="[0, 1]")
+    vflip: float = setting(0.5, range="[0, 1]")
     rot90: bool = True
-    jitter_p: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.2
-    hue: float = 0.05
-    grayscale_p: float = 0.2
-    blur_p: float = 0.5
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    solarize_p: float = 0.0
-    hed_p: float = 0.0
-    hed_sigma: float = 0.05
-    hed_bias: float = 0.01
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    jitter_p: float = setting(0.8, range="[0, 1]")
+    brightness: float = setting(0.4, range=">= 0")
+    contrast: float = setting(0.4, range=">= 0")
+    saturation: float = setting(0.2, range=">= 0")
+    hue: float = setting(0.05, range="[0, 0.5]")
+    grayscale_p: float = setting(0.2, range="[0, 1]")
+    blur_p: float = setting(0.5, range="[0, 1]")
+    blur_sigma: tuple[float, float] = setting((0.1, 2.0), range="> 0", ordered=True)
+    solarize_p: float = setting(0.0, range="[0, 1]")
+    hed_p: float = setting(0.0, range="[0, 1]")
+    hed_sigma: float = setting(0.05, range=">= 0")
+    hed_bias: float = setting(0.01, range=">= 0")
+    mean: tuple[float, float, float] = setting(IMAGENET_MEAN, range="[0, 1]")
+    std: tuple[float, float, float] = setting(IMAGENET_STD, range="> 0")
+
+    def __post_init__(self) -> None:
+        check_config(self)
+
 
 
 def view_transform(cfg: ViewConfig) -> v2.Compose:

@@ -45,6 +45,7 @@ from histofm.constants import IMAGENET_MEAN, IMAGENET_STD
 from histofm.data.augment import RandomRotate90
 from histofm.data.stain import HEDJitter
 from histofm.errors import HistofmError
+from histofm.settings import check_config, setting
 
 
 @dataclass(frozen=True)
@@ -71,37 +72,34 @@ class MultiCropConfig:
         mean, std: normalisation.
     """
 
-    global_size: int = 224
-    local_size: int = 98
-    n_global: int = 2
-    n_local: int = 8
+    global_size: int = setting(224, range=">= 1")
+    local_size: int = setting(98, range=">= 1", allow_zero=True)
+    n_global: int = setting(2, range=">= 1")
+    n_local: int = setting(8, range=">= 0")
     crop: Literal["rrc", "ect"] = "rrc"
-    global_scale: tuple[float, float] = (0.32, 1.0)
-    local_scale: tuple[float, float] = (0.05, 0.32)
-    ect_region: int = 392
-    ect_scale: tuple[float, float] = (0.9, 1.1)
-    ect_ratio: tuple[float, float] = (0.95, 1.05)
+    global_scale: tuple[float, float] = setting((0.32, 1.0), range="(0, 1]", ordered=True)
+    local_scale: tuple[float, float] = setting((0.05, 0.32), range="(0, 1]", ordered=True)
+    ect_region: int = setting(392, range=">= 1")
+    ect_scale: tuple[float, float] = setting((0.9, 1.1), range="> 0", ordered=True)
+    ect_ratio: tuple[float, float] = setting((0.95, 1.05), range="> 0", ordered=True)
     hflip: bool = True
     vflip: bool = False
     rot90: bool = False
-    jitter_p: float = 0.8
-    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
-    grayscale_p: float = 0.2
-    blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    solarize_p: float = 0.2
-    hed_p: float = 0.0
-    hed_sigma: float = 0.05
-    hed_bias: float = 0.01
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    jitter_p: float = setting(0.8, range="[0, 1]")
+    jitter: tuple[float, float, float, float] = setting((0.4, 0.4, 0.2, 0.1), range=">= 0")
+    grayscale_p: float = setting(0.2, range="[0, 1]")
+    blur_p: tuple[float, float, float] = setting((1.0, 0.1, 0.5), range="[0, 1]")
+    blur_sigma: tuple[float, float] = setting((0.1, 2.0), range="> 0", ordered=True)
+    solarize_p: float = setting(0.2, range="[0, 1]")
+    hed_p: float = setting(0.0, range="[0, 1]")
+    hed_sigma: float = setting(0.05, range=">= 0")
+    hed_bias: float = setting(0.01, range=">= 0")
+    mean: tuple[float, float, float] = setting(IMAGENET_MEAN, range="[0, 1]")
+    std: tuple[float, float, float] = setting(IMAGENET_STD, range="> 0")
 
     def __post_init__(self) -> None:
-        if self.crop not in ("rrc", "ect"):
-            raise HistofmError(f"crop must be 'rrc' or 'ect', got {self.crop!r}.")
-        if self.n_global < 1 or self.n_local < 0:
-            raise HistofmError(f"Need n_global >= 1 and n_local >= 0, got {self.n_global} and {self.n_local}.")
-        if self.global_size < 1 or (self.n_local and self.local_size < 1):
+        check_config(self)  # types, choices and ranges declared above
+        if self.n_local and self.local_size < 1:
             raise HistofmError(f"Crop sizes must be positive, got {self.global_size} and {self.local_size}.")
 
 

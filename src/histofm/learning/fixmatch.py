@@ -30,6 +30,7 @@ from torch import nn
 
 from histofm.learning.semi import SemiMethod
 from histofm.learning.views import ViewConfig, strong_view, weak_view
+from histofm.settings import check_config, setting
 
 
 @dataclass(frozen=True)
@@ -43,10 +44,14 @@ class FixMatchConfig:
         views: strengths of the weak and strong views.
     """
 
-    threshold: float = 0.95
-    lambda_u: float = 1.0
-    temperature: float = 1.0
+    threshold: float = setting(0.95, range="[0, 1]")
+    lambda_u: float = setting(1.0, range=">= 0")
+    temperature: float = setting(1.0, range="> 0")
     views: ViewConfig = ViewConfig()
+
+    def __post_init__(self) -> None:
+        check_config(self)
+
 
 
 def fixmatch_unlabelled_loss(

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from histofm.learning.semi import Classifier, SemiMethod
 from histofm.learning.views import ViewConfig, strong_view, weak_view
+from histofm.settings import check_config, setting
 
 
 @dataclass(frozen=True)
@@ -54,12 +55,16 @@ class MeanTeacherConfig:
         views: strengths of the views.
     """
 
-    ema: float = 0.99
-    ema_rampup: float = 0.99
-    consistency: float = 1.0
-    rampup_frac: float = 0.3
+    ema: float = setting(0.99, range="[0, 1]")
+    ema_rampup: float = setting(0.99, range="[0, 1]")
+    consistency: float = setting(1.0, range=">= 0")
+    rampup_frac: float = setting(0.3, range="[0, 1]")
     strong_student: bool = False
     views: ViewConfig = ViewConfig()
+
+    def __post_init__(self) -> None:
+        check_config(self)
+
 
 
 def sigmoid_rampup(t: float, length: float) -> float:

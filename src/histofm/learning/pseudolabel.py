@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from histofm.learning.semi import Classifier, SemiMethod
 from histofm.learning.views import ViewConfig, weak_view
+from histofm.settings import check_config, setting
 
 
 @dataclass(frozen=True)
@@ -47,11 +48,15 @@ class PseudoLabelConfig:
         views: strengths of the views.
     """
 
-    alpha_f: float = 1.0
-    t1: float = 0.3
-    t2: float = 0.8
-    threshold: float = 0.95
+    alpha_f: float = setting(1.0, range=">= 0")
+    t1: float = setting(0.3, range="[0, 1]")
+    t2: float = setting(0.8, range="[0, 1]")
+    threshold: float = setting(0.95, range="[0, 1]")
     views: ViewConfig = ViewConfig()
+
+    def __post_init__(self) -> None:
+        check_config(self)
+
 
 
 def pseudo_label_weight(step: int, max_steps: int, alpha_f: float, t1: float, t2: float) -> float:

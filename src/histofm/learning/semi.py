@@ -33,6 +33,7 @@ from torch import nn
 from histofm.errors import HistofmError
 from histofm.learning.views import ViewConfig, strong_view, weak_view
 from histofm.methods.base import SSLMethod
+from histofm.settings import check_config, setting
 
 
 class SmallConvNet(nn.Module):
@@ -213,15 +214,19 @@ class FitConfig:
         seed: seed of the batch sampler.
     """
 
-    steps: int = 500
-    batch_size: int = 32
-    mu: int = 4
-    lr: float = 0.03
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    steps: int = setting(500, range=">= 1")
+    batch_size: int = setting(32, range="[1, 65536]")
+    mu: int = setting(4, range="[1, 1024]")
+    lr: float = setting(0.03, range="> 0")
+    momentum: float = setting(0.9, range="[0, 1)")
+    weight_decay: float = setting(5e-4, range=">= 0")
     cosine: bool = True
     recalibrate_bn: bool = True
-    seed: int = 0
+    seed: int = setting(0, range="[0, 4294967295]")
+
+    def __post_init__(self) -> None:
+        check_config(self)
+
 
 
 def _to_float(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -284,6 +289,10 @@ def fit(
         bar[0].stop()
     if cfg.recalibrate_bn:
         recalibrate_batchnorm(method.deployed(), torch.cat([data.x_l, data.x_u]), device)
+    bad = next((k for k, v in method.deployed().state_dict().items()
+                if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:  # never hand back (and save) a model with NaN weights
+        raise HistofmError(f"The model's weight {bad} is not finite after training; lower --lr.")
     method.eval()
     return history
 

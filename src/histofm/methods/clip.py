@@ -26,19 +26,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from histofm.data.augment import view_transform
+from histofm.data.augment import ViewConfig, view_transform
 from histofm.data.tokenizer import BPETokenizer
 from histofm.errors import HistofmError
 from histofm.methods.base import SSLMethod
-from histofm.methods.simclr import make_backbone, split_overrides, view_config
+from histofm.methods.simclr import make_backbone, view_config
 from histofm.models.transformer import TransformerEncoder
+from histofm.settings import check_config, setting, split_backbone_overrides
 from histofm.train.config import config_replace
 from histofm.train.distributed import gather_with_grad, rank
 
@@ -105,20 +106,25 @@ class CLIPConfig:
         view: image augmentation changes (CLIP itself only resizes and crops).
     """
 
-    embed_dim: int = 512
-    text_width: int = 512
-    text_layers: int = 12
-    text_heads: int = 8
-    context_length: int = 77
-    text_dropout: float = 0.0
-    init_logit_scale: float = 1 / 0.07
-    max_logit_scale: float = 100.0
+    embed_dim: int = setting(512, range=">= 1")
+    text_width: int = setting(512, range=">= 1")
+    text_layers: int = setting(12, range=">= 1")
+    text_heads: int = setting(8, range=">= 1", divides="text_width")
+    context_length: int = setting(77, range=">= 2")
+    text_dropout: float = setting(0.0, range="[0, 1)")
+    init_logit_scale: float = setting(1 / 0.07, range="> 0")
+    max_logit_scale: float = setting(100.0, range="> 0")
     gather_distributed: bool = True
-    view: dict[str, Any] = field(
+    view: dict[str, Any] = setting(
         default_factory=lambda: {
             "scale": (0.9, 1.0), "jitter_p": 0.0, "grayscale_p": 0.0, "blur_p": 0.0, "solarize_p": 0.0,
-        }
+        },
+        of=ViewConfig,
     )
+
+    def __post_init__(self) -> None:
+        check_config(self)
+
 
 
 class CLIP(SSLMethod):
@@ -203,7 +209,7 @@ def build(name: str, arch: str, *, img_size: int, overrides: dict[str, Any]) -> 
 
     The dataset must yield ``(image, caption)`` pairs.
     """
-    cfg_kw, backbone_kw = split_overrides(overrides)
+    cfg_kw, backbone_kw = split_backbone_overrides(overrides)
     view = {**CLIPConfig().view, **(cfg_kw.pop("view", None) or {})}
     cfg = config_replace(CLIPConfig(), {**cfg_kw, "view": view})
     method = CLIP(make_backbone(arch, img_size, backbone_kw), cfg)

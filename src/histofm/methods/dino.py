@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,7 @@ from histofm.data.multicrop import MultiCropConfig, MultiCropTransform, scaled_m
 from histofm.errors import HistofmError
 from histofm.layers.heads import DINOHead
 from histofm.methods.base import SSLMethod
+from histofm.settings import check_config, setting, split_backbone_overrides
 from histofm.train.config import config_replace
 from histofm.train.distributed import all_reduce_mean
 from histofm.train.ema import ema_update, make_teacher
@@ -173,31 +174,35 @@ class DINOConfig:
             blur, solarisation, HED jitter, rotations), for example ``{"solarize_p": 0.0, "hed_p": 0.5}``.
     """
 
-    out_dim: int = 65536
-    hidden_dim: int = 2048
-    bottleneck_dim: int = 256
-    head_layers: int = 3
+    out_dim: int = setting(65536, range=">= 1")
+    hidden_dim: int = setting(2048, range=">= 1")
+    bottleneck_dim: int = setting(256, range=">= 1")
+    head_layers: int = setting(3, range=">= 1")
     norm_last_layer: bool = True
     head_batch_norm: bool = False
-    student_temp: float = 0.1
-    teacher_temp: float = 0.07
-    warmup_teacher_temp: float = 0.04
-    teacher_temp_warmup: float = 0.3
-    center_momentum: float = 0.9
-    momentum_teacher: float = 0.996
-    momentum_teacher_final: float = 1.0
-    freeze_last_layer: float = 0.01
-    drop_path_rate: float = 0.1
-    n_global_crops: int = 2
-    n_local_crops: int = 8
-    global_scale: tuple[float, float] = (0.4, 1.0)
-    local_scale: tuple[float, float] = (0.05, 0.4)
-    local_size: int = 0
-    crop: str = "rrc"
+    student_temp: float = setting(0.1, range="> 0")
+    teacher_temp: float = setting(0.07, range="> 0")
+    warmup_teacher_temp: float = setting(0.04, range="> 0")
+    teacher_temp_warmup: float = setting(0.3, range="[0, 1]")
+    center_momentum: float = setting(0.9, range="[0, 1]")
+    momentum_teacher: float = setting(0.996, range="[0, 1]")
+    momentum_teacher_final: float = setting(1.0, range="[0, 1]")
+    freeze_last_layer: float = setting(0.01, range="[0, 1]")
+    drop_path_rate: float = setting(0.1, range="[0, 1)")
+    n_global_crops: int = setting(2, range=">= 1")
+    n_local_crops: int = setting(8, range=">= 0")
+    global_scale: tuple[float, float] = setting((0.4, 1.0), range="(0, 1]", ordered=True)
+    local_scale: tuple[float, float] = setting((0.05, 0.4), range="(0, 1]", ordered=True)
+    local_size: int = setting(0, range=">= 1", allow_zero=True)
+    crop: Literal["rrc", "ect"] = "rrc"
     vflip: bool = False
-    augment: dict[str, Any] = field(default_factory=dict)
+    augment: dict[str, Any] = setting(default_factory=dict, of=MultiCropConfig)
     eval_teacher: bool = True
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_config(self)
+
 
 
 def make_config(base: Any, overrides: dict[str, Any], presets: dict[str, dict[str, Any]] | None = None) -> Any:
@@ -206,12 +211,9 @@ def make_config(base: Any, overrides: dict[str, Any], presets: dict[str, dict[st
     Backbone ``create_model`` arguments may come as ``backbone_kwargs``, a ``"backbone"`` dict or
     ``"backbone.<arg>"`` keys (the command line's form); they are merged into ``backbone_kwargs``.
     """
-    overrides = dict(overrides)
-    backbone = dict(overrides.pop("backbone", None) or {})
-    for key in [k for k in overrides if k.startswith("backbone.")]:
-        backbone[key.split(".", 1)[1]] = overrides.pop(key)
+    overrides, backbone = split_backbone_overrides(overrides)
     if backbone:
-        overrides["backbone_kwargs"] = {**backbone, **dict(overrides.get("backbone_kwargs") or {})}
+        overrides["backbone_kwargs"] = backbone
     preset = overrides.pop("preset", None)
     cfg = base() if isinstance(base, type) else base
     if preset is not None:

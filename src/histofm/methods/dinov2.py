@@ -49,7 +49,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +58,7 @@ from torch import nn
 from histofm.errors import HistofmError
 from histofm.methods.dino import dino_cross_entropy, make_config, multicrop_transform
 from histofm.methods.ibot import IBOT, IBOTConfig, ibot_cross_entropy
+from histofm.settings import check_config, setting
 from histofm.train.distributed import is_distributed, world_size
 
 
@@ -156,27 +157,24 @@ class DINOv2Config(IBOTConfig):
             keeps (DINOv2's efficient stochastic depth; same distribution, less compute).
     """
 
-    out_dim: int = 65536
-    patch_out_dim: int = 65536
+    out_dim: int = setting(65536, range=">= 1")
+    patch_out_dim: int = setting(65536, range=">= 1")
     shared_head: bool = False
-    n_local_crops: int = 8
-    momentum_teacher: float = 0.992
-    drop_path_rate: float = 0.3
-    centering: str = "sinkhorn"
-    sinkhorn_iterations: int = 3
-    regularizer: str = "koleo"
-    reg_weight: float = 0.1
-    kde_kappa: float = 5.0
+    n_local_crops: int = setting(8, range=">= 0")
+    momentum_teacher: float = setting(0.992, range="[0, 1]")
+    drop_path_rate: float = setting(0.3, range="[0, 1)")
+    centering: Literal["sinkhorn", "centering"] = "sinkhorn"
+    sinkhorn_iterations: int = setting(3, range=">= 1")
+    regularizer: Literal["koleo", "kde", "none"] = "koleo"
+    reg_weight: float = setting(0.1, range=">= 0")
+    kde_kappa: float = setting(5.0, range="> 0")
     efficient_drop_path: bool = True
-    layerscale: float | None = 1e-5
-    reg_tokens: int | None = None
-    mlp_layer: str | None = None
+    layerscale: float | None = setting(1e-5, range="> 0")
+    reg_tokens: int | None = setting(None, range=">= 0")
+    mlp_layer: Literal["mlp", "swiglu"] | None = None
 
     def __post_init__(self) -> None:
-        if self.centering not in ("sinkhorn", "centering"):
-            raise HistofmError(f"centering must be 'sinkhorn' or 'centering', got {self.centering!r}.")
-        if self.regularizer not in ("koleo", "kde", "none"):
-            raise HistofmError(f"regularizer must be 'koleo', 'kde' or 'none', got {self.regularizer!r}.")
+        check_config(self)  # types, choices and ranges declared above
 
 
 #: Virchow2: DINOv2 with ECT crops, the KDE regulariser, 4 registers and SwiGLU.

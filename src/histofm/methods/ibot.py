@@ -41,6 +41,7 @@ from histofm.methods.dino import (
     split_crops,
 )
 from histofm.methods.masking import BlockMaskCollator
+from histofm.settings import setting
 
 
 # ----------------------------------------------------------------------------- loss
@@ -94,16 +95,16 @@ class IBOTConfig(DINOConfig):
         mask_min_aspect: aspect range of the mask blocks.
     """
 
-    out_dim: int = 8192
-    patch_out_dim: int = 8192
-    n_local_crops: int = 10
-    global_scale: tuple[float, float] = (0.32, 1.0)
-    local_scale: tuple[float, float] = (0.05, 0.32)
+    out_dim: int = setting(8192, range=">= 1")
+    patch_out_dim: int = setting(8192, range=">= 1")
+    n_local_crops: int = setting(10, range=">= 0")
+    global_scale: tuple[float, float] = setting((0.32, 1.0), range="(0, 1]", ordered=True)
+    local_scale: tuple[float, float] = setting((0.05, 0.32), range="(0, 1]", ordered=True)
     shared_head: bool = True
-    patch_loss_weight: float = 1.0
-    mask_probability: float = 0.5
-    mask_ratio: tuple[float, float] = (0.1, 0.5)
-    mask_min_aspect: float = 0.3
+    patch_loss_weight: float = setting(1.0, range=">= 0")
+    mask_probability: float = setting(0.5, range="[0, 1]")
+    mask_ratio: tuple[float, float] = setting((0.1, 0.5), range="[0, 1)", ordered=True)
+    mask_min_aspect: float = setting(0.3, range="(0, 1]")
 
 
 # --------------------------------------------------------------------------- method

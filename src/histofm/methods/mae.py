@@ -37,6 +37,7 @@ from histofm.errors import HistofmError
 from histofm.layers import sincos_2d
 from histofm.methods.base import SSLMethod
 from histofm.models.vit import Block
+from histofm.settings import check_config, setting, split_backbone_overrides
 from histofm.train.config import config_replace
 from histofm.train.distributed import is_main
 from histofm.utils import atomic_path
@@ -55,14 +56,18 @@ class MAEConfig:
         vertical_flip: also flip vertically (histology has no "up").
     """
 
-    mask_ratio: float = 0.75
-    decoder_dim: int = 512
-    decoder_depth: int = 8
-    decoder_heads: int = 16
-    decoder_mlp_ratio: float = 4.0
+    mask_ratio: float = setting(0.75, range="[0, 1)")
+    decoder_dim: int = setting(512, range=">= 1")
+    decoder_depth: int = setting(8, range=">= 1")
+    decoder_heads: int = setting(16, range=">= 1", divides="decoder_dim")
+    decoder_mlp_ratio: float = setting(4.0, range="> 0")
     norm_pix_loss: bool = True
-    crop_scale: tuple[float, float] = (0.2, 1.0)
+    crop_scale: tuple[float, float] = setting((0.2, 1.0), range="(0, 1]", ordered=True)
     vertical_flip: bool = True
+
+    def __post_init__(self) -> None:
+        check_config(self)
+
 
 
 # --------------------------------------------------------------------------- patches and masking
@@ -438,16 +443,6 @@ def attach_reconstructions(
 
 
 # --------------------------------------------------------------------------- builder
-def split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Split ``overrides`` into config keys and backbone keys (``"backbone"`` / ``"backbone_kwargs"`` dicts, ``"backbone.<arg>"``)."""
-    overrides = dict(overrides)
-    backbone = dict(overrides.pop("backbone", None) or {})
-    backbone.update(overrides.pop("backbone_kwargs", None) or {})
-    for key in [k for k in overrides if k.startswith("backbone.")]:
-        backbone[key.split(".", 1)[1]] = overrides.pop(key)
-    return overrides, backbone
-
-
 def make_config(base: Any, overrides: dict[str, Any], presets: dict[str, dict[str, Any]]) -> Any:  # noqa: ANN401
     """``base`` with ``overrides["preset"]`` applied first, then the other overrides (unknown keys fail loudly)."""
     overrides = dict(overrides)
@@ -498,7 +493,7 @@ def build(
     """
     import histofm
 
-    cfg_kw, backbone_kw = split_overrides(overrides or {})
+    cfg_kw, backbone_kw = split_backbone_overrides(overrides or {})
     cfg = make_config(MAEConfig(), cfg_kw, PRESETS)
     backbone = histofm.create_model(arch, **{"img_size": img_size, **backbone_kw})
     info = histofm.model_info(arch)

@@ -50,11 +50,11 @@ from histofm.methods.mae import (
     patchify,
     picture_set,
     pretrain_transform,
-    split_overrides,
     unpatchify,
 )
 from histofm.methods.masking import block_mask
 from histofm.methods.tokenizer import KMeansTokenizer
+from histofm.settings import check_config, setting, split_backbone_overrides
 
 
 @dataclass(frozen=True)
@@ -74,23 +74,18 @@ class MIMConfig:
 
     target: Literal["pixels", "tokens"] = "pixels"
     masking: Literal["random", "block"] = "random"
-    mask_ratio: float = 0.6
-    mask_patch_size: int = 32
-    min_block_patches: int = 16
-    block_min_aspect: float = 0.3
-    vocab_size: int = 512
-    token_pool: int = 4
-    tokenizer_iters: int = 20
-    crop_scale: tuple[float, float] = (0.67, 1.0)
+    mask_ratio: float = setting(0.6, range="(0, 1)")
+    mask_patch_size: int = setting(32, range=">= 1", allow_zero=True)
+    min_block_patches: int = setting(16, range=">= 1")
+    block_min_aspect: float = setting(0.3, range="(0, 1]")
+    vocab_size: int = setting(512, range=">= 2")
+    token_pool: int = setting(4, range=">= 1")
+    tokenizer_iters: int = setting(20, range=">= 1")
+    crop_scale: tuple[float, float] = setting((0.67, 1.0), range="(0, 1]", ordered=True)
     vertical_flip: bool = True
 
     def __post_init__(self) -> None:
-        if self.target not in ("pixels", "tokens"):
-            raise HistofmError(f"target must be 'pixels' or 'tokens', got {self.target!r}.")
-        if self.masking not in ("random", "block"):
-            raise HistofmError(f"masking must be 'random' or 'block', got {self.masking!r}.")
-        if not 0.0 < self.mask_ratio < 1.0:
-            raise HistofmError(f"mask_ratio must be between 0 and 1, got {self.mask_ratio}.")
+        check_config(self)  # types, choices and ranges declared above
 
 
 SIMMIM = MIMConfig()
@@ -302,7 +297,7 @@ def build(
 
     if name not in ("simmim", "beit"):
         raise HistofmError(f"mim.py builds 'simmim' or 'beit', not {name!r}.")
-    cfg_kw, backbone_kw = split_overrides(overrides or {})
+    cfg_kw, backbone_kw = split_backbone_overrides(overrides or {})
     cfg = make_config(SIMMIM if name == "simmim" else BEIT, cfg_kw, PRESETS)
     backbone = histofm.create_model(arch, **{"img_size": img_size, **backbone_kw, "use_mask_token": True})
     if cfg.masking == "random" and cfg.mask_patch_size and img_size % cfg.mask_patch_size:

@@ -32,23 +32,23 @@ labelled with their global index.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from histofm.data.augment import BatchAugment
+from histofm.data.augment import BatchAugment, ViewConfig
 from histofm.layers.heads import ProjectionHead
 from histofm.methods.base import SSLMethod
 from histofm.methods.simclr import (
     make_backbone,
     make_views,
-    split_overrides,
     view_config,
     view_pipeline,
 )
+from histofm.settings import check_config, setting, split_backbone_overrides
 from histofm.train.config import config_replace
 from histofm.train.distributed import gather_no_grad, rank
 from histofm.train.ema import ema_update, make_teacher
@@ -98,23 +98,27 @@ class MoCoConfig:
         augment, base_size: ``"sample"`` or ``"batch"`` augmentation (see ``SimCLRConfig``).
     """
 
-    version: int = 2
-    temperature: float = 0.2
-    momentum: float = 0.999
-    momentum_final: float = 0.999
-    queue_size: int = 65536
-    proj_hidden_dim: int = 2048
-    proj_dim: int = 128
-    proj_layers: int = 2
+    version: Literal[2, 3] = 2
+    temperature: float = setting(0.2, range="> 0")
+    momentum: float = setting(0.999, range="[0, 1]")
+    momentum_final: float = setting(0.999, range="[0, 1]")
+    queue_size: int = setting(65536, range=">= 1")
+    proj_hidden_dim: int = setting(2048, range=">= 1")
+    proj_dim: int = setting(128, range=">= 1")
+    proj_layers: int = setting(2, range=">= 1")
     proj_bn: bool = False
     proj_last_bn: bool = False
-    pred_hidden_dim: int = 4096
+    pred_hidden_dim: int = setting(4096, range=">= 1")
     symmetric: bool = False
     gather_distributed: bool = True
-    view: dict[str, Any] = field(default_factory=dict)
-    view2: dict[str, Any] | None = None
-    augment: str = "sample"
-    base_size: int = 0
+    view: dict[str, Any] = setting(default_factory=dict, of=ViewConfig)
+    view2: dict[str, Any] | None = setting(None, of=ViewConfig)
+    augment: Literal["sample", "batch"] = "sample"
+    base_size: int = setting(0, range=">= 1", allow_zero=True)
+
+    def __post_init__(self) -> None:
+        check_config(self)
+
 
 
 V3_DEFAULTS: dict[str, Any] = dict(
@@ -216,7 +220,7 @@ class MoCo(SSLMethod):
 
 def build(name: str, arch: str, *, img_size: int, overrides: dict[str, Any]) -> tuple[MoCo, Callable[[Any], Any]]:
     """``histofm pretrain --method mocov2|mocov3``: MoCo with the version's defaults, and its transform."""
-    cfg_kw, backbone_kw = split_overrides(overrides)
+    cfg_kw, backbone_kw = split_backbone_overrides(overrides)
     base = MoCoConfig() if name == "mocov2" else config_replace(MoCoConfig(), V3_DEFAULTS)
     user_view, user_view2 = cfg_kw.pop("view", None) or {}, cfg_kw.pop("view2", None) or {}
     cfg = config_replace(base, cfg_kw)

@@ -74,6 +74,7 @@ from histofm.methods.mae import (
     run_step_callbacks,
     unpatchify,
 )
+from histofm.settings import setting
 
 
 @dataclass(frozen=True)
@@ -91,24 +92,20 @@ class PLUTOConfig(DINOv2Config):
         mpps: magnifications (um/px) drawn per tile; ``source_mpp``: that of the input tiles.
     """
 
-    patch_sizes: tuple[int, ...] = (8, 16, 32)
-    mae_weight: float = 1.0
-    fourier_weight: float = 0.1
-    mae_mask_ratio: float = 0.75
-    decoder_dim: int = 256
-    decoder_depth: int = 4
-    decoder_heads: int = 8
-    decoder_patch: int = 16
+    patch_sizes: tuple[int, ...] = setting((8, 16, 32), range=">= 1")
+    mae_weight: float = setting(1.0, range=">= 0")
+    fourier_weight: float = setting(0.1, range=">= 0")
+    mae_mask_ratio: float = setting(0.75, range="[0, 1)")
+    decoder_dim: int = setting(256, range=">= 1")
+    decoder_depth: int = setting(4, range=">= 1")
+    decoder_heads: int = setting(8, range=">= 1", divides="decoder_dim")
+    decoder_patch: int = setting(16, range=">= 1")
     norm_pix_loss: bool = True
-    mpps: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
-    source_mpp: float = 0.5
+    mpps: tuple[float, ...] = setting((0.25, 0.5, 1.0, 2.0), range="> 0")
+    source_mpp: float = setting(0.5, range="> 0")
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        if not self.patch_sizes or any(p < 1 for p in self.patch_sizes):
-            raise HistofmError(f"patch_sizes must be positive integers, got {self.patch_sizes}.")
-        if not self.mpps or any(m <= 0 for m in self.mpps) or self.source_mpp <= 0:
-            raise HistofmError(f"mpps and source_mpp must be positive, got {self.mpps} and {self.source_mpp}.")
+        super().__post_init__()  # checks the declarations above too (patch_sizes >= 1, mpps > 0, not empty)
 
 
 #: ``cpu_small``: DINOv2's small-run preset, a 2-block decoder, 2 local crops.
@@ -339,13 +336,7 @@ def build(
     ``arch`` must be a FlexiViT (``"pluto"``); backbone arguments go in
     ``overrides["backbone_kwargs"]`` (as for DINOv2), e.g. ``{"depth": 2, "embed_dim": 64}``.
     """
-    overrides = dict(overrides or {})
-    backbone = dict(overrides.pop("backbone", None) or {})
-    for key in [k for k in overrides if k.startswith("backbone.")]:
-        backbone[key.split(".", 1)[1]] = overrides.pop(key)
-    if backbone:
-        overrides["backbone_kwargs"] = {**dict(overrides.get("backbone_kwargs") or {}), **backbone}
-    cfg = make_config(PLUTOConfig, overrides, PRESETS)
+    cfg = make_config(PLUTOConfig, dict(overrides or {}), PRESETS)  # backbone keys go to backbone_kwargs
     method = PLUTO(arch, cfg, img_size=img_size)
     crops = multicrop_transform(cfg, img_size, max(cfg.patch_sizes))  # local crops: multiples of every patch size
     return method, PLUTOTransform(MultiScaleTile(img_size, cfg.mpps, cfg.source_mpp), crops)

@@ -39,6 +39,62 @@ METHOD_MODULES: dict[str, str] = {
 }
 
 
+# The config dataclass of each method (its fields are what ``--set KEY=VALUE`` may change).
+METHOD_CONFIGS: dict[str, str] = {
+    "simclr": "SimCLRConfig",
+    "mocov2": "MoCoConfig",
+    "mocov3": "MoCoConfig",
+    "clip": "CLIPConfig",
+    "dino": "DINOConfig",
+    "ibot": "IBOTConfig",
+    "dinov2": "DINOv2Config",
+    "virchow2": "DINOv2Config",
+    "mae": "MAEConfig",
+    "simmim": "MIMConfig",
+    "beit": "MIMConfig",
+    "pluto": "PLUTOConfig",
+}
+
+
+def method_config_class(name: str) -> type:
+    """The config dataclass of method ``name`` (for checking settings before anything is built)."""
+    if name not in METHOD_MODULES:
+        raise HistofmError(f"Unknown method {name!r}; choose one of {', '.join(list_methods())}.")
+    return getattr(importlib.import_module(METHOD_MODULES[name]), METHOD_CONFIGS[name])
+
+
+# Methods whose defaults differ from their config class's: a config instance or a dict of changes.
+_BASES: dict[str, str] = {"mocov3": "V3_DEFAULTS", "virchow2": "VIRCHOW2", "simmim": "SIMMIM", "beit": "BEIT"}
+
+
+def method_config(name: str, overrides: dict[str, Any] | None = None) -> Any:  # noqa: ANN401
+    """The config method ``name`` would be built with (its defaults, ``preset``, then ``overrides``).
+
+    Backbone keys (``backbone``, ``backbone.<arg>``) are not config fields: leave them out.
+    Checking a config this way builds nothing (no model, no data).
+    """
+    from histofm.train.config import config_replace
+
+    cls = method_config_class(name)
+    module = importlib.import_module(METHOD_MODULES[name])
+    base = getattr(module, _BASES[name]) if name in _BASES else cls()
+    cfg = config_replace(cls(), base) if isinstance(base, dict) else base
+    overrides = dict(overrides or {})
+    preset = overrides.pop("preset", None)
+    if preset is not None:
+        presets = getattr(module, "PRESETS", None) or {}
+        if preset not in presets:
+            raise HistofmError(f"Unknown preset {preset!r} for {name}; choose one of: {', '.join(sorted(presets)) or 'none'}.")
+        cfg = config_replace(cfg, presets[preset])
+    return config_replace(cfg, overrides)
+
+
+def method_presets(name: str) -> list[str]:
+    """Names ``--set preset=NAME`` accepts for method ``name`` (may be empty)."""
+    module = importlib.import_module(METHOD_MODULES[name])
+    return sorted(getattr(module, "PRESETS", {}) or {})
+
+
 def list_methods() -> list[str]:
     """Method names ``histofm pretrain --method`` accepts."""
     return sorted(METHOD_MODULES)

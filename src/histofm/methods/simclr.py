@@ -22,8 +22,8 @@ BatchNorm, ReLU, Linear; 2048 -> 128 by default) is thrown away after training.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,7 @@ from torch import nn
 from histofm.data.augment import BatchAugment, MultiView, ViewConfig, base_view, view_transform
 from histofm.layers.heads import ProjectionHead
 from histofm.methods.base import SSLMethod
+from histofm.settings import check_config, setting, split_backbone_overrides
 from histofm.train.config import config_replace
 from histofm.train.distributed import gather_with_grad, rank
 
@@ -73,19 +74,6 @@ class NTXentLoss(nn.Module):
 
 
 # ------------------------------------------------------------------- shared by builders
-def split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Split ``overrides`` into method-config keys and backbone ``create_model`` keys.
-
-    Backbone keys come as ``"backbone.<arg>"`` or inside a ``"backbone"`` / ``"backbone_kwargs"`` dict.
-    """
-    overrides = dict(overrides)
-    backbone = dict(overrides.pop("backbone", None) or {})
-    backbone.update(overrides.pop("backbone_kwargs", None) or {})
-    for key in [k for k in overrides if k.startswith("backbone.")]:
-        backbone[key.split(".", 1)[1]] = overrides.pop(key)
-    return overrides, backbone
-
-
 def make_backbone(arch: str, img_size: int, kwargs: dict[str, Any]) -> nn.Module:
     """``histofm.create_model(arch, img_size=img_size, **kwargs)``."""
     import histofm
@@ -127,15 +115,19 @@ class SimCLRConfig:
         base_size: side of the tiles handed to :class:`BatchAugment` (0: ``img_size``).
     """
 
-    temperature: float = 0.1
-    proj_hidden_dim: int = 2048
-    proj_dim: int = 128
-    proj_layers: int = 2
+    temperature: float = setting(0.1, range="> 0")
+    proj_hidden_dim: int = setting(2048, range=">= 1")
+    proj_dim: int = setting(128, range=">= 1")
+    proj_layers: int = setting(2, range=">= 1")
     proj_bn: bool = True
     gather_distributed: bool = True
-    view: dict[str, Any] = field(default_factory=dict)
-    augment: str = "sample"
-    base_size: int = 0
+    view: dict[str, Any] = setting(default_factory=dict, of=ViewConfig)
+    augment: Literal["sample", "batch"] = "sample"
+    base_size: int = setting(0, range=">= 1", allow_zero=True)
+
+    def __post_init__(self) -> None:
+        check_config(self)
+
 
 
 class SimCLR(SSLMethod):
@@ -187,7 +179,7 @@ def view_pipeline(
 
 def build(name: str, arch: str, *, img_size: int, overrides: dict[str, Any]) -> tuple[SimCLR, Callable[[Any], Any]]:
     """``histofm pretrain --method simclr``: SimCLR on ``create_model(arch)`` and its two-view transform."""
-    cfg_kw, backbone_kw = split_overrides(overrides)
+    cfg_kw, backbone_kw = split_backbone_overrides(overrides)
     cfg = config_replace(SimCLRConfig(), cfg_kw)
     view = view_config(arch, img_size, cfg.view)
     transform, augmenters = view_pipeline([view, view], cfg.augment, cfg.base_size)

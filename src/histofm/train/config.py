@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 from histofm.errors import HistofmError
+from histofm.settings import SettingError, check_config, replace_config, setting
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -59,28 +59,28 @@ class TrainConfig:
             (CPU/gloo has no SyncBatchNorm: there each rank normalises its own slice).
     """
 
-    steps: int = 1000
-    batch_size: int = 64
-    lr: float = 5e-4
-    min_lr: float = 1e-6
-    warmup_steps: int = 0
-    warmup_lr_start: float = 0.0
-    weight_decay: float = 0.04
-    weight_decay_end: float | None = None
+    steps: int = setting(1000, range=">= 1")
+    batch_size: int = setting(64, range=">= 2")
+    lr: float = setting(5e-4, range=">= 0")
+    min_lr: float = setting(1e-6, range=">= 0")
+    warmup_steps: int = setting(0, range=">= 0")
+    warmup_lr_start: float = setting(0.0, range=">= 0")
+    weight_decay: float = setting(0.04, range=">= 0")
+    weight_decay_end: float | None = setting(None, range=">= 0")
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[float, float] = setting((0.9, 0.999), range="[0, 1)")
     precision: Precision = "fp32"
-    grad_clip: float | None = 3.0
-    seed: int = 0
+    grad_clip: float | None = setting(3.0, range="> 0")
+    seed: int = setting(0, range="[0, 4294967295]")
     out_dir: str | None = None
-    ckpt_every: int = 500
-    log_every: int = 10
-    monitor_every: int = 100
-    monitor_samples: int = 128
+    ckpt_every: int = setting(500, range=">= 0")
+    log_every: int = setting(10, range=">= 1")
+    monitor_every: int = setting(100, range=">= 0")
+    monitor_samples: int = setting(128, range=">= 2")
     resume: bool = False
-    max_nonfinite: int = 5
-    stop_after: int | None = None
-    num_workers: int = 0
+    max_nonfinite: int = setting(5, range=">= 1")
+    stop_after: int | None = setting(None, range=">= 1")
+    num_workers: int = setting(0, range="[0, 256]")
     device: str = "auto"
     progress: bool = True
     tensorboard: bool = True
@@ -91,18 +91,9 @@ class TrainConfig:
     sync_batchnorm: bool = True
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise HistofmError(f"steps must be at least 1, got {self.steps}.")
-        if self.batch_size < 2:
-            raise HistofmError(f"batch_size must be at least 2, got {self.batch_size}.")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise HistofmError(f"precision must be 'fp32', 'bf16' or 'fp16', got {self.precision!r}.")
-        if self.optimizer not in ("adamw", "sgd"):
-            raise HistofmError(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}.")
-        if self.parallel not in ("ddp", "fsdp"):
-            raise HistofmError(f"parallel must be 'ddp' or 'fsdp', got {self.parallel!r}.")
-        if self.warmup_steps < 0 or self.warmup_steps > self.steps:
-            raise HistofmError(f"warmup_steps must be between 0 and steps={self.steps}, got {self.warmup_steps}.")
+        check_config(self)  # types and ranges declared above
+        if self.warmup_steps > self.steps:
+            raise SettingError("warmup_steps", f"must be at most steps={self.steps}, got {self.warmup_steps}")
         if self.resume and self.out_dir is None:
             raise HistofmError("resume=True needs out_dir (where the checkpoint is).")
 
@@ -122,47 +113,10 @@ class TrainConfig:
         return config_replace(cls(), d)
 
 
-def config_replace(cfg: Any, changes: dict[str, Any]) -> Any:
-    """``dataclasses.replace`` that coerces simple types and names the bad key in a clear error."""
-    fields = {f.name: f for f in dataclasses.fields(cfg)}
-    unknown = sorted(set(changes) - set(fields))
-    if unknown:
-        raise HistofmError(
-            f"Unknown option(s) {', '.join(unknown)} for {type(cfg).__name__}; "
-            f"valid ones are {', '.join(sorted(fields))}."
-        )
-    fixed = {k: _coerce(getattr(cfg, k), v, k) for k, v in changes.items()}
-    return dataclasses.replace(cfg, **fixed)
+def config_replace(cfg: Any, changes: dict[str, Any]) -> Any:  # noqa: ANN401
+    """``dataclasses.replace`` with values coerced to the declared types and checked (:mod:`histofm.settings`).
 
-
-def _coerce(current: Any, value: Any, key: str) -> Any:
-    """Coerce ``value`` (often a string from ``--set key=value``) to the type of ``current``."""
-    if isinstance(value, Path):
-        value = str(value)
-    if isinstance(current, bool) and isinstance(value, str):
-        low = value.lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
-        raise HistofmError(f"Option {key} expects true or false, got {value!r}.")
-    if isinstance(value, str) and value.lower() in ("none", "null") and not isinstance(current, str):
-        return None
-    try:
-        if isinstance(current, bool):
-            return value
-        if isinstance(current, int) and isinstance(value, str):
-            return int(value)
-        if isinstance(current, float) and isinstance(value, (str, int)):
-            return float(value)
-        if isinstance(current, tuple) and isinstance(value, (list, str)):
-            items = value.split(",") if isinstance(value, str) else value
-            return tuple(type(current[0])(v) for v in items) if current else tuple(items)
-        if current is None and isinstance(value, str):
-            try:
-                return float(value) if any(c in value for c in ".e") else int(value)
-            except ValueError:
-                return value
-    except (TypeError, ValueError):
-        raise HistofmError(f"Option {key} expects a {type(current).__name__}, got {value!r}.") from None
-    return value
+    Raises:
+        HistofmError: an unknown key, a wrong type or an out-of-range value, naming the key.
+    """
+    return replace_config(cfg, changes)

@@ -316,12 +316,14 @@ def fit(
             progress.update(step + 1, record)
 
             if streak >= cfg.max_nonfinite:
+                if not _any_step_taken(history):
+                    raise _never_finite(step + 1)  # nothing learnt: nothing saved or exported
                 save(step + 1)
                 _export(method, out_dir, main, fsdp, {"steps": step + 1, "stopped": "non-finite loss"})
                 where = f"; checkpoint saved in {out_dir}" if out_dir is not None else ""
                 raise HistofmError(
-                    f"The loss was not finite for {streak} steps in a row (step {step}){where}; "
-                    "lower the learning rate or use fp32, then resume."
+                    f"The loss was not finite for {streak} step{'s' if streak > 1 else ''} in a row (up to step {step}, "
+                    f"max_nonfinite={cfg.max_nonfinite}){where}; lower the learning rate or use fp32, then resume."
                 )
             done = step + 1
             if ckpt_path is not None and cfg.ckpt_every > 0 and done % cfg.ckpt_every == 0 and done < stop_step:
@@ -331,6 +333,8 @@ def fit(
         logger.close()
         trace.close()
 
+    if stop_step > start_step and not _any_step_taken(history):
+        raise _never_finite(stop_step)
     if ckpt_path is not None and stop_step > start_step:
         save(stop_step)
     _export(method, out_dir, main, fsdp, {"steps": stop_step, "finished": stop_step >= cfg.steps})
@@ -375,12 +379,34 @@ def _load_states(method: SSLMethod, optimizer: torch.optim.Optimizer, state: dic
         ) from None
 
 
+def _any_step_taken(history: list[dict[str, Any]]) -> bool:
+    """Whether any optimiser step of the run (resumed ones included) had a finite loss."""
+    return any(not h.get("skipped", False) for h in history)
+
+
+def _never_finite(steps: int) -> HistofmError:
+    return HistofmError(
+        f"The loss was not finite at any of the {steps} step{'s' if steps > 1 else ''} run, so nothing was learnt "
+        "and nothing exported; "
+        "check the method's settings (temperatures, learning rate) and the data."
+    )
+
+
 def _export(method: SSLMethod, out_dir: Path | None, main: bool, fsdp: bool, extra: dict[str, Any]) -> None:
-    """Write the backbone on rank 0 (under FSDP every rank first helps gather the shards)."""
+    """Write the backbone on rank 0 (under FSDP every rank first helps gather the shards).
+
+    Raises:
+        HistofmError: a weight is not finite (such a backbone is never written).
+    """
     if out_dir is None:
         return
     tensors = accel.full_state_dict(method.backbone) if fsdp else None
     if main:
+        state = tensors if tensors is not None else method.backbone.state_dict()
+        bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+        if bad is not None:
+            raise HistofmError(f"The backbone's weight {bad} is not finite after training; nothing was exported "
+                               "(lower the learning rate or use fp32).")
         export_backbone(method.backbone, out_dir, extra, state_dict=tensors)
 
 
