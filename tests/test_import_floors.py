@@ -68,12 +68,8 @@ ALLOWED_UPWARD: dict[tuple[str, str], str] = {
         "the facade's histofm.tokenize() imports the tokenizer lazily; move it to data/ or lift the facade",
     ("histofm", "histofm.data.transforms"):
         "the facade's histofm.eval_transform() imports data/transforms lazily; same fix as tokenize",
-    ("histofm.methods.clip", "histofm.train.config"):
-        "config_replace: helper still in train/ (i16-config owns train/ and methods/ now); move it to a floor below methods",
     ("histofm.methods.clip", "histofm.train.distributed"):
         "gather_with_grad / rank: helper still in train/ (i16-config owns train/ and methods/ now); move it to a floor below methods",
-    ("histofm.methods.dino", "histofm.train.config"):
-        "config_replace: helper still in train/ (i16-config owns train/ and methods/ now); move it to a floor below methods",
     ("histofm.methods.dino", "histofm.train.distributed"):
         "all_reduce_mean: helper still in train/ (i16-config owns train/ and methods/ now); move it to a floor below methods",
     ("histofm.methods.dino", "histofm.train.ema"):
@@ -82,20 +78,14 @@ ALLOWED_UPWARD: dict[tuple[str, str], str] = {
         "warm-up and momentum schedules: helper still in train/ (i16-config owns train/ and methods/ now); move it to a floor below methods",
     ("histofm.methods.dinov2", "histofm.train.distributed"):
         "is_distributed / world_size: helper still in train/ (i16-config owns train/ and methods/ now); move it to a floor below methods",
-    ("histofm.methods.mae", "histofm.train.config"):
-        "config_replace: helper still in train/ (i16-config owns train/ and methods/ now); move it to a floor below methods",
     ("histofm.methods.mae", "histofm.train.distributed"):
         "is_main: helper still in train/ (i16-config owns train/ and methods/ now); move it to a floor below methods",
-    ("histofm.methods.moco", "histofm.train.config"):
-        "config_replace: helper still in train/ (i16-config owns train/ and methods/ now); move it to a floor below methods",
     ("histofm.methods.moco", "histofm.train.distributed"):
         "gather_no_grad / rank: helper still in train/ (i16-config owns train/ and methods/ now); move it to a floor below methods",
     ("histofm.methods.moco", "histofm.train.ema"):
         "ema_update / make_teacher: helper still in train/ (i16-config owns train/ and methods/ now); move it to a floor below methods",
     ("histofm.methods.moco", "histofm.train.schedules"):
         "momentum_schedule: helper still in train/ (i16-config owns train/ and methods/ now); move it to a floor below methods",
-    ("histofm.methods.simclr", "histofm.train.config"):
-        "config_replace: helper still in train/ (i16-config owns train/ and methods/ now); move it to a floor below methods",
     ("histofm.methods.simclr", "histofm.train.distributed"):
         "gather_with_grad / rank: helper still in train/ (i16-config owns train/ and methods/ now); move it to a floor below methods",
 }

@@ -415,3 +415,14 @@ def split_backbone_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any],
     for key in [k for k in rest if k.startswith("backbone.")]:
         backbone[key.split(".", 1)[1]] = rest.pop(key)
     return rest, backbone
+
+
+def config_replace(cfg: Any, changes: dict[str, Any]) -> Any:  # noqa: ANN401
+    """``dataclasses.replace`` with values coerced to the declared types and checked.
+
+    Lives on the bottom floor so that methods and the engine can both use it.
+
+    Raises:
+        HistofmError: an unknown key, a wrong type or an out-of-range value, naming the key.
+    """
+    return replace_config(cfg, changes)

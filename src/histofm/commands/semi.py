@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from histofm.commands._common import add_command
-from histofm.commands._vocab import add_deprecated_alias, add_set_argument, check_out_dir, parse_set
+from histofm.commands._vocab import add_deprecated_alias, add_set_argument, parse_set
 from histofm.errors import HistofmError
 
 SMALL_CNN = "small_cnn"
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     from histofm.learning.semi import FitConfig, SemiData, evaluate, fit
     from histofm.utils import default_device, seed_everything
 
-    check_out_dir(args.out)
+    check_semi_args(args)  # every flag's declared type and range (histofm.settings), before any file is read
     for name in ("steps", "batch_size", "mu", "width"):
         if getattr(args, name) < 1:
             raise HistofmError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
@@ -105,7 +105,6 @@ def run(args: argparse.Namespace) -> int:
     if args.threshold is not None and not 0 <= args.threshold <= 1:
         raise HistofmError(f"--threshold must lie between 0 and 1, got {args.threshold}.")
     overrides = parse_set(args.set)
-    check_semi_args(args)  # every flag's declared type and range (histofm.settings), before any file is read
     if args.check:
         print(f"histofm semi: settings OK ({args.method}, {args.model}); nothing was run.")
         return 0

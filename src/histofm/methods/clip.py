@@ -39,8 +39,7 @@ from histofm.errors import HistofmError
 from histofm.methods.base import SSLMethod
 from histofm.methods.simclr import make_backbone, view_config
 from histofm.models.transformer import TransformerEncoder
-from histofm.settings import check_config, setting, split_backbone_overrides
-from histofm.train.config import config_replace
+from histofm.settings import check_config, config_replace, setting, split_backbone_overrides
 from histofm.train.distributed import gather_with_grad, rank
 
 

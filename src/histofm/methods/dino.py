@@ -41,8 +41,7 @@ from histofm.data.multicrop import MultiCropConfig, MultiCropTransform, scaled_m
 from histofm.errors import HistofmError
 from histofm.layers.heads import DINOHead
 from histofm.methods.base import SSLMethod
-from histofm.settings import check_config, setting, split_backbone_overrides
-from histofm.train.config import config_replace
+from histofm.settings import check_config, config_replace, setting, split_backbone_overrides
 from histofm.train.distributed import all_reduce_mean
 from histofm.train.ema import ema_update, make_teacher
 from histofm.train.schedules import linear_warmup_constant, momentum_schedule

@@ -37,8 +37,7 @@ from histofm.errors import HistofmError
 from histofm.layers import sincos_2d
 from histofm.methods.base import SSLMethod
 from histofm.models.vit import Block
-from histofm.settings import check_config, setting, split_backbone_overrides
-from histofm.train.config import config_replace
+from histofm.settings import check_config, config_replace, setting, split_backbone_overrides
 from histofm.train.distributed import is_main
 from histofm.utils import atomic_path
 

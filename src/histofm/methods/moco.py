@@ -48,8 +48,7 @@ from histofm.methods.simclr import (
     view_config,
     view_pipeline,
 )
-from histofm.settings import check_config, setting, split_backbone_overrides
-from histofm.train.config import config_replace
+from histofm.settings import check_config, config_replace, setting, split_backbone_overrides
 from histofm.train.distributed import gather_no_grad, rank
 from histofm.train.ema import ema_update, make_teacher
 from histofm.train.schedules import momentum_schedule

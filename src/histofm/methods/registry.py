@@ -73,7 +73,7 @@ def method_config(name: str, overrides: dict[str, Any] | None = None) -> Any:  #
     Backbone keys (``backbone``, ``backbone.<arg>``) are not config fields: leave them out.
     Checking a config this way builds nothing (no model, no data).
     """
-    from histofm.train.config import config_replace
+    from histofm.settings import config_replace
 
     cls = method_config_class(name)
     module = importlib.import_module(METHOD_MODULES[name])

@@ -32,8 +32,7 @@ from torch import nn
 from histofm.data.augment import BatchAugment, MultiView, ViewConfig, base_view, view_transform
 from histofm.layers.heads import ProjectionHead
 from histofm.methods.base import SSLMethod
-from histofm.settings import check_config, setting, split_backbone_overrides
-from histofm.train.config import config_replace
+from histofm.settings import check_config, config_replace, setting, split_backbone_overrides
 from histofm.train.distributed import gather_with_grad, rank
 
 

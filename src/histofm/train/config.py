@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from histofm.errors import HistofmError
-from histofm.settings import SettingError, check_config, replace_config, setting
+from histofm.settings import SettingError, check_config, config_replace, setting
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -111,12 +111,3 @@ class TrainConfig:
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         """Build from a dict (YAML/JSON); unknown keys raise :class:`HistofmError`."""
         return config_replace(cls(), d)
-
-
-def config_replace(cfg: Any, changes: dict[str, Any]) -> Any:  # noqa: ANN401
-    """``dataclasses.replace`` with values coerced to the declared types and checked (:mod:`histofm.settings`).
-
-    Raises:
-        HistofmError: an unknown key, a wrong type or an out-of-range value, naming the key.
-    """
-    return replace_config(cfg, changes)
