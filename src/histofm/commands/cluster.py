@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from histofm.errors import HistofmError
     from histofm.learning.cluster_map import cluster_map
 
-    check_range(args.k, "--k", low=1, high=1000, integer=True)
+    check_range(args.k, "--k", low=1, integer=True)
     check_range(args.prototypes, "--prototypes", low=1, high=100, integer=True)
     check_range(args.mpp, "--target-mpp", low=0, low_open=True, high=1000)
     check_range(args.tile_size, "--tile-size", low=1, high=16384, integer=True)
