@@ -36,8 +36,12 @@ def test_check_out_dir(tmp_path: Path) -> None:
         check_out_dir(tmp_path / "file" / "sub" / "deeper", flag="--json")
     with pytest.raises(HistofmError, match="cannot be written"):
         check_out_dir("/proc/histofm-cannot-make-this")  # even root cannot create folders in /proc
-    assert check_out_dir(tmp_path / "new" / "out").is_dir()
-    assert os.listdir(tmp_path / "new" / "out") == []  # the write probe leaves nothing behind
+    before = sorted(os.listdir(tmp_path))
+    check_out_dir(tmp_path / "new" / "out")
+    assert sorted(os.listdir(tmp_path)) == before  # nothing created, the probe removed
+    (tmp_path / "new").mkdir()
+    check_out_dir(tmp_path / "new")
+    assert os.listdir(tmp_path / "new") == []
 
 
 def test_check_device() -> None:

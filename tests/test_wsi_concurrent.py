@@ -77,7 +77,10 @@ def test_concurrent_extracts_share_the_slides(setup, tmp_path: Path) -> None:
     assert {n: (out / n).read_bytes() for n in USER_FILES} == USER_FILES
     made = sorted(f.name for f in out.iterdir() if f.name not in USER_FILES)
     assert made == sorted(f"{s.stem}.h5" for s in slides)  # no lock, no temporary left
+    mask = os.umask(0)
+    os.umask(mask)
     for s in slides:
+        assert (out / f"{s.stem}.h5").stat().st_mode & 0o777 == 0o666 & ~mask  # 0644 under umask 022
         with h5py.File(out / f"{s.stem}.h5", "r") as f:
             assert f["features"].shape == (4, 192) and np.isfinite(f["features"][:]).all()
 
@@ -102,4 +105,4 @@ def test_cluster_refuses_non_finite_embeddings(setup, tmp_path: Path, capsys) ->
                  "--out", str(out)])
     assert code == 2
     assert "non-finite" in capsys.readouterr().err
-    assert not any(out.iterdir())
+    assert not out.exists()  # refused before anything is written

@@ -57,6 +57,7 @@ def world():
     with h5py.File(root / "feats.h5", "w") as f:
         f["features"] = np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32)
         f["coords"] = np.array([[0, 0], [224, 0], [0, 224], [224, 224]], np.int64)
+        f["coords"].attrs["patch_size_level0"] = 224  # TRIDENT's tile side in level-0 pixels
     with h5py.File(root / "nanfeats.h5", "w") as f:
         f["features"] = np.full((4, 8), NAN, np.float32)
         f["coords"] = np.array([[0, 0], [224, 0], [0, 224], [224, 224]], np.int64)

@@ -20,7 +20,11 @@ from histofm.errors import HistofmError
 
 
 def check_out_dir(path: str | os.PathLike[str], flag: str = "--out") -> Path:
-    """``path`` as a folder that exists (created if missing) and can be written; raise otherwise."""
+    """Raise unless ``path`` is a folder that can be written, or can be created; creates nothing.
+
+    An existing folder gets a probe file written and removed inside it; a missing one a probe
+    folder made and removed in its nearest existing ancestor (so a refused run leaves no ``--out``).
+    """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise HistofmError(f"{flag} {path} is an existing file, but it must be a folder; choose another {flag}.")
@@ -32,10 +36,12 @@ def check_out_dir(path: str | os.PathLike[str], flag: str = "--out") -> Path:
     if parent.exists() and not parent.is_dir():
         raise HistofmError(f"{flag} {path} lies under the file {parent}, which cannot hold folders; choose another {flag}.")
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".histofm-write-check-", dir=path)
-        os.close(fd)
-        os.unlink(probe)
+        if path.is_dir():
+            fd, probe = tempfile.mkstemp(prefix=".histofm-write-check-", dir=path)
+            os.close(fd)
+            os.unlink(probe)
+        else:
+            os.rmdir(tempfile.mkdtemp(prefix=".histofm-write-check-", dir=parent))
     except OSError as e:
         reason = e.strerror or type(e).__name__
         raise HistofmError(f"{flag} {path} cannot be written ({reason}); choose a folder you can write to.") from None

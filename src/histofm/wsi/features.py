@@ -35,6 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader, default_collate
 
 from histofm import accel
+from histofm.checks import check_alloc
 from histofm.errors import HistofmError
 from histofm.utils import atomic_path, default_device, remove_stale_temps
 from histofm.weights import weights_of
@@ -457,6 +458,10 @@ def _locked_slide(
         selection = select_tiles(slide, spec, min_tissue=cfg.min_tissue, roi=cfg.roi, coords_dir=cfg.coords_dir)
         attrs = coords_attrs(spec, cfg.layout, slide, path.stem)
         backend = slide.backend
+    dim = getattr(model, "num_features", None) or getattr(model, "embed_dim", None)
+    if isinstance(dim, int):  # the (N, D) float32 features and their concatenated copy, before embedding
+        check_alloc(2 * 4 * dim * len(selection.coords), f"The features of {path.name} ({len(selection.coords)} tiles)",
+                    "--target-mpp, --tile-size or --mpp-override")
     features = _embed(path, selection.coords, model, cfg, pre, device, dtype, slide_mpp, backend, bars)
     bad = int(np.size(features) - np.isfinite(features).sum())
     if bad:
