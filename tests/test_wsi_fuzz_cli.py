@@ -94,6 +94,7 @@ FLAGS = {
     },
     "cluster": {
         **COMMON,
+        "--target-mpp": (["0.5"], COMMON["--target-mpp"][1]),  # k = 2 needs two tiles: 224 px at 1 um/px is one
         "--features": ([None, "{root}/feats.h5"], ["{root}/nanfeats.h5", "{root}/missing.h5"]),
         "--k": (["2"], ["0", "-1", "100"]),
         "--prototypes": (["2"], ["0", "-4"]),

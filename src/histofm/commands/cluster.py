@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_range(args.k, "--k", low=1, integer=True)
     check_range(args.prototypes, "--prototypes", low=1, high=100, integer=True)
-    check_range(args.mpp, "--target-mpp", low=0, low_open=True, high=1000)
+    check_range(args.mpp, "--target-mpp", low=0.02, high=1000)
     check_range(args.tile_size, "--tile-size", low=1, high=16384, integer=True)
     check_range(args.min_tissue, "--min-tissue", low=0, high=1)
     check_range(args.mpp_override, "--mpp-override", low=0.02, high=50)

@@ -59,7 +59,7 @@ def check_slide_arguments(args: argparse.Namespace) -> None:
     """Refuse out-of-range tiling values and an unusable ``--out`` before any slide is read."""
     from histofm.checks import check_out_dir, check_range
 
-    check_range(args.target_mpp, "--target-mpp", low=0, low_open=True, high=1000)
+    check_range(args.target_mpp, "--target-mpp", low=0.02, high=1000)
     check_range(args.tile_size, "--tile-size", low=1, high=16384, integer=True)
     if not 0 <= args.overlap < args.tile_size:
         raise HistofmError(f"--overlap must be at least 0 and smaller than --tile-size ({args.tile_size}), "
