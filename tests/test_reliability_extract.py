@@ -1,5 +1,6 @@
 """Kill -9 during `histofm extract`, then rerun: no partial files, same outputs as one clean run.
 
+The user's own files in --out (hidden .tmp ones too) survive every run.
 Kill points: during start-up, right after the first slide's file appears, half-way through writing
 the second slide's HDF5 file (made exact by a wrapper whose ``h5py.File`` stalls after the features
 are written), and at two seeded random moments within the length of a clean run.
@@ -56,9 +57,21 @@ def _cmd(slides: list[Path], ckpt: Path, out: Path, stall: tuple[int, Path] | No
     ]
 
 
+# Files of the user in --out: histofm must leave them alone, ".tmp" or not.
+USER_FILES = {".notes.tmp": b"mine", ".slide0.h5.stale.tmp": b"also mine", "slide0.h5.tmp": b"mine too"}
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
 def _outputs(out: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     result = {}
     for f in sorted(out.iterdir()):
+        if f.name in USER_FILES:
+            continue
         assert f.suffix == ".h5" and not f.name.startswith("."), f"stray file {f.name}"
         with h5py.File(f, "r") as h:
             result[f.name] = (h["features"][:], h["coords"][:])
@@ -93,8 +106,11 @@ def test_kill_then_rerun_equals_clean_run(setup, tmp_path: Path, kill_point: str
     slides, ckpt, ref, clean_seconds = setup
     out = tmp_path / "out"
     out.mkdir()
-    # A temp file left by an earlier crash must be cleaned, not mistaken for output.
-    (out / ".slide0.h5.stale.tmp").write_bytes(b"half a file")
+    # A temp file left by an earlier crash (histofm's pattern, a dead pid) must be cleaned, not mistaken
+    # for output; the user's own files, hidden ".tmp" ones included, must survive untouched.
+    (out / f".slide0.h5.histofm-{_dead_pid()}-stale000.tmp").write_bytes(b"half a file")
+    for name, data in USER_FILES.items():
+        (out / name).write_bytes(data)
     marker = tmp_path / "stalled"
     stall = (2, marker) if kill_point == "writing the second file" else None
     proc = subprocess.Popen(_cmd(slides, ckpt, out, stall), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -113,9 +129,10 @@ def test_kill_then_rerun_equals_clean_run(setup, tmp_path: Path, kill_point: str
     if stall:
         assert marker.exists(), "the wrapper never reached the second file's write"
         # killed mid-write: the half-written file is a hidden temporary, and the first slide is complete
-        assert any(f.name.startswith(".") and f.name.endswith(".tmp") and "stale" not in f.name for f in out.iterdir())
+        assert any(f.name.startswith(".slide1.h5.histofm-") and f.name.endswith(".tmp") for f in out.iterdir())
         assert sum(f.suffix == ".h5" and not f.name.startswith(".") for f in out.iterdir()) == 1
-    # Whatever the kill left must be complete files only (temp files are hidden and cleaned on rerun).
+    # Whatever the kill left must be complete files only (temp files are hidden and cleaned on rerun,
+    # a lock of the killed process is broken by the rerun).
     if out.exists():
         for f in out.iterdir():
             if f.suffix == ".h5" and not f.name.startswith("."):
@@ -124,6 +141,7 @@ def test_kill_then_rerun_equals_clean_run(setup, tmp_path: Path, kill_point: str
     rerun = subprocess.run(_cmd(slides, ckpt, out), capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
     got = _outputs(out)
+    assert {name: (out / name).read_bytes() for name in USER_FILES} == USER_FILES
     assert sorted(got) == sorted(ref)
     for name, (feats, coords) in ref.items():
         np.testing.assert_array_equal(got[name][1], coords)

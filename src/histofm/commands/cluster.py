@@ -52,14 +52,26 @@ histofm cluster slide.svs --features feats/features_uni/slide.h5 --k 6 --out map
 
 
 def run(args: argparse.Namespace) -> int:
+    from histofm.checks import check_device, check_out_dir, check_range
     from histofm.errors import HistofmError
     from histofm.learning.cluster_map import cluster_map
 
+    check_range(args.k, "--k", low=1, integer=True)
+    check_range(args.prototypes, "--prototypes", low=1, high=100, integer=True)
+    check_range(args.mpp, "--target-mpp", low=0.02, high=1000)
+    check_range(args.tile_size, "--tile-size", low=1, high=16384, integer=True)
+    check_range(args.min_tissue, "--min-tissue", low=0, high=1)
+    check_range(args.mpp_override, "--mpp-override", low=0.02, high=50)
+    check_range(args.batch_size, "--batch-size", low=1, high=65536, integer=True)
+    check_device(args.device)
     if args.model is None and args.features is None:
         raise HistofmError("Give --model NAME to embed the tiles, or --features FILE.h5 with existing embeddings.")
     if args.features is not None and args.model is not None:
         raise HistofmError("Give either --model or --features, not both.")
+    check_out_dir(args.out)
     features = args.features
+    if features is not None:
+        _check_embeddings(features, args.slide.name)
     if args.model is not None:
         features = _embed(args)
     elif args.roi is not None:
@@ -74,6 +86,20 @@ def run(args: argparse.Namespace) -> int:
     print(f"{args.slide.name}: {len(result.labels)} tiles in {args.k} clusters ({counts}); "
           f"map {result.paths['map']}, prototypes {result.paths['prototypes']}, table {result.paths['csv']}")
     return 0
+
+
+def _check_embeddings(path: Path, slide: str) -> None:
+    """Refuse a feature file with non-finite embeddings (k-means over NaN gives a meaningless map)."""
+    import numpy as np
+
+    from histofm.errors import HistofmError
+    from histofm.wsi.features import read_features
+
+    feats, _, _ = read_features(path)
+    bad = int(feats.size - np.isfinite(feats).sum())
+    if bad:
+        raise HistofmError(f"{path.name} holds {bad} non-finite (NaN or infinite) embeddings of {slide}; "
+                           "extract it again with finite weights (--features).")
 
 
 def _embed(args: argparse.Namespace) -> Path:

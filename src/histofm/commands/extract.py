@@ -61,10 +61,14 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     import histofm
+    from histofm.checks import check_device
+    from histofm.commands.tile import check_slide_arguments
     from histofm.weights import load_encoder, weights_of
     from histofm.wsi.features import ExtractConfig, extract_features
     from histofm.wsi.layouts import feature_path
 
+    check_slide_arguments(args)
+    check_device(args.device)
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     device = args.device

@@ -55,6 +55,28 @@ def roi_filter(args: argparse.Namespace) -> Any:
     return RoiFilter.create(args.roi, args.roi_include, args.roi_exclude, args.roi_as_tissue)
 
 
+def check_slide_arguments(args: argparse.Namespace) -> None:
+    """Refuse out-of-range tiling values and an unusable ``--out`` before any slide is read."""
+    from histofm.checks import check_alloc, check_out_dir, check_range
+
+    check_range(args.target_mpp, "--target-mpp", low=0.02, high=1000)
+    check_range(args.tile_size, "--tile-size", low=1, high=16384, integer=True)
+    if not 0 <= args.overlap < args.tile_size:
+        raise HistofmError(f"--overlap must be at least 0 and smaller than --tile-size ({args.tile_size}), "
+                           f"not {args.overlap}.")
+    check_range(args.min_tissue, "--min-tissue", low=0, high=1)
+    # The same plausible range as a slide list's mpp column (see histofm.wsi.slides).
+    check_range(args.mpp_override, "--mpp-override", low=0.02, high=50)
+    if hasattr(args, "batch_size"):
+        check_range(args.batch_size, "--batch-size", low=1, high=65536, integer=True)
+        # uint8 tiles from the workers (two batches in flight) and their float32 copy: 11 bytes per value.
+        check_alloc(11 * 3 * args.batch_size * args.tile_size**2,
+                    f"A batch of {args.batch_size} tiles of {args.tile_size} px", "--batch-size or --tile-size")
+    if hasattr(args, "workers"):
+        check_range(args.workers, "--workers", low=0, high=256, integer=True)
+    check_out_dir(args.out)
+
+
 def slide_inputs(args: argparse.Namespace) -> list[Any]:
     """The slides of the positional arguments (files, folders, CSV lists), with per-slide mpp."""
     from histofm.wsi.slides import resolve_slides
@@ -89,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
     table = Table(title="Tiling")
     for col in ("slide", "mpp", "level", "tissue", "tiles", "coordinates"):
         table.add_column(col)
+    check_slide_arguments(args)
     slides = slide_inputs(args)
     roi = roi_filter(args)
     failures = 0

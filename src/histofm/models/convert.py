@@ -76,6 +76,11 @@ def _read_all(path: Path) -> StateDict:
     except HistofmError:
         raise
     except Exception as e:
+        kind = _not_a_checkpoint(path)
+        if kind is not None:
+            raise HistofmError(
+                f"Checkpoint {path} is {kind}, not a checkpoint; give a .safetensors, .bin or .pth weights file."
+            ) from None
         if "weights_only" in str(e) or "Unsupported global" in str(e):
             raise HistofmError(
                 f"Checkpoint {path} contains Python objects that would run code on load; refusing it "
@@ -83,6 +88,34 @@ def _read_all(path: Path) -> StateDict:
             ) from None
         raise HistofmError(f"Checkpoint {path} is unreadable or truncated ({type(e).__name__}).") from None
     return _unwrap(sd, path)
+
+
+_FILE_KINDS = (
+    (b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"II*\x00", "a TIFF image"),
+    (b"MM\x00*", "a TIFF image"), (b"II+\x00", "a TIFF image"), (b"\x89HDF", "an HDF5 file"),
+    (b"%PDF", "a PDF document"), (b"GIF8", "a GIF image"), (b"\x1f\x8b", "a gzip archive"),
+)
+
+
+def _not_a_checkpoint(path: Path) -> str | None:
+    """What ``path`` is when it is plainly no checkpoint (an image, text ...); ``None`` when it could be one."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return None
+    if head.startswith((b"PK\x03\x04", b"\x80")):  # torch zip archive or a raw pickle: a checkpoint
+        return None
+    for magic, kind in _FILE_KINDS:
+        if head.startswith(magic):
+            return kind
+    if head.startswith(b"{"):
+        return "a JSON file" if path.suffix != ".safetensors" else None
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return "a text file"
 
 
 _CAST_GROUP_BYTES = 256 * 2**20

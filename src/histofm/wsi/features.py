@@ -35,6 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader, default_collate
 
 from histofm import accel
+from histofm.checks import check_alloc
 from histofm.errors import HistofmError
 from histofm.utils import atomic_path, default_device, remove_stale_temps
 from histofm.weights import weights_of
@@ -47,6 +48,7 @@ from histofm.wsi.layouts import (
     find_coords_file,
     pt_path,
 )
+from histofm.wsi.locks import slide_lock
 from histofm.wsi.provenance import differences, read_provenance, slide_fingerprint
 from histofm.wsi.readers import SlideReader, open_slide
 from histofm.wsi.report import ExtractionReport, SlideResult, shard_slides
@@ -412,14 +414,33 @@ def _one_slide(
     common: dict[str, Any],
     bars: Any,
 ) -> SlideResult:
-    """Check, select, embed and write one slide."""
-    import histofm
-
+    """Check, select, embed and write one slide (skipped when another process holds its lock)."""
     path = item.path
     slide_mpp = item.mpp if item.mpp is not None else mpp
     out_path = feature_path(out_dir, path.stem, common["model_name"], cfg.layout)
-    # Temporaries of this slide's file left by a killed run. Per file, not per folder:
-    # other ranks may be writing their own slides into the same folder right now.
+    with slide_lock(out_path) as mine:
+        if not mine:  # another live process has this slide (several extracts into one --out)
+            return SlideResult(path.name, "skipped", output=out_path, note="done by another process")
+        return _locked_slide(path, out_path, slide_mpp, model, out_dir, cfg, pre, device, dtype, common, bars)
+
+
+def _locked_slide(
+    path: Path,
+    out_path: Path,
+    slide_mpp: float | None,
+    model: nn.Module,
+    out_dir: Path,
+    cfg: ExtractConfig,
+    pre: _Preprocess,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    common: dict[str, Any],
+    bars: Any,
+) -> SlideResult:
+    """:func:`_one_slide` once this process holds the slide's lock."""
+    import histofm
+
+    # Temporaries of this slide's file left by a killed run (only histofm's, of dead processes).
     remove_stale_temps(out_path)
     with open_slide(path, mpp=slide_mpp, backend=cfg.backend) as slide:
         spec = tile_spec(slide, cfg.target_mpp, cfg.tile_size, cfg.overlap)
@@ -437,7 +458,17 @@ def _one_slide(
         selection = select_tiles(slide, spec, min_tissue=cfg.min_tissue, roi=cfg.roi, coords_dir=cfg.coords_dir)
         attrs = coords_attrs(spec, cfg.layout, slide, path.stem)
         backend = slide.backend
+    dim = getattr(model, "num_features", None) or getattr(model, "embed_dim", None)
+    if isinstance(dim, int):  # the (N, D) float32 features and their concatenated copy, before embedding
+        check_alloc(2 * 4 * dim * len(selection.coords), f"The features of {path.name} ({len(selection.coords)} tiles)",
+                    "--target-mpp, --tile-size or --mpp-override")
     features = _embed(path, selection.coords, model, cfg, pre, device, dtype, slide_mpp, backend, bars)
+    bad = int(np.size(features) - np.isfinite(features).sum())
+    if bad:
+        raise HistofmError(
+            f"The encoder gave {bad} non-finite (NaN or infinite) values of {features.size} for {path.name}, so "
+            "nothing was written; check the weights given with --checkpoint (or try --precision fp32)."
+        )
     file_attrs = {**wanted, "embed_dim": int(features.shape[1]), "backend": backend,
                   "read_interpolation": "bilinear" if spec.read_size != spec.tile_size else "none"}
     _write(out_path, features, selection.coords, attrs, file_attrs, cfg.layout, out_dir)

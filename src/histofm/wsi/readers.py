@@ -560,6 +560,8 @@ def _reason(e: BaseException) -> str:
 
 
 def _unreadable_message(path: Path, tried: list[str], errors: Sequence[BaseException] = ()) -> str:
+    if path.is_dir():
+        return f"{path} is a folder, not a slide file; give the slide file itself (for DICOM, one .dcm of the slide)."
     try:
         with open(path, "rb") as f:
             head = f.read(8)
@@ -572,6 +574,11 @@ def _unreadable_message(path: Path, tried: list[str], errors: Sequence[BaseExcep
     if len(tried) > 1 and any(isinstance(e, _BackendUnavailable) and e.backend == "openslide" for e in errors):
         why = f" (OpenSlide itself cannot be imported here: {_INSTALL['openslide']})"
     kind = next((k for magic, k in _MAGIC_KINDS if head.startswith(magic)), None)
+    if kind in ("PNG image", "JPEG image") and "image" not in tried:
+        return (
+            f"{path.name} is a {kind}, which {readers} cannot read; use --backend image (or auto) for "
+            "PNG and JPEG files."
+        )
     if kind is not None:
         return (
             f"{path.name} starts like a {kind} but {readers} cannot read it{why}, so it is probably "

@@ -20,6 +20,7 @@ class SlideResult:
     seconds: float = 0.0
     output: Path | None = None
     error: str | None = None
+    note: str | None = None  # e.g. "done by another process"
 
     @property
     def tiles_per_second(self) -> float:
@@ -52,8 +53,10 @@ class ExtractionReport:
         """One line: slides done / skipped / failed, tiles and throughput."""
         done = sum(r.status == "done" for r in self.results)
         skipped = sum(r.status == "skipped" for r in self.results)
+        elsewhere = sum(r.note == "done by another process" for r in self.results)
+        by_others = f" ({elsewhere} by another process)" if elsewhere else ""
         return (
-            f"{len(self.results)} slides: {done} done, {skipped} skipped, {len(self.failures)} failed; "
+            f"{len(self.results)} slides: {done} done, {skipped} skipped{by_others}, {len(self.failures)} failed; "
             f"{self.tiles} tiles in {self.seconds:.1f} s ({self.tiles_per_second:.1f} tiles/s)"
         )
 
@@ -71,7 +74,7 @@ class ExtractionReport:
             style = {"failed": "red", "skipped": "dim"}.get(r.status)
             table.add_row(
                 r.slide, r.status, str(r.tiles), f"{r.seconds:.1f}", f"{r.tiles_per_second:.1f}",
-                r.error or (str(r.output) if r.output else ""), style=style,
+                r.error or r.note or (str(r.output) if r.output else ""), style=style,
             )
         return table
 

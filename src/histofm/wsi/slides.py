@@ -5,26 +5,27 @@
 * slide files (``a.svs b.ndpi``);
 * folders: every file in it with a slide or image extension (not recursive), sorted;
 * CSV files: one slide per row, ``slide_path[,mpp]``; the header row is optional (a first
-  row whose first cell is ``slide_path``, ``slide``, ``path`` or ``filename`` is a header).
+  row naming ``slide_path`` (or ``slide``, ``path``, ``filename``, ``wsi``) is a header). UTF-8
+  with or without a byte-order mark; a blank slide cell is refused with its row number.
   Relative paths are relative to the CSV's folder. ``mpp`` (level-0 microns per pixel)
   overrides the slide's metadata and ``--mpp-override`` for that slide; an empty cell keeps them.
 """
 
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from histofm.errors import HistofmError
+from histofm.tables import read_csv_table
 
 SLIDE_SUFFIXES = frozenset({
     ".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".svslide", ".bif", ".vms", ".vmu", ".dcm",
     ".png", ".jpg", ".jpeg",
 })
-_HEADER_NAMES = {"slide_path", "slide", "path", "filename", "wsi"}
+_HEADER_NAMES = ("slide", "path", "filename", "wsi")  # accepted for slide_path
 
 
 @dataclass(frozen=True)
@@ -49,19 +50,16 @@ def _mpp(cell: str, where: str) -> float | None:
 
 
 def read_slide_csv(path: str | os.PathLike[str]) -> list[SlideInput]:
-    """Rows ``slide_path[,mpp]`` of a CSV (see the module docstring)."""
+    """Rows ``slide_path[,mpp]`` of a CSV (see the module docstring), read by :func:`histofm.tables.read_csv_table`."""
     path = Path(path)
-    with open(path, newline="") as f:
-        rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
-    if rows and rows[0][0].strip().lower() in _HEADER_NAMES:
-        rows = rows[1:]
+    table = read_csv_table(path, ["slide_path"], optional=["mpp"], aliases={"slide_path": _HEADER_NAMES},
+                           flag="the slide list")
     out = []
-    for i, row in enumerate(rows, start=1):
-        where = f"{path.name} row {i}"
-        slide = Path(row[0].strip())
+    for row in table.rows:
+        slide = Path(row["slide_path"])
         if not slide.is_absolute():
             slide = path.parent / slide
-        out.append(SlideInput(slide, _mpp(row[1], where) if len(row) > 1 else None))
+        out.append(SlideInput(slide, _mpp(row.get("mpp", ""), f"{path.name} row {row.row}")))
     if not out:
         raise HistofmError(f"{path.name} lists no slides; write one slide_path[,mpp] per row.")
     return out

@@ -23,10 +23,14 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from histofm.checks import check_alloc
 from histofm.errors import HistofmError
 from histofm.utils import atomic_path
 from histofm.wsi.readers import SlideReader
 from histofm.wsi.tissue import TissueMask, detect_tissue
+
+# Peak bytes per grid tile while the grid is made and filtered (int64 x, y and their copies).
+_GRID_BYTES_PER_TILE = 64
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,12 @@ def tile_spec(slide: SlideReader, target_mpp: float = 0.5, tile_size: int = 224,
         raise HistofmError(f"The overlap must be at least 0 and smaller than the tile size ({tile_size}), not {overlap}.")
     level, read_size, size0 = slide.tile_geometry(target_mpp, tile_size)
     stride0 = (tile_size - overlap) * target_mpp / slide.mpp
+    # The grid's coordinates (and their copies while selecting) before any is made: an
+    # extreme --target-mpp or --mpp-override would ask for GiB to TiB.
+    w0, h0 = slide.dimensions
+    tiles = (max(0.0, w0 - size0) / stride0 + 1) * (max(0.0, h0 - size0) / stride0 + 1)
+    check_alloc(tiles * _GRID_BYTES_PER_TILE, f"The tile grid of {slide.path.name} ({tiles:.3g} tiles)",
+                "--target-mpp, --tile-size or --mpp-override")
     return TileSpec(
         target_mpp=float(target_mpp),
         tile_size=int(tile_size),

@@ -215,7 +215,8 @@ def detect_tissue(
     threshold = max(otsu_threshold(saturation), min_saturation)
     mask = (saturation > threshold) & (brightest > max_darkness)
 
-    radius = max(1, round(smooth_um / px_um))
+    # A structuring element wider than the mask changes nothing more (and a wrong mpp could ask for GiB).
+    radius = int(min(max(h, w), max(1, round(smooth_um / px_um))))
     disk = _disk(radius)
     mask = ndimage.binary_closing(np.pad(mask, radius), structure=disk)[radius:-radius, radius:-radius]
     mask = ndimage.binary_opening(mask, structure=disk)
