@@ -1,14 +1,15 @@
 """Checks of ``histofm mil`` flags that run before any work, each failing in one sentence naming the flag.
 
 Private versions of the shared checks (output folder, device, numbers) with the same
-behaviour, kept here so ``mil`` does not wait on them; they create nothing, so a
-command refused later leaves no empty ``--out`` behind.
+behaviour, kept here so ``mil`` does not wait on them; they leave nothing behind (the
+write probe is removed at once), so a command refused later leaves no empty ``--out``.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import tempfile
 from pathlib import Path
 
 from histofm.errors import HistofmError
@@ -26,8 +27,20 @@ def check_out_dir(path: str | os.PathLike[str], flag: str = "--out") -> Path:
         parent = parent.parent
     if not parent.is_dir():
         raise HistofmError(f"{flag} {path} lies under the file {parent}, which cannot hold folders; choose another {flag}.")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise HistofmError(f"{flag} {path} cannot be written ({parent} is read-only for you); choose another {flag}.")
+    try:  # a real probe (root passes every os.access check, not a read-only or special file system)
+        if parent == path:
+            fd, probe = tempfile.mkstemp(prefix=".histofm-write-check-", dir=path)
+            os.close(fd)
+            os.unlink(probe)
+        else:
+            first = path
+            while first.parent != parent:
+                first = first.parent
+            first.mkdir()
+            first.rmdir()
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise HistofmError(f"{flag} {path} cannot be written ({reason}); choose a folder you can write to.") from None
     return path
 
 

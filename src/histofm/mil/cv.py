@@ -98,6 +98,8 @@ def validation_split(
     s, g = strata[train_idx], np.asarray(groups)[train_idx]
     if any(len(np.unique(g[s == c])) < 2 for c in np.unique(s)) or len(np.unique(g)) < n_splits:
         return train_idx, empty
+    if (np.unique(s, return_counts=True)[1] < n_splits).all():  # scikit-learn refuses such a split
+        return train_idx, empty
     with warnings.catch_warnings():  # "least populated class has fewer members than n_splits"
         warnings.simplefilter("ignore", UserWarning)
         fit_part, val_part = next(StratifiedGroupKFold(n_splits, shuffle=True, random_state=seed).split(

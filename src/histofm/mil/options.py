@@ -132,7 +132,7 @@ AGGREGATOR_OPTIONS["moe"]["expert"] = Option("choice", choices=tuple(sorted(set(
 # Training settings of MILTrainConfig: flags of their own (--lr ...) that `--set` may also change.
 TRAIN_OPTIONS: dict[str, Option] = {
     "epochs": Option("int", 1, 100_000),
-    "lr": Option("float", 0.0, None, low_open=True),
+    "lr": Option("float", 0.0, 100.0, low_open=True),  # above, Adam's step size overflows float32
     "weight_decay": Option("float", 0.0, None),
     "batch_size": Option("int", 1, 100_000),
     "max_tiles": Option("int", 1, 1 << 40, optional=True),

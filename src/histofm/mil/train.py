@@ -234,8 +234,9 @@ def fit(
                     loss = loss + out.aux_loss
                 if not bool(torch.isfinite(loss)):
                     raise HistofmError(
-                        f"The training loss of {config.model} became {float(loss)} in epoch {epoch + 1} "
-                        f"(diverging training); lower --lr (now {config.lr:g}) and train again."
+                        f"The training loss of {config.model} became {float(loss.detach())} in epoch {epoch + 1} "
+                        f"(diverging training, or features too large for float32); lower --lr (now {config.lr:g}) "
+                        "or check the features, and train again."
                     )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
