@@ -142,4 +142,4 @@ def test_survival_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
     assert main([*base, "--time-col", "months", "--event-col", "dead", "--set", "loss=cox"]) == 2
     assert "--batch-size 2 or more" in capsys.readouterr().err
     assert main([*base, "--time-col", "months", "--event-col", "dead", "--set", "loss=mse"]) == 2
-    assert "--set loss=nll or --set loss=cox" in capsys.readouterr().err
+    assert "--set loss='mse' is not valid; loss must be one of nll, cox." in capsys.readouterr().err

@@ -69,6 +69,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling and folds")
     t.add_argument("--device", default=None, help="cpu, cuda, mps; None picks the best available")
     t.add_argument("--out", type=Path, required=True, help="run directory (models, log, predictions, metrics)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the unfinished run in --out (also done whenever its settings match this command)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start afresh even if --out holds an unfinished run with other settings")
     t.set_defaults(func=run_train)
 
     pr = add_command(
@@ -130,10 +134,12 @@ def _run_slide_probe(args: argparse.Namespace) -> int:
 
     if args.task != "classification":
         raise HistofmError("--slide-embeddings supports --task classification only; use --features for survival.")
-    if args.folds < 2:
-        raise HistofmError(f"--folds must be at least 2 for cross-validation, got {args.folds}.")
-    if args.out.exists() and not args.out.is_dir():
-        raise HistofmError(f"--out {args.out} is a file; give a directory.")
+    from histofm.mil.checks import check_out_dir
+    from histofm.mil.options import FLAG_OPTIONS
+
+    for flag in ("--folds", "--seed"):
+        FLAG_OPTIONS[flag].check(flag, getattr(args, flag[2:]), flag=flag)
+    check_out_dir(args.out)
     result = probe_slide_embeddings(args.slide_embeddings, args.labels, args.out, folds=args.folds, seed=args.seed)
     console = Console()
     for name, summary in result.pooled.items():
@@ -146,9 +152,11 @@ def run_train(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from histofm.mil import build_aggregator
+    from histofm.mil import build_aggregator, list_aggregators
+    from histofm.mil.checks import check_device, check_out_dir
     from histofm.mil.cv import cross_validate, output_dim
     from histofm.mil.data import BagDataset, read_labels_csv
+    from histofm.mil.options import FLAG_OPTIONS, TRAIN_OPTIONS, check_settings
     from histofm.mil.provenance import common_provenance
     from histofm.mil.survival import check_loss
     from histofm.mil.train import MILTrainConfig
@@ -162,13 +170,18 @@ def run_train(args: argparse.Namespace) -> int:
         aggregator = args.model_alias
     if args.option_alias:
         _deprecated("`mil train --option`", "--set")
-    for name, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--folds", args.folds)):
-        if value < 1:
-            raise HistofmError(f"{name} must be at least 1, got {value}.")
-    settings = parse_settings(args.option_alias + args.settings)
-    train_keys = {f.name for f in dataclasses.fields(MILTrainConfig)} - {"model", "model_kwargs", "task", "seed"}
-    train_set = {k: v for k, v in settings.items() if k in train_keys}
-    model_kwargs = {k: v for k, v in settings.items() if k not in train_keys}
+    # Everything the user typed is checked here, before a file is read or a model built.
+    for key in ("epochs", "lr", "weight_decay", "batch_size", "max_tiles"):
+        TRAIN_OPTIONS[key].check(key, getattr(args, key), flag="--" + key.replace("_", "-"))
+    for flag in ("--folds", "--seed"):
+        FLAG_OPTIONS[flag].check(flag, getattr(args, flag[2:]), flag=flag)
+    if aggregator not in list_aggregators():
+        build_aggregator(aggregator, 1, 2)  # raises the "did you mean" sentence
+    train_set, model_kwargs = check_settings(aggregator, parse_settings(args.option_alias + args.settings))
+    check_out_dir(args.out)
+    check_device(args.device)
+    if args.resume and args.overwrite:
+        raise HistofmError("--resume continues the unfinished run in --out and --overwrite discards it; pass one.")
     config = MILTrainConfig(
         model=aggregator, model_kwargs=model_kwargs, epochs=args.epochs, lr=args.lr,
         weight_decay=args.weight_decay, batch_size=args.batch_size, max_tiles=args.max_tiles, seed=args.seed,
@@ -177,10 +190,15 @@ def run_train(args: argparse.Namespace) -> int:
     config = dataclasses.replace(config, **train_set)
     if config.task == "survival":
         check_loss(config.loss, config.batch_size)
+    if args.labels.is_dir():
+        raise HistofmError(f"--labels {args.labels} is a folder; pass the labels CSV file.")
     table = read_labels_csv(args.labels, args.task, args.time_col, args.event_col)
     bags = BagDataset.from_table(args.features, table.slide_ids)
     provenance = common_provenance(bags.paths)
-    build_aggregator(config.model, bags.dim, output_dim(table, config), **config.model_kwargs)  # fail early
+    try:  # fail early on options that only the constructor can judge
+        build_aggregator(config.model, bags.dim, output_dim(table, config), **config.model_kwargs)
+    except (ValueError, RuntimeError) as e:
+        raise HistofmError(f"--set options do not build a {config.model} ({str(e).rstrip('.')}); change them.") from None
     device = args.device or str(default_device())
     console = Console()
     what = f"classes {table.class_names}" if table.task == "classification" else f"{int(table.events.sum())} events"
@@ -188,8 +206,10 @@ def run_train(args: argparse.Namespace) -> int:
         f"{len(bags)} slides, {len(set(table.patients))} patients, {what}, {bags.dim}-d features "
         f"({provenance.get('model_name', 'encoder not recorded')}); {args.folds}-fold CV of {aggregator} on {device}"
     )
+    if args.resume and not (args.out / "progress.json").is_file():
+        console.print(f"nothing to resume in {args.out}; starting a new run")
     summary = cross_validate(bags, table, config, args.folds, args.out, device=device,
-                             progress=console.is_terminal, provenance=provenance)
+                             progress=console.is_terminal, provenance=provenance, overwrite=args.overwrite)
     keys = ("c_index",) if table.task == "survival" else ("balanced_accuracy", "macro_f1", "auroc")
     out = Table(title=f"{aggregator}: {args.folds}-fold cross-validation (grouped by patient), 95% bootstrap intervals")
     for col in ("fold", "train", "val", "test", *keys):
@@ -209,9 +229,19 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_outputs(out: Path, run: Path) -> None:
+    """``--out`` must be writable and must not be the run folder (its predictions.csv would be replaced)."""
+    from histofm.mil.checks import check_out_dir
+
+    check_out_dir(out)
+    if out.exists() and run.exists() and out.resolve() == run.resolve():
+        raise HistofmError(f"--out {out} is the --run folder; write the predictions to another folder.")
+
+
 def run_predict(args: argparse.Namespace) -> int:
     from histofm.mil.predict import predict_cohort
 
+    _check_outputs(args.out, args.run)
     result = predict_cohort(args.run, args.features, args.out, fold=args.fold)
     held = sum("held out" in r["models"] for r in result["rows"])
     note = f" ({held} slide(s) of the training cohort scored by their held-out fold model)" if held else ""
@@ -228,10 +258,13 @@ def run_heatmap(args: argparse.Namespace) -> int:
         run = run or args.run_alias
     if run is None:
         raise HistofmError("Pass the output folder of `histofm mil train` as --run.")
-    if not 0.0 <= args.alpha <= 1.0:
+    if not 0.0 <= args.alpha <= 1.0:  # NaN fails too
         raise HistofmError(f"--alpha must be between 0 and 1, got {args.alpha}.")
     if args.out.suffix.lower() in (".png", ".jpg", ".jpeg"):
         raise HistofmError(f"--out is a directory now (the PNG, tables and GeoJSON go in it), not {args.out.name}.")
+    if not 16 <= args.size <= 16384:
+        raise HistofmError(f"--size must be between 16 and 16384 pixels, got {args.size}.")
+    _check_outputs(args.out, run)
     result = render_heatmap(args.slide, args.features, run, args.out, fold=args.fold,
                             max_size=args.size, alpha=args.alpha, object_type=args.object_type)
     if "probabilities" in result:

@@ -6,18 +6,22 @@ no patient has slides on both sides of a split. Inside each fold's training part
 further stratified, patient-grouped split holds out ``val_fraction`` of the
 patients for early stopping. It writes, atomically, into ``out_dir``:
 
-* ``config.json``: aggregator, options, classes, settings, the features' provenance;
+* ``progress.json`` and ``fold_K.state.pt`` while it runs, so a killed run resumes
+  (both removed when it finishes);
 * ``fold_K.safetensors``: each fold's model (the best validation epoch);
 * ``log.jsonl``: one record per fold and epoch (training and validation loss);
 * ``predictions.csv``: every slide once, scored by the fold model that held it out;
 * ``metrics.json``: per fold and pooled out-of-fold, each metric with a 95% bootstrap
   interval over slides, and the mean +/- sd over folds;
+* ``config.json``: aggregator, options, classes, settings, the features' provenance,
+  written only when every fold is done;
 * ``run.json``: the manifest of this run's models, written last (see :mod:`histofm.mil.run`).
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import warnings
 from collections.abc import Sequence
@@ -27,7 +31,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 from histofm.errors import HistofmError
 from histofm.eval.metrics import (
@@ -39,7 +42,16 @@ from histofm.eval.metrics import (
 )
 from histofm.mil.base import build_aggregator
 from histofm.mil.data import SlideTable
-from histofm.mil.run import begin_run, finish_run
+from histofm.mil.run import (
+    abandon_run,
+    begin_run,
+    finish_run,
+    fold_done,
+    load_state,
+    save_state,
+    save_weights,
+    sha256,
+)
 from histofm.mil.survival import check_loss, discretize, risk_from_logits, survival_curve, time_bins
 from histofm.mil.train import MILTrainConfig, Targets, fit, predict_logits, subset
 from histofm.utils import atomic_path, seed_everything
@@ -85,6 +97,8 @@ def validation_split(
     n_splits = max(2, int(round(1 / fraction)))
     s, g = strata[train_idx], np.asarray(groups)[train_idx]
     if any(len(np.unique(g[s == c])) < 2 for c in np.unique(s)) or len(np.unique(g)) < n_splits:
+        return train_idx, empty
+    if (np.unique(s, return_counts=True)[1] < n_splits).all():  # scikit-learn refuses such a split
         return train_idx, empty
     with warnings.catch_warnings():  # "least populated class has fewer members than n_splits"
         warnings.simplefilter("ignore", UserWarning)
@@ -135,6 +149,17 @@ def output_dim(table: SlideTable, config: MILTrainConfig) -> int:
     return config.n_bins if config.loss == "nll" else 1
 
 
+def data_fingerprint(table: SlideTable, bags: Sequence[torch.Tensor]) -> str:
+    """SHA-256 of the labels table and the features files' names and sizes: a resumed run must see the same data."""
+    h = hashlib.sha256()
+    h.update(json.dumps([table.slide_ids, table.labels.tolist(), table.patients, table.class_names,
+                         None if table.times is None else table.times.tolist(),
+                         None if table.events is None else table.events.tolist()]).encode())
+    for p in getattr(bags, "paths", []):
+        h.update(f"{Path(p).name}:{Path(p).stat().st_size}".encode())
+    return h.hexdigest()
+
+
 def cross_validate(
     bags: Sequence[torch.Tensor],
     table: SlideTable,
@@ -144,11 +169,21 @@ def cross_validate(
     device: str | torch.device = "cpu",
     progress: bool = False,
     provenance: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train and test one model per fold; write models, log, predictions, metrics and the manifest.
 
+    A folder holding an unfinished run with the same settings and data is resumed: finished
+    folds are kept, the current fold continues from its last epoch (see :mod:`histofm.mil.run`);
+    the result is bit-identical to an uninterrupted run. Other settings are refused unless
+    ``overwrite``.
+
     Returns:
         ``{"folds": [per-fold metrics], "pooled": {...}, "mean": {...}, "sd": {...}}``.
+
+    Raises:
+        HistofmError: on non-finite losses or predictions; then no metrics are written and the
+            unfinished run is forgotten.
     """
     out = Path(out_dir)
     survival = table.task == "survival"
@@ -158,17 +193,32 @@ def cross_validate(
     out_dim = output_dim(table, config)
     splits = make_folds(table.labels, table.patients, folds, config.seed,
                         None if survival else table.class_names)
-    run_id = begin_run(out, {
+    run_config = {
         "aggregator": config.model, "model_kwargs": config.model_kwargs, "in_dim": in_dim, "out_dim": out_dim,
         "task": table.task, "class_names": table.class_names, "folds": folds, "train": asdict(config),
-        "provenance": provenance or {},
-    })
+        "provenance": provenance or {}, "data_sha256": data_fingerprint(table, bags),
+    }
+    run_id, done = begin_run(out, run_config, overwrite=overwrite)
+    try:
+        return _run_folds(bags, table, config, splits, out, run_id, run_config, done, in_dim, out_dim, device, progress)
+    except HistofmError:
+        abandon_run(out)  # a deterministic failure (NaN) would only repeat on resume
+        raise
+
+
+def _run_folds(
+    bags: Sequence[torch.Tensor], table: SlideTable, config: MILTrainConfig,
+    splits: list[tuple[np.ndarray, np.ndarray]], out: Path, run_id: str, run_config: dict[str, Any],
+    done: list[dict[str, Any]], in_dim: int, out_dim: int, device: str | torch.device, progress: bool,
+) -> dict[str, Any]:
+    survival = table.task == "survival"
+    done_by_fold = {int(d["fold"]): d for d in done
+                    if (out / d["file"]).is_file() and sha256(out / d["file"]) == d.get("sha256")}
     log_lines: list[str] = []
 
-    def log(record: dict[str, Any]) -> None:
-        log_lines.append(json.dumps(record))
+    def write_log() -> None:
         with atomic_path(out / "log.jsonl") as tmp:
-            tmp.write_text("\n".join(log_lines) + "\n")
+            tmp.write_text("".join(line + "\n" for line in log_lines))
 
     keys = SURVIVAL_METRICS if survival else CLASSIFICATION_METRICS
     fold_metrics, rows, fold_docs = [], [], []
@@ -177,11 +227,34 @@ def cross_validate(
         seed_everything(config.seed + k)
         target, edges = _fold_targets(table, config, tr)
         fit_idx, val_idx = validation_split(tr, table.labels, table.patients, config.val_fraction, config.seed + k)
-        model = build_aggregator(config.model, in_dim, out_dim, **config.model_kwargs)
-        fit(model, subset(bags, fit_idx), target[fit_idx], config, device, progress,
-            val_bags=subset(bags, val_idx), val_labels=target[val_idx],
-            log=lambda r, k=k: log({"fold": k, **r}))
-        logits, _ = predict_logits(model, subset(bags, te), device, scores=False)
+        name = f"fold_{k}.safetensors"
+        if k in done_by_fold:  # finished before a kill: its logits and log records were kept
+            logits = np.asarray(done_by_fold[k]["logits"], dtype=np.float64).reshape(len(te), out_dim)
+            log_lines.extend(json.dumps(r) for r in done_by_fold[k]["log"])
+        else:
+            model = build_aggregator(config.model, in_dim, out_dim, **config.model_kwargs)
+            state = load_state(out, k)
+            fold_log = [] if state is None else [{"fold": k, **r} for r in state["records"]]
+            log_lines.extend(json.dumps(r) for r in fold_log)
+
+            def log(record: dict[str, Any], k: int = k, fold_log: list[dict[str, Any]] = fold_log) -> None:
+                fold_log.append({"fold": k, **record})
+                log_lines.append(json.dumps(fold_log[-1]))
+                write_log()
+
+            fit(model, subset(bags, fit_idx), target[fit_idx], config, device, progress,
+                val_bags=subset(bags, val_idx), val_labels=target[val_idx], log=log, state=state,
+                save_state=lambda st, k=k: save_state(out, k, st))
+            logits, _ = predict_logits(model, subset(bags, te), device, scores=False)
+            if not np.isfinite(logits).all():
+                raise HistofmError(
+                    f"The fold {k} model of {config.model} gives NaN or infinite outputs on its test slides "
+                    f"(e.g. {table.slide_ids[te[int(np.argwhere(~np.isfinite(logits))[0, 0])]]!r}); "
+                    f"lower --lr (now {config.lr:g}) and train again."
+                )
+            save_weights(out / name, model.state_dict())
+            fold_done(out, {"fold": k, "file": name, "logits": logits.tolist(), "log": fold_log})
+        write_log()
         if survival:
             assert table.times is not None and table.events is not None
             risk = risk_from_logits(torch.from_numpy(logits), config.loss).numpy()
@@ -202,9 +275,6 @@ def cross_validate(
         oof_index.append(te)
         m.update(fold=k, n_train=len(fit_idx), n_val=len(val_idx), n_test=len(te))
         fold_metrics.append(m)
-        name = f"fold_{k}.safetensors"
-        with atomic_path(out / name) as tmp:
-            save_file({n: t.detach().cpu().contiguous() for n, t in model.state_dict().items()}, str(tmp))
         fold_docs.append({"fold": k, "file": name, "test_slides": [table.slide_ids[i] for i in te],
                           "bin_edges": None if edges is None else [float(e) for e in edges]})
     header = ["slide_id", "patient_id", "fold"]
@@ -232,5 +302,5 @@ def cross_validate(
     }
     with atomic_path(out / "metrics.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=2))
-    finish_run(out, run_id, fold_docs)
+    finish_run(out, run_id, run_config, fold_docs)
     return summary

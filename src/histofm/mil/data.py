@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,11 +55,26 @@ class SlideTable:
 def _rows(path: Path, needed: Sequence[str], hint: str) -> list[dict[str, str]]:
     if not path.is_file():
         raise HistofmError(f"Labels file not found: {path}; give a CSV with columns {hint}.")
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    raw = path.read_bytes()
+    try:
+        if b"\x00" in raw:
+            raise UnicodeDecodeError("utf-8", raw, raw.index(b"\x00"), raw.index(b"\x00") + 1, "NUL byte")
+        text = raw.decode("utf-8-sig")  # a byte-order mark (Excel's "CSV UTF-8") is dropped
+    except UnicodeDecodeError:
+        raise HistofmError(
+            f"{path.name} is not a UTF-8 text CSV (binary or another encoding); pass --labels a CSV saved as UTF-8."
+        ) from None
+    try:
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    except csv.Error as e:
+        raise HistofmError(f"{path.name} is not a readable CSV ({e}); fix the file given as --labels.") from None
     if not rows or not set(needed) <= set(rows[0]):
         missing = sorted(set(needed) - set(rows[0] if rows else {}))
         raise HistofmError(f"{path.name} needs a header with columns {hint} (missing {', '.join(missing)}).")
+    for n, r in enumerate(rows, start=2):  # line 1 is the header
+        for col in needed:
+            if not (r.get(col) or "").strip():
+                raise HistofmError(f"Line {n} of {path.name} has no {col}; fill it in or drop the row from --labels.")
     ids = [r["slide_id"].strip() for r in rows]
     seen: set[str] = set()
     for i in ids:
@@ -160,9 +176,20 @@ def read_bag(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray | Non
         feats = feats[0]
     if feats.ndim != 2 or feats.shape[0] == 0:
         raise HistofmError(f"{path.name}: 'features' must be a non-empty (N, D) array, got shape {feats.shape}.")
+    check_finite(feats, path)
     if coords is not None and coords.shape != (feats.shape[0], 2):
         raise HistofmError(f"{path.name}: coords {coords.shape} do not match features {feats.shape}.")
     return feats, coords, attrs
+
+
+def check_finite(feats: np.ndarray, path: str | os.PathLike[str]) -> None:
+    """Refuse features with NaN or infinite values, naming the slide's file."""
+    if not np.isfinite(feats).all():
+        bad = int((~np.isfinite(feats)).any(axis=-1).sum())
+        raise HistofmError(
+            f"{Path(path).name} holds NaN or infinite features in {bad} tile(s); re-extract that slide "
+            "(check the encoder weights) or drop it from --labels."
+        )
 
 
 def _feature_dim(path: Path) -> int:

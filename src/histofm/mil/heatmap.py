@@ -87,6 +87,7 @@ def render_heatmap(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from histofm.mil.data import check_finite
     from histofm.mil.provenance import check_against_run
     from histofm.mil.run import load_trained
     from histofm.wsi.features import read_features
@@ -97,6 +98,7 @@ def render_heatmap(
     models, cfg = load_trained(run_dir, fold)
     check_against_run(features_path, cfg.get("provenance", {}))
     features, coords, attrs = read_features(features_path)
+    check_finite(np.asarray(features), features_path)
     if features.shape[1] != cfg["in_dim"]:
         raise HistofmError(
             f"{features_path.name} has {features.shape[1]}-d features but the models were trained on "

@@ -92,6 +92,10 @@ def score_bag(models: Sequence[MILAggregator], cfg: dict[str, Any], features: np
             s = out.scores[0].double().numpy()
             pct.append(percentiles(s))
             raw.append(s)
+    if not np.isfinite(np.asarray(outs, dtype=np.float64)).all() or any(not np.isfinite(s).all() for s in raw):
+        raise HistofmError(
+            "The run's models give NaN or infinite outputs for this slide; its weights are damaged, train again."
+        )
     return {
         "probs": None if survival else np.mean(outs, axis=0),
         "risk": float(np.mean(outs)) if survival else None,

@@ -1,13 +1,23 @@
-"""A run folder of ``mil train``: which models belong to the run, and loading them back.
+"""A run folder of ``mil train``: which models belong to the run, resuming it, and loading it back.
 
-A run writes ``config.json`` first, then its fold models, and last ``run.json``,
-the manifest: the run id, and for each fold its model file, that file's SHA-256,
-the slides it held out and (survival NLL) its time bins. Starting a run deletes
-the previous manifest, and finishing it deletes ``fold_*.safetensors`` files it
-did not write, so a folder reused for a 2-fold run after a 3-fold one, or for
-another aggregator, never loads a stale model; a crashed run has no manifest and
-is refused. :func:`load_trained` loads only the files the manifest lists, after
-checking their hashes and that ``config.json`` carries the same run id.
+Files of a run folder, in the order a run writes them:
+
+* ``progress.json`` first: the run id, this run's settings and, as each fold finishes,
+  that fold's model file, its SHA-256, its test logits and its log records;
+* ``fold_K.state.pt`` after every epoch of fold K (model, optimiser, epoch, early-stopping
+  state, random-number-generator states), so a killed run resumes mid-fold;
+* ``fold_K.safetensors``: each fold's final model;
+* at the end ``config.json`` and last ``run.json``, the manifest: the run id and for each
+  fold its model file, its hash, the slides it held out and (survival NLL) its time bins.
+
+Starting a run deletes the previous manifest, and finishing it deletes
+``fold_*.safetensors`` files it did not write, so a folder reused for a 2-fold run
+after a 3-fold one never loads a stale model. ``config.json`` is written only when a
+run is complete, so a killed rerun never leaves new settings beside old weights. A
+rerun of the same command resumes the unfinished run in the folder (the settings must
+match exactly); other settings are refused unless ``overwrite``. :func:`load_trained`
+loads only the files the manifest lists, after checking their hashes and that
+``config.json`` carries the same run id; any damage ends in one sentence.
 """
 
 from __future__ import annotations
@@ -19,7 +29,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from histofm.errors import HistofmError
 from histofm.mil.base import MILAggregator, build_aggregator
@@ -27,6 +39,7 @@ from histofm.utils import atomic_path
 
 MANIFEST = "run.json"
 CONFIG = "config.json"
+PROGRESS = "progress.json"
 
 
 def sha256(path: Path) -> str:
@@ -37,24 +50,109 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def begin_run(out_dir: Path, config: dict[str, Any]) -> str:
-    """Invalidate any earlier run in ``out_dir`` and write this run's ``config.json``; returns the run id."""
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def save_weights(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    """Atomic safetensors file with the usual permissions (``save_file`` alone makes 0600)."""
+    with atomic_path(path) as tmp:
+        save_file({n: t.detach().cpu().contiguous() for n, t in tensors.items()}, str(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())
+    return path
+
+
+def state_path(out_dir: Path, fold: int) -> Path:
+    return out_dir / f"fold_{fold}.state.pt"
+
+
+def save_state(out_dir: Path, fold: int, state: dict[str, Any]) -> None:
+    """The training state of fold ``fold`` after an epoch, written atomically."""
+    with atomic_path(state_path(out_dir, fold)) as tmp:
+        torch.save(state, tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+
+
+def load_state(out_dir: Path, fold: int) -> dict[str, Any] | None:
+    """The saved training state of ``fold`` or ``None``; a damaged one is ignored (the fold restarts)."""
+    p = state_path(out_dir, fold)
+    if not p.is_file():
+        return None
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception:  # a file torn by something other than our atomic write: start the fold again
+        return None
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise HistofmError(f"{path} is not readable JSON ({what} is damaged); train again into a fresh --out.") from None
+    if not isinstance(doc, dict):
+        raise HistofmError(f"{path} is not a {what}; train again into a fresh --out.")
+    return doc
+
+
+def begin_run(out_dir: Path, config: dict[str, Any], overwrite: bool = False) -> tuple[str, list[dict[str, Any]]]:
+    """Start a run in ``out_dir``, or resume the unfinished one with the same settings.
+
+    Returns:
+        the run id and the documents of the folds already finished (empty for a new run).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
+    config = json.loads(json.dumps(config))  # the form it has after a round trip through the file
+    progress = out_dir / PROGRESS
+    if progress.is_file() and not overwrite:
+        try:
+            doc = json.loads(progress.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            doc = None
+        if isinstance(doc, dict) and doc.get("config") == config and isinstance(doc.get("folds_done"), list):
+            return str(doc["run_id"]), list(doc["folds_done"])
+        raise HistofmError(
+            f"--out {out_dir} holds an unfinished `mil train` run with other settings; rerun that command to "
+            "resume it, or pass --overwrite to start this one in its place."
+        )
+    abandon_run(out_dir)
     (out_dir / MANIFEST).unlink(missing_ok=True)
     run_id = uuid.uuid4().hex
-    with atomic_path(out_dir / CONFIG) as tmp:
-        tmp.write_text(json.dumps({**config, "run_id": run_id}, indent=2))
-    return run_id
+    with atomic_path(progress) as tmp:
+        tmp.write_text(json.dumps({"run_id": run_id, "config": config, "folds_done": []}))
+    return run_id, []
 
 
-def finish_run(out_dir: Path, run_id: str, folds: list[dict[str, Any]]) -> Path:
-    """Write the manifest (last) and delete fold models this run did not write.
+def fold_done(out_dir: Path, fold_doc: dict[str, Any]) -> None:
+    """Record a finished fold in ``progress.json`` (its model file is already complete) and drop its state."""
+    progress = out_dir / PROGRESS
+    doc = json.loads(progress.read_text(encoding="utf-8"))
+    doc["folds_done"] = [f for f in doc["folds_done"] if f["fold"] != fold_doc["fold"]] + [
+        {**fold_doc, "sha256": sha256(out_dir / fold_doc["file"])}
+    ]
+    with atomic_path(progress) as tmp:
+        tmp.write_text(json.dumps(doc))
+    state_path(out_dir, int(fold_doc["fold"])).unlink(missing_ok=True)
+
+
+def abandon_run(out_dir: Path) -> None:
+    """Forget an unfinished run: its ``progress.json`` and per-epoch states (a rerun starts afresh)."""
+    (out_dir / PROGRESS).unlink(missing_ok=True)
+    for p in out_dir.glob("fold_*.state.pt"):
+        p.unlink()
+
+
+def finish_run(out_dir: Path, run_id: str, config: dict[str, Any], folds: list[dict[str, Any]]) -> Path:
+    """Write ``config.json``, then the manifest (last); delete fold models this run did not write.
 
     Args:
         folds: per fold ``{"fold": k, "file": name, "test_slides": [...], ...}``; hashes are added here.
     """
     for f in folds:
         f["sha256"] = sha256(out_dir / f["file"])
+    with atomic_path(out_dir / CONFIG) as tmp:
+        tmp.write_text(json.dumps({**config, "run_id": run_id}, indent=2))
     doc = {"run_id": run_id, "folds": folds}
     with atomic_path(out_dir / MANIFEST) as tmp:
         tmp.write_text(json.dumps(doc, indent=2))
@@ -62,25 +160,57 @@ def finish_run(out_dir: Path, run_id: str, folds: list[dict[str, Any]]) -> Path:
     for stale in out_dir.glob("fold_*.safetensors"):
         if stale.name not in keep:
             stale.unlink()
+    abandon_run(out_dir)
     return out_dir / MANIFEST
 
 
 def read_run(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """``config.json`` of a finished run, with the manifest under ``"manifest"``."""
+    """``config.json`` of a finished run, with the manifest under ``"manifest"``; damage ends in one sentence."""
     d = Path(run_dir)
+    if not d.is_dir():
+        raise HistofmError(f"--run {d} is not a folder; pass the output folder of `histofm mil train` as --run.")
     if not (d / CONFIG).is_file():
-        raise HistofmError(f"{d} has no config.json; pass the output folder of `histofm mil train` as --run.")
+        hint = " (its `mil train` has not finished)" if (d / PROGRESS).is_file() else ""
+        raise HistofmError(f"{d} has no config.json{hint}; pass the output folder of a finished `histofm mil train` as --run.")
     if not (d / MANIFEST).is_file():
         raise HistofmError(
             f"{d} holds no finished run (no {MANIFEST}: the last `mil train` into it stopped early); "
             "train again or pass another --run."
         )
-    cfg = json.loads((d / CONFIG).read_text())
-    manifest = json.loads((d / MANIFEST).read_text())
+    cfg = _read_json(d / CONFIG, "config.json of `mil train`")
+    manifest = _read_json(d / MANIFEST, "run manifest")
     if cfg.get("run_id") != manifest.get("run_id"):
         raise HistofmError(f"{d}: config.json and {MANIFEST} come from different runs; train into a fresh --out.")
+    _check_run(d, cfg, manifest)
     cfg["manifest"] = manifest
     return cfg
+
+
+def _check_run(d: Path, cfg: dict[str, Any], manifest: dict[str, Any]) -> None:
+    """The fields every reader of a run uses, with the right types."""
+    def ok_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+    good = (
+        isinstance(cfg.get("aggregator"), str) and ok_int(cfg.get("in_dim")) and ok_int(cfg.get("out_dim"))
+        and isinstance(cfg.get("model_kwargs", {}), dict) and cfg.get("task") in ("classification", "survival")
+        and isinstance(cfg.get("train"), dict) and isinstance(cfg.get("provenance", {}), dict)
+    )
+    if good and cfg["task"] == "classification":
+        names = cfg.get("class_names")
+        good = isinstance(names, list) and len(names) == cfg["out_dim"] and all(isinstance(n, str) for n in names)
+    if good and cfg["task"] == "survival":
+        good = cfg["train"].get("loss") in ("nll", "cox")
+    folds = manifest.get("folds")
+    if good:
+        good = isinstance(folds, list) and len(folds) > 0 and all(
+            isinstance(f, dict) and isinstance(f.get("fold"), int) and isinstance(f.get("sha256"), str)
+            and isinstance(f.get("file"), str) and Path(f["file"]).name == f["file"]
+            and isinstance(f.get("test_slides", []), list)
+            for f in folds
+        )
+    if not good:
+        raise HistofmError(f"{d}: config.json or {MANIFEST} is incomplete or was edited; train again into a fresh --out.")
 
 
 def held_out_fold(cfg: dict[str, Any], slide_id: str) -> int | None:
@@ -94,7 +224,12 @@ def held_out_fold(cfg: dict[str, Any], slide_id: str) -> int | None:
 
 
 def build_from_config(cfg: dict[str, Any]) -> MILAggregator:
-    return build_aggregator(cfg["aggregator"], cfg["in_dim"], cfg["out_dim"], **cfg.get("model_kwargs", {}))
+    try:
+        return build_aggregator(cfg["aggregator"], cfg["in_dim"], cfg["out_dim"], **cfg.get("model_kwargs", {}))
+    except (HistofmError, ValueError, TypeError, RuntimeError) as e:
+        raise HistofmError(
+            f"config.json describes an aggregator that cannot be built ({str(e).rstrip('.')}); train again."
+        ) from None
 
 
 def load_trained(
@@ -116,9 +251,15 @@ def load_trained(
             raise HistofmError(f"{path.name} is missing or was changed after the run in {d} finished; train again.")
         model = build_from_config(cfg)
         try:
-            model.load_state_dict(load_file(str(path)))
+            weights = load_file(str(path))
+        except (SafetensorError, OSError):  # a torn or foreign file
+            raise HistofmError(f"{path.name} is not a readable safetensors file; train again.") from None
+        try:
+            model.load_state_dict(weights)
         except RuntimeError:
             raise HistofmError(f"{path.name} does not fit a {cfg['aggregator']} built from config.json; train again.") from None
+        if not all(bool(torch.isfinite(t).all()) for t in weights.values() if t.is_floating_point()):
+            raise HistofmError(f"{path.name} holds NaN or infinite weights; train again.")
         model.fold = int(f["fold"])  # type: ignore[assignment]
         models.append(model.eval())
     return models, cfg

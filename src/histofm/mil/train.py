@@ -163,12 +163,23 @@ def fit(
     val_bags: Sequence[torch.Tensor] | None = None,
     val_labels: Sequence[int] | np.ndarray | torch.Tensor | Targets | None = None,
     log: Callable[[dict[str, Any]], None] | None = None,
+    state: dict[str, Any] | None = None,
+    save_state: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[float]:
     """Train ``model`` on bags ``(N_i, D)``; returns the mean training loss of each epoch run.
 
     With ``val_bags``, the validation loss is computed after each epoch, the weights of
     the best epoch are restored at the end, and training stops after ``config.patience``
     epochs without improvement. ``log`` receives one record per epoch.
+
+    ``save_state`` receives, after every epoch, everything needed to go on exactly as
+    if never stopped (model, optimiser, epoch, early-stopping state, random-number
+    generator states and the epoch records); passing such a dict back as ``state``
+    resumes there, giving bit-identical weights on the same device and thread count.
+
+    Raises:
+        HistofmError: when a training or validation loss is NaN or infinite (diverging
+            training, ``--lr`` too high); nothing is saved for such a run.
     """
     target = _as_targets(labels)
     if len(bags) != len(target) or not len(bags):
@@ -185,10 +196,26 @@ def fit(
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     gen = torch.Generator().manual_seed(config.seed)
     history: list[float] = []
+    records: list[dict[str, Any]] = []
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+    start, stopped = 0, False
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        history, records = list(state["history"]), list(state["records"])
+        if state["best_model"] is not None:
+            best = (float(state["best_val"]), int(state["best_epoch"]), state["best_model"])
+        start, stopped = int(state["epoch"]), bool(state["stopped"])
     bar, task = _progress(config.epochs, f"training {config.model}", progress)
     with bar:
-        for epoch in range(config.epochs):
+        bar.update(task, completed=start)
+        for epoch in range(start, config.epochs):
+            if stopped:
+                break
             order = torch.randperm(len(bags), generator=gen).tolist()
             total, steps = 0.0, 0
             for s in range(0, len(order), config.batch_size):
@@ -205,6 +232,12 @@ def fit(
                 loss = slide_loss(out.logits, t, config, class_weight)
                 if out.aux_loss is not None:
                     loss = loss + out.aux_loss
+                if not bool(torch.isfinite(loss)):
+                    raise HistofmError(
+                        f"The training loss of {config.model} became {float(loss.detach())} in epoch {epoch + 1} "
+                        f"(diverging training, or features too large for float32); lower --lr (now {config.lr:g}) "
+                        "or check the features, and train again."
+                    )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -212,20 +245,32 @@ def fit(
                 steps += 1
             history.append(total / steps)
             record: dict[str, Any] = {"epoch": epoch, "train_loss": history[-1], "val_loss": None}
-            stop = False
             if use_val:
                 val = validation_loss(model, val_bags, val_target, config, class_weight, device)  # type: ignore[arg-type]
+                if not np.isfinite(val):
+                    raise HistofmError(
+                        f"The validation loss of {config.model} became {val} in epoch {epoch + 1} "
+                        f"(diverging training); lower --lr (now {config.lr:g}) and train again."
+                    )
                 model.train()
                 record["val_loss"] = val
                 if best is None or val < best[0]:
                     best = (val, epoch, copy.deepcopy({k: v.detach().clone() for k, v in model.state_dict().items()}))
-                stop = config.patience > 0 and epoch - best[1] >= config.patience
+                stopped = config.patience > 0 and epoch - best[1] >= config.patience
                 record["best_epoch"] = best[1]
+            records.append(record)
             if log is not None:
                 log(record)
+            if save_state is not None:
+                save_state({
+                    "model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
+                    "stopped": stopped, "history": history, "records": records,
+                    "best_val": None if best is None else best[0], "best_epoch": None if best is None else best[1],
+                    "best_model": None if best is None else best[2],
+                    "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                    **({"cuda_rng": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}),
+                })
             bar.update(task, advance=1, info=f"loss {history[-1]:.4f}")
-            if stop:
-                break
     if best is not None:
         model.load_state_dict(best[2])
     model.eval()
