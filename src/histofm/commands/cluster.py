@@ -38,16 +38,16 @@ histofm cluster slide.svs --features feats/features_uni/slide.h5 --k 6 --out map
     p.add_argument("--target-mpp", "--mpp", dest="mpp", type=float, default=0.5, help="microns per pixel of the tiles")
     p.add_argument("--tile-size", type=int, default=224, help="tile side in pixels at --target-mpp")
     p.add_argument("--min-tissue", type=float, default=0.5, help="minimum tissue fraction of a tile")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="tiles per forward pass when embedding")
     p.add_argument("--no-normalize", action="store_true", help="cluster raw embeddings (default: L2-normalised)")
     p.add_argument("--prototypes", type=int, default=6, help="tiles shown per cluster")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the k-means initialisation")
     p.add_argument("--device", help="cpu, cuda, ... (None: the best available)")
     p.add_argument("--mpp-override", type=float, dest="mpp_override",
                    help="level-0 microns per pixel of a slide whose metadata has none (or a wrong one)")
     p.add_argument("--slide-mpp", type=float, dest="mpp_override", help=argparse.SUPPRESS)  # deprecated alias
     add_roi_arguments(p)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
 
 

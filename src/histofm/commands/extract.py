@@ -46,10 +46,11 @@ histofm extract slides/*.svs --model uni --pretrained --coords tiles/ --roi anno
     p.add_argument("--coords", type=Path, default=None, metavar="DIR",
                    help="reuse tile coordinates from `histofm tile`, TRIDENT or CLAM patch files in DIR "
                    "(no tissue detection)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="tiles per forward pass")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="tile-reading processes")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (None: the best available)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="autocast precision of the encoder (features are stored as float32)")
     p.add_argument("--overwrite", action="store_true", help="redo slides whose output exists")
     p.add_argument("--compile", action="store_true", help="torch.compile each Transformer block (slow first batch)")
     p.add_argument("--channels-last", action="store_true", help="NHWC images and convolution weights")
