@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "mil",
     "semi",
     "cluster",
+    "segment",
     "demo",
     "env",
 )
