@@ -9,6 +9,9 @@ probability ``p``, the HV maps ``h, v`` and the mask ``M = [p >= 0.5]``::
     markers = label(open(M and not [S >= 0.4]))               # nucleus cores
     instances = watershed(E, markers, mask=M)
 
+Foreground blobs left without a marker (small nuclei, whose gradient never falls below the
+threshold) become nuclei of their own rather than disappearing.
+
 Inside a nucleus ``h`` rises from -1 to 1 along x, so ``d h / d x`` is positive;
 where two nuclei touch it drops from +1 to -1, the derivative is strongly
 negative and ``S_h`` is close to 1. The derivatives are Sobel filters of side
@@ -105,6 +108,12 @@ def hovernet_instances(np_prob: np.ndarray, hv: np.ndarray, cfg: PostprocessConf
     cores = ndimage.binary_opening(cores, structure=disk(2))
     markers = remove_small(ndimage.label(cores)[0], cfg.min_size)
     inst = watershed(energy, markers, mask=fg)
+    # A foreground blob that got no marker (a small nucleus whose HV gradient never drops under the
+    # threshold) would vanish; it becomes one nucleus instead.
+    orphans, n = ndimage.label(fg & (inst == 0))
+    if n:
+        inst = np.where(orphans > 0, orphans + inst.max(), inst)
+        inst = remove_small(inst, cfg.min_size)
     return relabel(inst)
 
 

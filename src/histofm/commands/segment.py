@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     w.add_argument("--random-init", action="store_true", help="untrained model, to try the pipeline")
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--tile", type=int, default=None, help="network tile in px (default: the model's training crop)")
-    p.add_argument("--overlap", type=int, default=32, help="overlap of neighbouring tiles in px")
+    p.add_argument("--overlap", type=int, default=None, help="overlap of neighbouring tiles in px (default: a quarter tile)")
     p.add_argument("--chunk", type=int, default=1024, help="post-processing chunk side in level-0 px")
     p.add_argument("--margin", type=int, default=64, help="context around each chunk in px")
     p.add_argument("--mask-format", choices=MASK_FORMATS, default="tiff", help="file type of the instance mask")
@@ -120,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
             raise HistofmError(f"Input not found: {path}; check the path.")
     model, cfg = _load_model(args, backbone)
     tile = args.tile or cfg.tile
+    args.overlap = tile // 4 if args.overlap is None else args.overlap
     for path in args.inputs:
         with open_slide(path, mpp=args.mpp_override) as slide:
             _segment_one(slide, path, model, cfg, post, tile, args)
