@@ -20,7 +20,12 @@ from histofm.cells.hovernet import (
     msge_loss,
 )
 from histofm.cells.metrics import seg_stats
-from histofm.cells.postprocess import PostprocessConfig, classical_instances, hovernet_instances, instance_types
+from histofm.cells.postprocess import (
+    PostprocessConfig,
+    classical_instances,
+    hovernet_instances,
+    instance_types,
+)
 from histofm.cells.train import (
     CellTrainConfig,
     CropSampler,
