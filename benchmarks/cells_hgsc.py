@@ -36,6 +36,7 @@ from histofm.cells.postprocess import classical_instances
 from histofm.cells.train import (
     CellTrainConfig,
     CropSampler,
+    load_cell_model,
     load_hgsc,
     save_cell_model,
     split_blocks,
@@ -86,6 +87,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="crops per step")
     ap.add_argument("--pretrain-steps", type=int, default=120, help="DINOv2 steps of the demo's pretraining")
     ap.add_argument("--backbone", default=None, help="reuse a pretrained backbone.safetensors instead of pretraining")
+    ap.add_argument("--eval-only", action="store_true",
+                    help="no training: evaluate the cell models an earlier run saved in --out")
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -109,6 +112,8 @@ def main() -> None:
     print(f"classical: settings {settings} (training-block PQ {train_pq:.3f}), {time.time() - t:.0f} s", flush=True)
 
     backbone = args.backbone
+    if args.eval_only:
+        backbone = "unused"
     if backbone is None:
         from histofm.demo import DemoConfig, step_pretrain
 
@@ -123,20 +128,24 @@ def main() -> None:
     for name, ckpt in (("random encoder", None), ("pretrained encoder", backbone)):
         t = time.time()
         seed_everything(args.seed)
-        cfg = HoVerNetConfig(encoder="vit_tiny_patch8_224", encoder_kwargs=enc_kw, freeze_encoder=True)
-        model = build_hovernet(cfg, encoder_checkpoint=ckpt)
-        sampler = CropSampler(image, inst, types, split_blocks(inst.shape, train=True), cfg.tile, cfg.mean, cfg.std,
-                              seed=args.seed)
         tag = name.split()[0]
-        hist = train_hovernet(model, sampler, CellTrainConfig(steps=args.steps, batch_size=args.batch, seed=args.seed,
-                                                              progress=False), out_dir=out / tag)
-        save_cell_model(model, cfg, out / tag / "cells.safetensors")
+        if args.eval_only:
+            model, cfg = load_cell_model(out / tag / "cells.safetensors")
+            hist = [json.loads(line) for line in (out / tag / "log.jsonl").read_text().splitlines()]
+        else:
+            cfg = HoVerNetConfig(encoder="vit_tiny_patch8_224", encoder_kwargs=enc_kw, freeze_encoder=True)
+            model = build_hovernet(cfg, encoder_checkpoint=ckpt)
+            sampler = CropSampler(image, inst, types, split_blocks(inst.shape, train=True), cfg.tile, cfg.mean,
+                                  cfg.std, seed=args.seed)
+            hist = train_hovernet(model, sampler, CellTrainConfig(steps=args.steps, batch_size=args.batch,
+                                                                  seed=args.seed, progress=False), out_dir=out / tag)
+            save_cell_model(model, cfg, out / tag / "cells.safetensors")
         pred, ptypes, _ = segment_array(model, image, cfg.mean, cfg.std, tile=cfg.tile, overlap=32)
         results[f"ViT-Ti/8 {name} (frozen) + UNETR + HoVer-Net head"] = evaluate_held_out(
             inst, types, pred, {i + 1: int(c) for i, c in enumerate(ptypes)}, n_boot=args.n_boot)
         preds[name] = pred
         first, last = np.mean([h["loss"] for h in hist[:20]]), np.mean([h["loss"] for h in hist[-20:]])
-        timing[tag] = time.time() - t
+        timing[tag + (" (evaluation only)" if args.eval_only else "")] = time.time() - t
         print(f"{name}: loss {first:.3f} -> {last:.3f}, {pred.max()} nuclei, {time.time() - t:.0f} s", flush=True)
 
     table = format_table(results)
