@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -139,7 +140,7 @@ class HoVerNetConfig:
     """
 
     encoder: str = "vit_tiny_patch8_224"
-    encoder_kwargs: dict = None  # type: ignore[assignment]
+    encoder_kwargs: dict[str, Any] = field(default_factory=dict)
     num_types: int = 3
     type_names: tuple[str, ...] = ("connective", "inflammatory", "neoplastic")
     layer_indices: tuple[int, ...] | None = None
@@ -150,8 +151,6 @@ class HoVerNetConfig:
     tile: int = 128
 
     def __post_init__(self) -> None:
-        if self.encoder_kwargs is None:
-            object.__setattr__(self, "encoder_kwargs", {})
         if len(self.type_names) != self.num_types:
             raise ValueError(f"type_names has {len(self.type_names)} names for num_types={self.num_types}")
 

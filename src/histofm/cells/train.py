@@ -143,14 +143,33 @@ def train_hovernet(
             bar.update(task, advance=1, info=f"loss {history[-1]['loss']:.3f}")
     model.eval()
     if out_dir is not None:
-        from histofm.train.logs import plot_loss_curve
-
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         with atomic_path(out / "log.jsonl") as tmp:
             tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
-        plot_loss_curve(history, out / "loss_curve.png", title="nucleus head (HoVer-Net loss)")
+        plot_losses(history, out / "loss_curve.png")
     return history
+
+
+def plot_losses(history: list[dict[str, float]], path: Path) -> None:
+    """The total loss and its six terms per step, saved as a PNG (atomically)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.6), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    steps = [h["step"] for h in history]
+    for key in ("loss", "np_ce", "np_dice", "hv_mse", "hv_msge", "tp_ce", "tp_dice"):
+        ax.plot(steps, [h[key] for h in history], lw=1.6 if key == "loss" else 0.8, label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.set_title("nucleus head (HoVer-Net loss)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
 
 
 def save_cell_model(model: HoVerNetViT, cfg: HoVerNetConfig, path: str | os.PathLike[str]) -> Path:
