@@ -83,12 +83,15 @@ def save_overlay(image: np.ndarray, preds: dict[str, np.ndarray], gt: np.ndarray
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/cells", help="output directory")
+    ap.add_argument("--results", default=None, help="name of the results files (default: results)")
     ap.add_argument("--steps", type=int, default=300, help="training steps of each decoder")
     ap.add_argument("--batch", type=int, default=8, help="crops per step")
     ap.add_argument("--pretrain-steps", type=int, default=120, help="DINOv2 steps of the demo's pretraining")
     ap.add_argument("--backbone", default=None, help="reuse a pretrained backbone.safetensors instead of pretraining")
     ap.add_argument("--eval-only", action="store_true",
                     help="no training: evaluate the cell models an earlier run saved in --out")
+    ap.add_argument("--only", choices=("random", "pretrained"), default=None, help="train/evaluate one encoder only")
+    ap.add_argument("--skip-classical", action="store_true", help="leave the classical baseline out")
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -102,17 +105,18 @@ def main() -> None:
     timing: dict[str, float] = {}
 
     t = time.time()
-    settings, train_pq = tune_classical(image, inst)
-    classical = classical_instances(image, **settings)
-    maj = training_majority_type(inst, types)
-    results["classical (haematoxylin + watershed)"] = evaluate_held_out(
-        inst, types, classical, {i: maj for i in range(1, int(classical.max()) + 1)}, n_boot=args.n_boot)
-    preds["classical"] = classical
-    timing["classical"] = time.time() - t
-    print(f"classical: settings {settings} (training-block PQ {train_pq:.3f}), {time.time() - t:.0f} s", flush=True)
+    settings, train_pq = ({}, float("nan")) if args.skip_classical else tune_classical(image, inst)
+    if not args.skip_classical:
+        classical = classical_instances(image, **settings)
+        maj = training_majority_type(inst, types)
+        results["classical (haematoxylin + watershed)"] = evaluate_held_out(
+            inst, types, classical, {i: maj for i in range(1, int(classical.max()) + 1)}, n_boot=args.n_boot)
+        preds["classical"] = classical
+        timing["classical"] = time.time() - t
+        print(f"classical: settings {settings} (training-block PQ {train_pq:.3f}), {time.time() - t:.0f} s", flush=True)
 
     backbone = args.backbone
-    if args.eval_only:
+    if args.eval_only or args.only == "random":
         backbone = "unused"
     if backbone is None:
         from histofm.demo import DemoConfig, step_pretrain
@@ -129,7 +133,12 @@ def main() -> None:
         t = time.time()
         seed_everything(args.seed)
         tag = name.split()[0]
+        if args.only is not None and args.only != tag:
+            continue
         if args.eval_only:
+            if not (out / tag / "cells.safetensors").is_file():
+                print(f"{name}: no saved model in {out / tag}, skipped", flush=True)
+                continue
             model, cfg = load_cell_model(out / tag / "cells.safetensors")
             hist = [json.loads(line) for line in (out / tag / "log.jsonl").read_text().splitlines()]
         else:
@@ -150,11 +159,12 @@ def main() -> None:
 
     table = format_table(results)
     print(table)
-    save_overlay(image, preds, inst, out / "held_out_block.png")
-    (out / "results.json").write_text(json.dumps(
+    save_overlay(image, preds, inst, out / f"{args.results or 'held_out'}_block.png")
+    stem = args.results or "results"
+    (out / f"{stem}.json").write_text(json.dumps(
         {"results": results, "classical_settings": settings, "timing_s": timing,
          "gt_nuclei": int(inst.max()), "pred_nuclei": {k: int(v.max()) for k, v in preds.items()}}, indent=1))
-    (out / "results.md").write_text(table)
+    (out / f"{stem}.md").write_text(table)
 
 
 if __name__ == "__main__":
