@@ -59,6 +59,21 @@ def tune_classical(image: np.ndarray, inst: np.ndarray) -> tuple[dict[str, int],
     return best, best_pq
 
 
+def predict_held_out(model, cfg, image: np.ndarray, shape: tuple[int, int], context: int = 32):
+    """Instances of the held-out blocks only (each with ``context`` px around it): mask and ``{label: type}``."""
+    pred = np.zeros(shape, np.int32)
+    pred_types: dict[int, int] = {}
+    for y0, x0, y1, x1 in split_blocks(shape, train=False):
+        cy0, cx0 = max(y0 - context, 0), max(x0 - context, 0)
+        cy1, cx1 = min(y1 + context, shape[0]), min(x1 + context, shape[1])
+        lab, types, _ = segment_array(model, image[cy0:cy1, cx0:cx1], cfg.mean, cfg.std, tile=cfg.tile, overlap=32)
+        inside = lab[y0 - cy0 : y1 - cy0, x0 - cx0 : x1 - cx0]
+        offset = int(pred.max())
+        pred[y0:y1, x0:x1] = np.where(inside > 0, inside + offset, 0)
+        pred_types.update({offset + i + 1: int(t) for i, t in enumerate(types)})
+    return pred, pred_types
+
+
 def save_overlay(image: np.ndarray, preds: dict[str, np.ndarray], gt: np.ndarray, path: Path) -> None:
     """Outlines of each segmenter's nuclei on one held-out block, beside the ground truth."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -149,9 +164,9 @@ def main() -> None:
             hist = train_hovernet(model, sampler, CellTrainConfig(steps=args.steps, batch_size=args.batch,
                                                                   seed=args.seed, progress=False), out_dir=out / tag)
             save_cell_model(model, cfg, out / tag / "cells.safetensors")
-        pred, ptypes, _ = segment_array(model, image, cfg.mean, cfg.std, tile=cfg.tile, overlap=32)
+        pred, pred_types = predict_held_out(model, cfg, image, inst.shape)
         results[f"ViT-Ti/8 {name} (frozen) + UNETR + HoVer-Net head"] = evaluate_held_out(
-            inst, types, pred, {i + 1: int(c) for i, c in enumerate(ptypes)}, n_boot=args.n_boot)
+            inst, types, pred, pred_types, n_boot=args.n_boot)
         preds[name] = pred
         first, last = np.mean([h["loss"] for h in hist[:20]]), np.mean([h["loss"] for h in hist[-20:]])
         timing[tag + (" (evaluation only)" if args.eval_only else "")] = time.time() - t
