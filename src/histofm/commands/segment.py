@@ -52,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="post-processing setting, or backbone.KEY=VALUE with --random-init (repeatable)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     p.add_argument("--seed", type=int, default=0, help="seed of --random-init")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
