@@ -50,6 +50,7 @@ FLOORS: dict[str, int] = {
     # 8: what is learnt and measured: SSL methods, MIL aggregators, semi-supervised, evaluation
     "histofm.methods": 8,
     "histofm.mil": 8,
+    "histofm.cells": 8,
     "histofm.learning": 8,
     "histofm.eval": 8,
     # 9: the engine

@@ -30,6 +30,7 @@ COMMAND_MODULES = (
     "semi",
     "cluster",
     "zeroshot",
+    "segment",
     "demo",
     "env",
 )

@@ -25,8 +25,8 @@ Pooling (``global_pool``) decides what ``model(x)`` returns:
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Literal
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -290,6 +290,86 @@ class VisionTransformer(nn.Module):
             x = self.blocks(x)
         return self.norm(x)
 
+    # --------------------------------------------------------- intermediates
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Any] | tuple[torch.Tensor, list[Any]]:
+        """Per-block features for dense heads (timm's API and semantics).
+
+        Args:
+            x: images ``(B, C, H, W)``.
+            indices: an int ``n`` takes the last ``n`` blocks, a sequence takes those block
+                indices (negative counts from the end), ``None`` takes every block. Outputs come
+                in block order, whatever the order of ``indices``.
+            return_prefix_tokens: give ``(spatial, prefix)`` pairs; ``prefix`` is ``(B, P, D)``.
+            norm: apply the final norm to each intermediate.
+            stop_early: do not run the blocks after the last one taken.
+            output_fmt: ``"NCHW"`` gives ``(B, D, H/p, W/p)`` maps, ``"NLC"`` gives ``(B, N, D)`` tokens.
+            intermediates_only: return the list only, not ``(final_features, list)``.
+
+        Returns:
+            The list of intermediates, or ``(forward_features(x), intermediates)``.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take, last = _take_indices(len(self.blocks), indices)
+        B, _, height, width = x.shape
+        x = self.prepare_tokens(x)  # (B, P + N, D)
+        blocks = list(self.blocks)[: last + 1] if stop_early else list(self.blocks)
+        taken = []
+        ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        for i, blk in enumerate(blocks):
+            if ckpt:
+                from torch.utils.checkpoint import checkpoint
+
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+            if i in take:
+                taken.append(self.norm(x) if norm else x)
+        P = self.num_prefix_tokens
+        prefix = [y[:, :P] for y in taken]  # (B, P, D) each
+        spatial = [y[:, P:] for y in taken]  # (B, N, D) each
+        if output_fmt == "NCHW":
+            gh, gw = height // self.patch_size, width // self.patch_size
+            spatial = [y.reshape(B, gh, gw, -1).permute(0, 3, 1, 2).contiguous() for y in spatial]
+        out: list[Any] = list(zip(spatial, prefix)) if return_prefix_tokens and P else spatial
+        if intermediates_only:
+            return out
+        return self.norm(x), out
+
+    def get_intermediate_layers(
+        self,
+        x: torch.Tensor,
+        n: int | Sequence[int] = 1,
+        reshape: bool = False,
+        return_class_token: bool = False,
+        norm: bool = True,
+    ) -> tuple[Any, ...]:
+        """DINOv2's API: patch tokens of the last ``n`` blocks (or of blocks ``n``), normed by default.
+
+        Returns a tuple of ``(B, N, D)`` (or ``(B, D, H/p, W/p)`` with ``reshape``); with
+        ``return_class_token`` a tuple of ``(patch_tokens, class_token (B, D))`` pairs.
+        """
+        if return_class_token and not self.has_class_token:
+            raise ValueError("return_class_token needs a model with a class token")
+        taken = self.forward_intermediates(
+            x, indices=n, return_prefix_tokens=True, norm=norm, output_fmt="NCHW" if reshape else "NLC",
+            intermediates_only=True,
+        )
+        if not self.num_prefix_tokens:  # no prefix: plain tensors came back
+            taken = [(y, None) for y in taken]
+        if return_class_token:
+            return tuple((y, p[:, 0]) for y, p in taken)
+        return tuple(y for y, _ in taken)
+
     def set_efficient_drop_path(self, enable: bool = True) -> None:
         """In training, run each residual branch only on the samples stochastic depth keeps (DINOv2)."""
         for blk in self.blocks:
@@ -369,6 +449,26 @@ class VisionTransformer(nn.Module):
             stem=r"^cls_token|reg_token|mask_token|pos_embed|patch_embed",  # the embedding
             blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
         )
+
+
+def _take_indices(num_blocks: int, indices: int | Sequence[int] | None) -> tuple[set[int], int]:
+    """Absolute block indices to take and the largest one (timm's ``feature_take_indices``)."""
+    if indices is None:
+        indices = num_blocks
+    if isinstance(indices, int):
+        if not 0 < indices <= num_blocks:
+            raise ValueError(f"last-n ({indices}) is out of range (1 to {num_blocks})")
+        take = list(range(num_blocks - indices, num_blocks))
+    else:
+        take = []
+        for i in indices:
+            idx = num_blocks + i if i < 0 else i
+            if not 0 <= idx < num_blocks:
+                raise ValueError(f"block index {i} is out of range for {num_blocks} blocks")
+            take.append(idx)
+    if not take:
+        raise ValueError("indices selects no block")
+    return set(take), max(take)
 
 
 def _bind_block_index(factory: Callable[..., nn.Module], index: int) -> Callable[[int, int], nn.Module]:
