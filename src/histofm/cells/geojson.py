@@ -14,16 +14,11 @@ several pieces keeps its largest.
 
 from __future__ import annotations
 
-import json
-import os
 import uuid
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from histofm.utils import atomic_path
 
 #: QuPath's default colours of the PanNuke-style classes; others cycle through a palette.
 TYPE_COLORS = {
@@ -106,11 +101,3 @@ def nuclei_features(
             },
         })
     return features
-
-
-def write_geojson(path: str | os.PathLike[str], features: list[dict[str, Any]]) -> Path:
-    """Write a FeatureCollection atomically."""
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
-    return path

@@ -130,9 +130,10 @@ def run(args: argparse.Namespace) -> int:
 def _segment_one(slide: Any, path: Path, model: Any, cfg: Any, post: Any, tile: int, args: argparse.Namespace) -> None:  # noqa: ANN401
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from histofm.cells.geojson import nuclei_features, write_geojson
+    from histofm.cells.geojson import nuclei_features
     from histofm.cells.infer import segment_region
     from histofm.errors import HistofmError
+    from histofm.wsi.qupath import write_geojson
 
     W, H = slide.dimensions
     if W * H > 2**31 - 1:
@@ -156,7 +157,8 @@ def _segment_one(slide: Any, path: Path, model: Any, cfg: Any, post: Any, tile: 
     mask_path = _write_mask(nuclei.mask, out / f"mask.{args.mask_format}")
     names = cfg.type_names
     _write_csv(nuclei, names, out / "nuclei.csv")
-    write_geojson(out / "nuclei.geojson", nuclei_features(nuclei.mask, nuclei.type_id, nuclei.probability, names))
+    write_geojson(out / "nuclei.geojson", {"type": "FeatureCollection",
+                                           "features": nuclei_features(nuclei.mask, nuclei.type_id, nuclei.probability, names)})
     overlay = _write_overlay(slide, nuclei.mask, out / "overlay.png")
     mpp = slide.mpp if slide.has_mpp else None
     counts = {n: int((nuclei.type_id == i + 1).sum()) for i, n in enumerate(names)}
