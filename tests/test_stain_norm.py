@@ -116,11 +116,12 @@ def test_vahadane_recovers_known_stains() -> None:
 
     true = torch.nn.functional.normalize(torch.tensor([[0.60, 0.75, 0.28], [0.15, 0.95, 0.25]]), dim=1)
     img, _ = _synthetic(true)
-    vah = VahadaneNormalizer()
+    # A weak sparsity penalty recovers the generating stains almost exactly (a strong one biases them).
+    vah = VahadaneNormalizer(lam_dict=0.02)
     w, ok = vah.stain_matrix(torch.from_numpy(img).float().reshape(1, -1, 3))
     assert ok.all() and (w >= 0).all()
     cos = (w[0] * true).sum(1)
-    assert (cos > 0.98).all(), cos  # H then E, each within ~11 degrees of the truth
+    assert (cos > 0.995).all(), cos  # H then E, each within ~6 degrees of the truth
     # Non-negative sparse concentrations, and fitting a target from other known stains moves the image there.
     other = torch.nn.functional.normalize(torch.tensor([[0.45, 0.80, 0.40], [0.05, 0.90, 0.43]]), dim=1)
     target, _ = _synthetic(other, seed=1)
@@ -129,6 +130,30 @@ def test_vahadane_recovers_known_stains() -> None:
     out = vah.transform(img)
     w_out, _ = vah.stain_matrix(torch.from_numpy(out).float().reshape(1, -1, 3))
     assert ((w_out[0] * other).sum(1) > 0.97).all()
+
+
+@pytest.mark.parametrize("which", ["nest", "cmu"])
+def test_vahadane_matches_spams(tiles, which: str) -> None:
+    """SPAMS (the solver of the paper and of staintools) as the oracle: same objective, same stains."""
+    import spams
+
+    from histofm.data.stain_norm import VahadaneNormalizer, _nonneg_lasso_2, _optical_density
+
+    vah = VahadaneNormalizer()
+    flat = torch.from_numpy(tiles[which].copy()).float().reshape(1, -1, 3)
+    w, _ = vah.stain_matrix(flat)
+    od = _optical_density(flat, vah.io).clamp_min(0)[0]
+    x = np.asfortranarray(od[(od >= vah.beta).all(-1)].double().numpy().T)  # (3, M) tissue pixels
+    ref = spams.trainDL(X=x, K=2, lambda1=vah.lam_dict / 2, mode=2, modeD=0, posAlpha=True, posD=True,
+                        verbose=False, numThreads=1, iter=300).T  # (2, 3)
+    ref = ref / np.linalg.norm(ref, axis=1, keepdims=True)
+    ref = ref[[1, 0]] if ref[0, 0] < ref[1, 0] else ref  # haematoxylin first, as we do
+    cos = (w[0].double().numpy() * ref).sum(1)
+    assert (cos > 0.995).all(), cos
+    codes = _nonneg_lasso_2(torch.from_numpy(x.T)[None], w.double(), vah.lam_conc)[0].numpy()
+    ref_codes = spams.lasso(X=x, D=np.asfortranarray(w[0].double().numpy().T), mode=2, lambda1=vah.lam_conc / 2,
+                            pos=True).toarray().T
+    np.testing.assert_allclose(codes, ref_codes, atol=1e-3)  # SPAMS' LARS stops at about 1e-4
 
 
 def test_nonneg_lasso_is_the_exact_optimum() -> None:
@@ -187,7 +212,7 @@ def test_make_stain_transform_for_extraction(tiles, tmp_path: Path) -> None:
 def test_hed_shift_is_deterministic_and_shifts_the_stain(tiles) -> None:
     x = tiles["nest"]
     same = hed_shift(x)
-    assert np.abs(same.astype(int) - x).max() <= 2  # identity up to the HED round trip of 8-bit values
+    np.testing.assert_array_equal(same, x)  # the identity shift is exact (unclamped deconvolution)
     h = lambda a: rgb_to_hed(torch.from_numpy(a.copy()).permute(2, 0, 1).double() / 255).mean((1, 2))  # noqa: E731
     shifted = hed_shift(x, scale=(0.5, 1.0, 1.0))
     ratio = h(shifted) / h(x)
