@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = DemoConfig(seed=args.seed)
     if args.quick:
         cfg = dataclasses.replace(cfg, steps=10, batch_size=16, tiles_per_source=64, eval_seeds=1,
-                                  eval_episodes=10, eval_boot=50, cluster_tile=112)
+                                  eval_episodes=10, eval_boot=50, cluster_tile=112, stain_shifts=("hed-scale",))
     if args.steps is not None:
         if args.steps < 1:
             raise HistofmError(f"--steps must be at least 1, got {args.steps}.")

@@ -183,10 +183,10 @@ def topk_precision(scores: list[np.ndarray | None], planted: list[np.ndarray], l
 #: Small aggregator settings that train in seconds on CPU (hidden widths, epochs, batch, lr).
 DEFAULT_SETTINGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "mean": (dict(hidden_dim=32), dict(epochs=20, batch_size=16, lr=2e-3)),
-    "max": (dict(hidden_dim=32), dict(epochs=20, batch_size=16, lr=2e-3)),
+    "max": (dict(hidden_dim=32), dict(epochs=40, batch_size=16, lr=5e-3)),  # one tile per bag gets a gradient
     "abmil": (dict(hidden_dim=32, attn_dim=16), dict(epochs=20, batch_size=16, lr=2e-3)),
     "clam_sb": (dict(hidden_dim=32, attn_dim=16), dict(epochs=20, batch_size=16, lr=2e-3)),
-    "dsmil": (dict(hidden_dim=32, query_dim=16), dict(epochs=20, batch_size=16, lr=2e-3)),
+    "dsmil": (dict(hidden_dim=32, query_dim=16), dict(epochs=40, batch_size=16, lr=5e-3)),  # max-instance branch
     "transformer": (dict(dim=32, num_heads=2), dict(epochs=20, batch_size=16, lr=2e-3)),
     "transmil": (dict(dim=64, num_heads=4, num_landmarks=32), dict(epochs=6, batch_size=1, lr=1e-3)),
 }
