@@ -19,7 +19,9 @@ def test_quick_demo_writes_report_and_pictures(tmp_path: Path, capsys) -> None:
     assert f"Report: {out / 'report.md'}" in capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
     report = (out / "report.md").read_text()
-    for picture in ("tiles.png", "pretrain/loss_curve.png", results["cluster"]["map"], results["cluster"]["prototypes"]):
+    pictures = ("tiles.png", "pretrain/loss_curve.png", results["cluster"]["map"], results["cluster"]["prototypes"],
+                "stain_shifts.png")
+    for picture in pictures:
         assert (out / picture).is_file() and (out / picture).stat().st_size > 1000, picture
         assert picture in report
     assert results["tile"]["tiles"] > 20

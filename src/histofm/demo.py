@@ -173,6 +173,24 @@ def step_evaluate(cfg: DemoConfig, backbone: Path, progress: bool) -> list[dict[
     return table
 
 
+def save_shift_picture(cfg: DemoConfig, out: Path, n: int = 8) -> str | None:
+    """A strip of test crops (rows: clean, then each stain shift) saved as ``stain_shifts.png``."""
+    from PIL import Image
+
+    from histofm.eval.nuclei import load_nuclei_task, shifted_test_crops
+    from histofm.wsi.tiling import save_png
+
+    if not cfg.stain_shifts:
+        return None
+    task = load_nuclei_task(cfg.img_size)
+    test = task.crops[~task.train]
+    pick = test[np.linspace(0, len(test) - 1, n).astype(int)]  # (n, s, s, 3)
+    rows = [np.concatenate(list(crops), 1) for crops in shifted_test_crops(pick, cfg.stain_shifts).values()]
+    path = save_png(Image.fromarray(np.concatenate(rows, 0)).resize((n * 96, len(rows) * 96), Image.Resampling.NEAREST),
+                    out / "stain_shifts.png")
+    return path.name
+
+
 def goal_check(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Does the pretrained encoder beat both references, per protocol and stain? (balanced accuracy means).
 
@@ -218,10 +236,12 @@ def _shift_section(cfg: DemoConfig, results: dict[str, Any]) -> list[str]:
     if not shifts:
         return []
     cell = {(r["features"], r["protocol"], r["shift"]): r["metrics"]["balanced_accuracy"] for r in results["evaluate"]}
+    picture = results.get("shift_picture")
     lines = [
         "",
         "### Stain-shifted test crops",
         "",
+        *([f"![test crops: clean, then {', '.join(shifts)} (one row each)]({picture})", ""] if picture else []),
         "Only the test crops' stain changes; the kNN index, the linear probe and the few-shot prototypes are "
         "fitted on the original stain. Shifts: "
         + "; ".join(f"`{n}`: {STAIN_SHIFTS[n].description}" for n in shifts) + ".",
@@ -349,6 +369,7 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, progress: bool = Tr
         results["seconds"][key] = time.perf_counter() - t0
         if key == "evaluate":
             results["goal"] = goal_check(results["evaluate"])
+            results["shift_picture"] = save_shift_picture(cfg, out)
     results["seconds"]["total"] = time.perf_counter() - start
     results["cpu_seconds"] = time.process_time() - cpu_start
     console.rule("5/5 report")
