@@ -33,6 +33,7 @@ Stain shift (the stable API other modules use):
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -74,8 +75,9 @@ class NucleiTask:
     class_names: tuple[str, ...] = CLASS_NAMES
 
 
+@functools.lru_cache(maxsize=2)
 def load_nuclei_task(crop: int = 48) -> NucleiTask:
-    """Build the task from the bundled field and masks."""
+    """Build the task from the bundled field and masks (cached per process: treat the arrays as read-only)."""
     from PIL import Image
     from scipy import ndimage
 
