@@ -4,12 +4,14 @@ Five steps, each with a progress bar, all deterministic for a seed:
 
 1. **Tile** the bundled Aperio slide: tissue detection and a 224 px grid at 0.5 um/px,
    saved as a picture (tissue outlined, tiles drawn).
-2. **Pretrain** a small ViT with DINOv2 (the ``cpu_small`` preset) on unlabelled real
-   tiles: the stroma field, the Aperio slide and the *training blocks only* of the
-   tumour-nest field, so no pixel of the evaluation's test region is seen in pretraining.
+2. **Pretrain** a small ViT with DINOv2 (the ``cpu_small`` preset plus HED stain jitter)
+   on unlabelled real tiles: the stroma field, the Aperio slide and the *training blocks
+   only* of the tumour-nest field, so no pixel of the evaluation's test region is seen in
+   pretraining.
 3. **Evaluate** on the nucleus-type task (``histofm.eval.nuclei``): kNN, linear probe and
    few-shot for the pretrained encoder, the same encoder at random initialisation, and a
-   colour histogram, beside the peer-library baselines of the project.
+   colour histogram, on the original test crops and on stain-shifted ones (every protocol
+   fitted on the original stain), beside the peer-library baselines of the project.
 4. **Cluster** the slide's tiles with the pretrained encoder and save the cluster map.
 5. **Report**: ``report.md`` with the numbers, the loss curve and the pictures.
 """
@@ -26,6 +28,7 @@ import numpy as np
 import torch
 
 from histofm.data import sample_path
+from histofm.data.stain import DEFAULT_SHIFTS
 from histofm.utils import atomic_path, seed_everything
 
 #: Balanced accuracy on the nucleus task measured with peer libraries (project BASELINES.md).
@@ -51,6 +54,8 @@ class DemoConfig:
         cluster_tile: tile side (px at 0.5 um/px) of the cluster map.
         k: clusters in the map.
         eval_seeds, eval_episodes, eval_boot: evaluation repeats (linear seeds, few-shot episodes, bootstrap).
+        augment: multi-crop augmentation settings laid over the preset's (HED stain jitter).
+        stain_shifts: shifted test sets of the evaluation (``histofm.data.stain.STAIN_SHIFTS``).
         seed: the one seed of the run.
     """
 
@@ -66,6 +71,11 @@ class DemoConfig:
     eval_seeds: int = 3
     eval_episodes: int = 100
     eval_boot: int = 500
+    # Stain jitter over the preset (measured against the preset's mild jitter and a weaker HED jitter
+    # in docs/evaluation.md): HED scale +-0.5 and bias +-0.05, and a stronger colour jitter.
+    augment: dict[str, Any] = field(default_factory=lambda: {
+        "hed_p": 0.8, "hed_sigma": 0.5, "hed_bias": 0.05, "jitter": (0.3, 0.3, 0.2, 0.04)})
+    stain_shifts: tuple[str, ...] = DEFAULT_SHIFTS
     seed: int = 0
 
 
@@ -116,13 +126,14 @@ def step_tile(out: Path) -> dict[str, Any]:
 
 def step_pretrain(cfg: DemoConfig, out: Path, progress: bool) -> dict[str, Any]:
     """DINOv2 (``cpu_small`` preset) through the training engine; returns the backbone path and curves."""
-    from histofm.methods.dinov2 import PRESET_TRAIN
+    from histofm.methods.dinov2 import PRESET_TRAIN, PRESETS
     from histofm.methods.registry import build_method
     from histofm.train import TrainConfig, fit
 
+    augment = {**PRESETS["cpu_small"]["augment"], **cfg.augment}
     method, views = build_method(
         "dinov2", cfg.arch, img_size=cfg.img_size,
-        overrides={"preset": "cpu_small", "backbone_kwargs": dict(cfg.backbone_kwargs)},
+        overrides={"preset": "cpu_small", "backbone_kwargs": dict(cfg.backbone_kwargs), "augment": augment},
     )
     data = pretraining_tiles(cfg)
     train_cfg = TrainConfig(
@@ -155,14 +166,50 @@ def step_evaluate(cfg: DemoConfig, backbone: Path, progress: bool) -> list[dict[
     rows = run_nuclei(
         cfg.arch, checkpoint=backbone, crop=cfg.img_size, seed=cfg.seed, seeds=cfg.eval_seeds,
         episodes=cfg.eval_episodes, n_boot=cfg.eval_boot, overrides={"img_size": cfg.img_size, **cfg.backbone_kwargs},
-        progress=progress,
+        progress=progress, stain_shifts=cfg.stain_shifts,
     )
     table = []
     for r in rows:
         m = {name: {"mean": float(s.mean), "low": float(s.ci_low), "high": float(s.ci_high)} for name, s in r.metrics.items()}
         table.append({"features": r.features.replace(f"{cfg.arch} ", "ViT "), "protocol": r.protocol, "dim": r.dim,
-                      "metrics": m})
+                      "shift": r.shift, "metrics": m})
     return table
+
+
+def save_shift_picture(cfg: DemoConfig, out: Path, n: int = 8) -> str | None:
+    """A strip of test crops (rows: clean, then each stain shift) saved as ``stain_shifts.png``."""
+    from PIL import Image
+
+    from histofm.eval.nuclei import load_nuclei_task, shifted_test_crops
+    from histofm.wsi.tiling import save_png
+
+    if not cfg.stain_shifts:
+        return None
+    task = load_nuclei_task(cfg.img_size)
+    test = task.crops[~task.train]
+    pick = test[np.linspace(0, len(test) - 1, n).astype(int)]  # (n, s, s, 3)
+    rows = [np.concatenate(list(crops), 1) for crops in shifted_test_crops(pick, cfg.stain_shifts).values()]
+    path = save_png(Image.fromarray(np.concatenate(rows, 0)).resize((n * 96, len(rows) * 96), Image.Resampling.NEAREST),
+                    out / "stain_shifts.png")
+    return path.name
+
+
+def goal_check(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Does the pretrained encoder beat both references, per protocol and stain? (balanced accuracy means).
+
+    Each entry: protocol, shift, the three means, ``beats`` (both margins positive) and
+    ``clear`` (its interval's low end above both references' means).
+    """
+    cell = {(r["features"], r["protocol"], r["shift"]): r["metrics"]["balanced_accuracy"] for r in table}
+    out = []
+    for (features, protocol, shift), ours in cell.items():
+        if features != "ViT checkpoint":
+            continue
+        hist, rand = cell[("colour histogram", protocol, shift)], cell[("ViT random init", protocol, shift)]
+        out.append({"protocol": protocol, "shift": shift, "pretrained": ours["mean"], "colour": hist["mean"],
+                    "random": rand["mean"], "beats": ours["mean"] > max(hist["mean"], rand["mean"]),
+                    "clear": ours["low"] > max(hist["mean"], rand["mean"])})
+    return out
 
 
 def step_cluster(cfg: DemoConfig, backbone: Path, out: Path, progress: bool) -> dict[str, Any]:
@@ -184,6 +231,48 @@ def _fmt(m: dict[str, float]) -> str:
     return f"{m['mean']:.3f} [{m['low']:.3f}, {m['high']:.3f}]"
 
 
+def _shift_section(cfg: DemoConfig, results: dict[str, Any]) -> list[str]:
+    """The stain-shift table and the goal check of the report."""
+    from histofm.data.stain import STAIN_SHIFTS
+
+    shifts = list(cfg.stain_shifts)
+    if not shifts:
+        return []
+    cell = {(r["features"], r["protocol"], r["shift"]): r["metrics"]["balanced_accuracy"] for r in results["evaluate"]}
+    picture = results.get("shift_picture")
+    lines = [
+        "",
+        "### Stain-shifted test crops",
+        "",
+        *([f"![test crops: clean, then {', '.join(shifts)} (one row each)]({picture})", ""] if picture else []),
+        "Only the test crops' stain changes; the kNN index, the linear probe and the few-shot prototypes are "
+        "fitted on the original stain. Shifts: "
+        + "; ".join(f"`{n}`: {STAIN_SHIFTS[n].description}" for n in shifts) + ".",
+        "",
+        "| features | protocol | clean | " + " | ".join(shifts) + " |",
+        "|---|---|---|" + "---|" * len(shifts),
+    ]
+    for r in (r for r in results["evaluate"] if r["shift"] == "clean"):
+        key = (r["features"], r["protocol"])
+        lines.append(f"| {r['features']} | {r['protocol']} | "
+                     + " | ".join(_fmt(cell[(*key, sh)]) for sh in ["clean", *shifts]) + " |")
+    goal = results.get("goal", [])
+    missed = [g for g in goal if not g["beats"]]
+    lines += ["", "### Goal: the pretrained encoder beats the colour histogram and random init everywhere", ""]
+    if goal and not missed:
+        unclear = [g for g in goal if not g["clear"]]
+        lines.append(f"Met in all {len(goal)} protocol x stain cells (balanced-accuracy means). In "
+                     f"{len(goal) - len(unclear)} of them the pretrained encoder's 95 % interval lies above both "
+                     "references' means" + ("." if not unclear else "; not in: " + ", ".join(
+                         f"{g['protocol']} / {g['shift']}" for g in unclear) + "."))
+    else:
+        lines.append(f"Not met in {len(missed)} of {len(goal)} protocol x stain cells:")
+        lines.append("")
+        lines += [f"* {g['protocol']} / {g['shift']}: pretrained {g['pretrained']:.3f}, colour histogram "
+                  f"{g['colour']:.3f}, random init {g['random']:.3f}" for g in missed]
+    return lines
+
+
 def write_report(out: Path, cfg: DemoConfig, results: dict[str, Any]) -> Path:
     """``report.md``: numbers, the loss curve and the pictures (written atomically)."""
     t, p, c = results["tile"], results["pretrain"], results["cluster"]
@@ -191,7 +280,8 @@ def write_report(out: Path, cfg: DemoConfig, results: dict[str, Any]) -> Path:
         "# histofm demo report",
         "",
         f"Seed {cfg.seed}; total time {results['seconds']['total']:.0f} s on "
-        f"{torch.get_num_threads()} CPU threads. Everything below uses the data bundled with histofm only.",
+        f"{torch.get_num_threads()} CPU threads ({results['cpu_seconds']:.0f} s of CPU time in this process). "
+        "Everything below uses the data bundled with histofm only.",
         "",
         "## 1. Tissue and tiles",
         "",
@@ -200,11 +290,11 @@ def write_report(out: Path, cfg: DemoConfig, results: dict[str, Any]) -> Path:
         "",
         f"![tissue and tiles]({t['picture']})",
         "",
-        "## 2. Self-supervised pretraining (DINOv2, `cpu_small` preset)",
+        "## 2. Self-supervised pretraining (DINOv2, `cpu_small` preset with HED stain jitter)",
         "",
         f"`{cfg.arch}` with {cfg.backbone_kwargs}, {cfg.img_size} px global crops, {p['steps']} steps of batch "
         f"{cfg.batch_size} on {p['tiles']} unlabelled real tiles (stroma field, Aperio slide, and only the training "
-        "blocks of the tumour-nest field). "
+        f"blocks of the tumour-nest field); augmentation over the preset's: {cfg.augment}. "
         f"Loss {p['loss_first']:.3f} (first 10 %) -> {p['loss_last']:.3f} (last 10 %).",
         "",
         "Collapse watch (embedding std of L2-normalised embeddings; RankMe effective rank): "
@@ -221,10 +311,11 @@ def write_report(out: Path, cfg: DemoConfig, results: dict[str, Any]) -> Path:
         "| features | protocol | balanced accuracy | macro F1 | AUROC |",
         "|---|---|---|---|---|",
     ]
-    for r in results["evaluate"]:
+    for r in (r for r in results["evaluate"] if r["shift"] == "clean"):
         m = r["metrics"]
         lines.append(f"| {r['features']} | {r['protocol']} | {_fmt(m['balanced_accuracy'])} | "
                      f"{_fmt(m['macro_f1'])} | {_fmt(m['auroc'])} |")
+    lines += _shift_section(cfg, results)
     lines += [
         "",
         "Peer-library baselines measured on the same task and machines (BASELINES.md; balanced accuracy):",
@@ -265,7 +356,7 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, progress: bool = Tr
     console = Console()
     seed_everything(cfg.seed)
     results: dict[str, Any] = {"config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, "seconds": {}}
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     stages = [
         ("tile", "1/5 tiling the bundled slide", lambda: step_tile(out)),
         ("pretrain", "2/5 pretraining a small ViT with DINOv2", lambda: step_pretrain(cfg, out, progress)),
@@ -279,7 +370,11 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, progress: bool = Tr
         t0 = time.perf_counter()
         results[key] = fn()
         results["seconds"][key] = time.perf_counter() - t0
+        if key == "evaluate":
+            results["goal"] = goal_check(results["evaluate"])
+            results["shift_picture"] = save_shift_picture(cfg, out)
     results["seconds"]["total"] = time.perf_counter() - start
+    results["cpu_seconds"] = time.process_time() - cpu_start
     console.rule("5/5 report")
     report = write_report(out, cfg, results)
     results["report"] = str(report)

@@ -12,7 +12,7 @@ from histofm.errors import HistofmError
 
 #: What ``--quick`` changes in :class:`histofm.demo.DemoConfig`.
 QUICK = {"steps": 10, "batch_size": 16, "tiles_per_source": 64, "eval_seeds": 1, "eval_episodes": 10,
-         "eval_boot": 50, "cluster_tile": 112}
+         "eval_boot": 50, "cluster_tile": 112, "stain_shifts": ("hed-scale",)}
 
 
 def register(sub: argparse._SubParsersAction) -> None:

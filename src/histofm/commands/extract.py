@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from histofm.commands.tile import add_slide_arguments, roi_filter, slide_inputs
+from histofm.errors import HistofmError
 
 LAYOUT_CHOICES = ("trident", "clam", "flat")
 
@@ -54,6 +55,10 @@ histofm extract slides/*.svs --model uni --pretrained --coords tiles/ --roi anno
     p.add_argument("--overwrite", action="store_true", help="redo slides whose output exists")
     p.add_argument("--compile", action="store_true", help="torch.compile each Transformer block (slow first batch)")
     p.add_argument("--channels-last", action="store_true", help="NHWC images and convolution weights")
+    p.add_argument("--stain-norm", choices=["macenko", "reinhard", "vahadane"], default=None,
+                   help="stain-normalise every tile onto --stain-target before encoding (recorded in the provenance)")
+    p.add_argument("--stain-target", default=None, metavar="IMAGE",
+                   help="target image of --stain-norm: an image file, a slide, or a bundled sample name (hgsc_stroma)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
 
@@ -81,7 +86,14 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, num_workers=args.workers, device=device, precision=args.precision,
         backend=args.backend, overwrite=args.overwrite, compile=args.compile, channels_last=args.channels_last,
         layout=args.layout, coords_dir=args.coords, roi=roi_filter(args),
+        stain_norm=args.stain_norm, stain_target=args.stain_target,
     )
+    if (args.stain_norm is None) != (args.stain_target is None):
+        raise HistofmError("--stain-norm and --stain-target go together: pass both, or neither.")
+    if args.stain_target is not None:
+        from histofm.data.stain import read_target
+
+        read_target(args.stain_target)  # a missing or unreadable target fails before any work
     model = load_encoder(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
                          random_init=args.random_init)
     console = Console()

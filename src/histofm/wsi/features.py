@@ -87,6 +87,10 @@ class ExtractConfig:
         coords_dir: reuse coordinates from ``histofm tile``, TRIDENT or CLAM in this folder
             instead of detecting tissue.
         roi: a GeoJSON region or tissue mask (:class:`~histofm.wsi.roi.RoiFilter`).
+        stain_norm: stain-normalise every tile onto ``stain_target`` before the encoder's
+            normalisation: ``"macenko"``, ``"reinhard"`` or ``"vahadane"`` (:mod:`histofm.data.stain`);
+            recorded in the provenance, so normalised and raw features never mix.
+        stain_target: the target image (a file, a slide, or a bundled sample name).
     """
 
     target_mpp: float = 0.5
@@ -104,6 +108,8 @@ class ExtractConfig:
     layout: str = "flat"
     coords_dir: Path | None = None
     roi: RoiFilter | None = None
+    stain_norm: str | None = None
+    stain_target: str | None = None
 
 
 def read_features(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
@@ -155,11 +161,13 @@ class _Preprocess:
     """
 
     def __init__(
-        self, model_name: str, tile_size: int, transform: Callable[..., Any] | None, *, channels_last: bool = False
+        self, model_name: str, tile_size: int, transform: Callable[..., Any] | None, *, channels_last: bool = False,
+        stain: Any = None, stain_label: str = "none",  # noqa: ANN401
     ) -> None:
         from histofm.registry import IMAGENET_MEAN, IMAGENET_STD, model_info
 
         self.channels_last = channels_last
+        self.stain, self.stain_label = stain, stain_label  # a fitted StainNormalize, or None
         self._buffer: torch.Tensor | None = None  # reused float input on CPU (see batch)
         self.tile_transform = transform
         self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
@@ -178,11 +186,18 @@ class _Preprocess:
         self.tile_transform = _eval_transform(model_name, info)
         self.resize, self.interpolation = int(info.resize or info.input_size[-1]), str(info.interpolation)
 
+    def worker_transform(self) -> Callable[..., Any] | None:
+        """The per-tile transform the readers run: stain normalisation first when it cannot wait for the batch."""
+        if self.tile_transform is None or self.stain is None:
+            return self.tile_transform
+        return _StainThen(self.stain, self.tile_transform)
+
     def record(self) -> dict[str, Any]:
         """``preprocess_*`` provenance attributes."""
         return {
             "preprocess_resize": self.resize, "preprocess_interpolation": self.interpolation,
             "preprocess_mean": tuple(float(v) for v in self.mean), "preprocess_std": tuple(float(v) for v in self.std),
+            "preprocess_stain_norm": self.stain_label,
         }
 
     def collate(self, items: list[tuple[torch.Tensor, torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,6 +212,8 @@ class _Preprocess:
     def batch(self, x: torch.Tensor, device: torch.device) -> torch.Tensor:
         """The model input ``(B, 3, S, S)`` on ``device`` from a collated batch."""
         x = x.to(device, non_blocking=True)
+        if self.tile_transform is None and self.stain is not None:  # (B, S, S, 3) uint8, batched on the device
+            x = self.stain.norm.transform(x, per_image=self.stain.per_image)
         if self.tile_transform is not None:
             return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
         scale = 1.0 / (torch.tensor(self.std, device=device) * 255.0)  # (3,) broadcast over the last dim
@@ -217,6 +234,31 @@ class _Preprocess:
     def owns(self, t: torch.Tensor) -> bool:
         """True when ``t`` shares memory with the reused input buffer (a model returning a view of its input)."""
         return self._buffer is not None and t.untyped_storage().data_ptr() == self._buffer.untyped_storage().data_ptr()
+
+
+def _file_label(target: str) -> str:
+    """``name@sha256[:12]`` of a stain target file (a bundled sample name stays as it is)."""
+    import hashlib
+
+    from histofm.data import SAMPLES
+
+    if str(target) in SAMPLES:
+        return str(target)
+    p = Path(target)
+    return f"{p.name}@{hashlib.sha256(p.read_bytes()).hexdigest()[:12]}"
+
+
+class _StainThen:
+    """Stain-normalise an RGB PIL tile, then run the model's transform (picklable for reader workers)."""
+
+    def __init__(self, stain: Any, transform: Callable[..., Any]) -> None:  # noqa: ANN401
+        self.stain, self.transform = stain, transform
+
+    def __call__(self, img: Any) -> Any:  # noqa: ANN401
+        from PIL import Image
+
+        rgb = np.asarray(img.convert("RGB"))
+        return self.transform(Image.fromarray(self.stain.norm.transform(rgb)))
 
 
 def _eval_transform(model_name: str, info: Any) -> Callable[..., Any]:
@@ -353,7 +395,16 @@ def extract_features(
         accel.channels_last(model)
     if cfg.compile:
         accel.compile_blocks(model)
-    pre = _Preprocess(name, cfg.tile_size, transform, channels_last=cfg.channels_last)
+    stain, stain_label = None, "none"
+    if cfg.stain_norm is not None:
+        from histofm.data.stain import make_stain_transform
+
+        if cfg.stain_target is None:
+            raise HistofmError("--stain-norm needs a target image: pass --stain-target IMAGE.")
+        stain = make_stain_transform(cfg.stain_norm, cfg.stain_target)
+        stain_label = f"{cfg.stain_norm.lower()}:{_file_label(cfg.stain_target)}"
+    pre = _Preprocess(name, cfg.tile_size, transform, channels_last=cfg.channels_last, stain=stain,
+                      stain_label=stain_label)
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, "bad")
     if dtype == "bad":
         raise HistofmError(f"Unknown precision {cfg.precision!r}; choose fp32, bf16 or fp16.")
@@ -506,7 +557,7 @@ def _embed(
     """``(N, D)`` float32 embeddings of the tiles at ``coords``."""
     dataset = SlideTileDataset(
         [path], [coords], target_mpp=cfg.target_mpp, tile_size=cfg.tile_size,
-        transform=pre.tile_transform, mpp=mpp, backend=backend,
+        transform=pre.worker_transform(), mpp=mpp, backend=backend,
     )
     loader = DataLoader(
         dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers, collate_fn=pre.collate,

@@ -12,7 +12,8 @@ weights                   ``weights_source`` (``checkpoint`` / ``hub`` / ``rando
                           ``unrecorded``), ``weights_file``, ``weights_sha256``,
                           ``weights_repo``, ``weights_revision``
 preprocessing             ``preprocess_resize`` (side the model sees), ``preprocess_interpolation``,
-                          ``preprocess_mean``, ``preprocess_std`` (3 floats each)
+                          ``preprocess_mean``, ``preprocess_std`` (3 floats each),
+                          ``preprocess_stain_norm`` (``none`` or ``method:target``)
 tiling                    ``mpp`` (target), ``tile_size``, ``overlap``, ``min_tissue``, ``level``
                           (level read), ``read_size`` (pixels read there), ``tiles_from``
                           (``tissue`` or the coordinates file and its SHA-256), ``roi``
@@ -43,7 +44,7 @@ _MIB = 1 << 20
 # Keys a rerun compares before it skips a slide (all of them: a file is reused only when identical).
 PROVENANCE_KEYS = (
     "model_name", "weights_source", "weights_file", "weights_sha256", "weights_repo", "weights_revision",
-    "preprocess_resize", "preprocess_interpolation", "preprocess_mean", "preprocess_std",
+    "preprocess_resize", "preprocess_interpolation", "preprocess_mean", "preprocess_std", "preprocess_stain_norm",
     "mpp", "tile_size", "overlap", "min_tissue", "level", "read_size", "tiles_from", "roi",
     "slide", "slide_bytes", "level0_mpp", "slide_fingerprint", "histofm_version", "layout",
 )
