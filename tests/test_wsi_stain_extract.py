@@ -51,3 +51,47 @@ def test_stain_flags_bad_input(tmp_path, capsys, extra, message) -> None:
     err = capsys.readouterr().err
     assert rc == 2 and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "o").exists()
+
+
+def test_slide_encoder_embeds_each_extracted_slide(tmp_path, monkeypatch) -> None:
+    """``extract --slide-encoder``: one slide embedding per feature file, equal to embedding the file afterwards."""
+    import torch
+
+    import histofm.registry
+    from histofm.wsi.slide_embed import embed_slide_file, read_slide_embeddings
+
+    real = histofm.registry.create_slide_encoder
+
+    def tiny(name, **kw):  # the published width needs 1536-d tile features: a small one of the same design
+        torch.manual_seed(0)
+        enc = real("prov_gigapath_slide", in_chans=192, embed_dim=32, depth=1, num_heads=4, global_pool=True)
+        enc.histofm_name = "tiny_slide_encoder"  # not registered: no tile-encoder pairing to check
+        return enc
+
+    monkeypatch.setattr(histofm.registry, "create_slide_encoder", tiny)
+    out = tmp_path / "o"
+    rc = main(["extract", str(SVS), "--model", "vit_tiny_patch16_224", "--random-init", "--out", str(out),
+               "--workers", "0", "--no-progress", "--device", "cpu",
+               "--slide-encoder", "prov_gigapath_slide", "--slide-random-init"])
+    assert rc == 0
+    feats = out / "features_vit_tiny_patch16_224" / f"{SVS.stem}.h5"
+    names, emb, _ = read_slide_embeddings(feats.parent / "slide_embeddings_prov_gigapath_slide")
+    assert names == [SVS.stem] and emb.shape == (1, 32) and np.isfinite(emb).all()
+    again = embed_slide_file(feats, tiny("x"), device="cpu")
+    np.testing.assert_allclose(emb[0], again, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--slide-encoder", "prov_gigapath_slide"], "needs exactly one of --slide-checkpoint PATH"),
+        (["--slide-pretrained"], "--slide-pretrained needs --slide-encoder NAME"),
+        (["--slide-encoder", "nope", "--slide-random-init"], "nope"),
+    ],
+)
+def test_slide_encoder_flags_bad_input(tmp_path, capsys, extra, message) -> None:
+    rc = main(["extract", str(SVS), "--model", "vit_tiny_patch16_224", "--random-init", "--out", str(tmp_path / "o"),
+               "--workers", "0", "--no-progress", *extra])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()

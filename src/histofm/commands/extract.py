@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from histofm.commands.tile import add_slide_arguments, roi_filter, slide_inputs
 from histofm.errors import HistofmError
@@ -59,6 +59,13 @@ histofm extract slides/*.svs --model uni --pretrained --coords tiles/ --roi anno
                    help="stain-normalise every tile onto --stain-target before encoding (recorded in the provenance)")
     p.add_argument("--stain-target", default=None, metavar="IMAGE",
                    help="target image of --stain-norm: an image file, a slide, or a bundled sample name (hgsc_stroma)")
+    p.add_argument("--slide-encoder", default=None, metavar="NAME",
+                   help="also embed each slide from its tile features with this slide encoder (prov_gigapath_slide, "
+                   "titan): slide_embeddings_<NAME>/ beside the features (see `histofm slide-embed`)")
+    p.add_argument("--slide-checkpoint", type=Path, default=None, metavar="PATH",
+                   help="weights of --slide-encoder (or --slide-pretrained, or --slide-random-init)")
+    p.add_argument("--slide-pretrained", action="store_true", help="official weights of --slide-encoder from the hub")
+    p.add_argument("--slide-random-init", action="store_true", help="--slide-encoder with random weights, explicitly")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
 
@@ -94,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         from histofm.data.stain import read_target
 
         read_target(args.stain_target)  # a missing or unreadable target fails before any work
+    slide_encoder = _slide_encoder(args)  # before any work: an unknown name or missing weights fail here
     model = load_encoder(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
                          random_init=args.random_init)
     console = Console()
@@ -106,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
         slides, model, args.out, config=config, mpp=args.mpp_override,
         rank=rank, world_size=world_size, progress=not args.no_progress, console=console, warn=warn,
     )
+    if slide_encoder is not None:  # each rank embeds the slides it extracted
+        _embed_slides(args, report, slide_encoder, device)
     if world_size > 1:
         report = _gather_reports(report)  # one summary for the whole job, printed by rank 0
         if rank != 0:
@@ -117,6 +127,44 @@ def run(args: argparse.Namespace) -> int:
     for failure in report.failures:
         print(f"histofm: error: {failure.slide}: {failure.error}", file=sys.stderr)
     return 2 if report.failures else 0
+
+
+def _slide_encoder(args: argparse.Namespace) -> Any:  # noqa: ANN401
+    """The ``--slide-encoder`` module with its weights, or None; refuses a name without exactly one weights flag."""
+    chosen = [f for f, on in (("--slide-checkpoint", args.slide_checkpoint is not None),
+                              ("--slide-pretrained", args.slide_pretrained),
+                              ("--slide-random-init", args.slide_random_init)) if on]
+    if args.slide_encoder is None:
+        if chosen:
+            raise HistofmError(f"{chosen[0]} needs --slide-encoder NAME.")
+        return None
+    if len(chosen) != 1:
+        raise HistofmError(
+            f"--slide-encoder {args.slide_encoder} needs exactly one of --slide-checkpoint PATH, --slide-pretrained "
+            f"or --slide-random-init (got {len(chosen)})."
+        )
+    from histofm.registry import create_slide_encoder
+
+    return create_slide_encoder(args.slide_encoder, pretrained=args.slide_pretrained,
+                                checkpoint_path=args.slide_checkpoint)
+
+
+def _embed_slides(args: argparse.Namespace, report: ExtractionReport, encoder: Any, device: str | None) -> None:  # noqa: ANN401
+    """Slide embeddings of this run's feature files, beside them; a slide that fails is added to the report."""
+    from histofm.utils import default_device
+    from histofm.wsi.slide_embed import embed_feature_dir, slide_embedding_dir
+
+    files = [r.output for r in report.results if r.status in ("done", "skipped") and r.output is not None]
+    if not files:
+        return
+    dev = device or default_device()
+    out = slide_embedding_dir(Path(files[0]).parent, args.slide_encoder)
+    embedded = embed_feature_dir(files, encoder.to(dev), out, device=dev, overwrite=args.overwrite,
+                                 checkpoint=args.slide_checkpoint, progress=not args.no_progress)
+    for slide, error in embedded.failures:
+        for r in report.results:
+            if r.output is not None and Path(r.output).stem == Path(slide).stem:
+                r.status, r.error = "failed", f"slide embedding: {error}"
 
 
 def _gather_reports(report: ExtractionReport) -> ExtractionReport:
