@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import h5py
@@ -119,14 +120,20 @@ def test_heatmap_on_the_real_slide(trained: Path, dataset: tuple[Path, Path], tm
                                    capsys: pytest.CaptureFixture) -> None:
     feats, _ = dataset
     out = tmp_path / "maps"
-    assert main(["mil", "heatmap", "--features", str(feats / "S03.h5"), "--slide", str(sample_path("cmu_small_region")),
+    # The synthetic bag S03 is drawn on the real slide, saved under the name its features record
+    slide = tmp_path / "S03.svs"
+    shutil.copy(sample_path("cmu_small_region"), slide)
+    other = main(["mil", "heatmap", "--features", str(feats / "S03.h5"), "--slide", str(sample_path("cmu_small_region")),
+                  "--run", str(trained), "--out", str(tmp_path / "wrong")])
+    assert other == 2 and "holds the tiles of slide 'S03.svs', not cmu_small_region.svs" in capsys.readouterr().err
+    assert main(["mil", "heatmap", "--features", str(feats / "S03.h5"), "--slide", str(slide),
                  "--run", str(trained), "--size", "512", "--out", str(out)]) == 0
     manifest = json.loads((trained / "run.json").read_text())
     held = next(f["fold"] for f in manifest["folds"] if "S03.svs" in f["test_slides"] or "S03" in f["test_slides"])
     assert f"fold {held} (held out this training slide)" in capsys.readouterr().out
     img = Image.open(out / "S03_heatmap.png")
     assert img.format == "PNG" and min(img.size) > 200
-    result = render_heatmap(sample_path("cmu_small_region"), feats / "S03.h5", trained, out, max_size=512)
+    result = render_heatmap(slide, feats / "S03.h5", trained, out, max_size=512)
     heat = result["heat"]
     assert result["probabilities"]["tumour"] > 0.5 and result["models"].startswith(f"fold {held}")
     h, w = heat.shape

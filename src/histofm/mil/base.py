@@ -164,8 +164,9 @@ def build_aggregator(name: str, in_dim: int, num_classes: int, **kwargs: object)
     """Build a registered aggregator, e.g. ``build_aggregator("abmil", 1024, 2, gated=True)``."""
     _ensure_loaded()
     if name not in _AGGREGATORS:
-        close = difflib.get_close_matches(name, list(_AGGREGATORS), n=3, cutoff=0.5)
-        hint = f"did you mean {', '.join(close)}?" if close else f"choose one of {', '.join(sorted(_AGGREGATORS))}."
+        close = difflib.get_close_matches(name, list(_AGGREGATORS), n=3, cutoff=0.75)
+        names = ", ".join(sorted(_AGGREGATORS))
+        hint = f"did you mean {', '.join(close)}? (all: {names})" if close else f"choose one of {names}."
         raise HistofmError(f"Unknown MIL aggregator {name!r}; {hint}")
     try:
         return _AGGREGATORS[name](in_dim, num_classes, **kwargs)

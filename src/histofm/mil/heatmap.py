@@ -65,6 +65,25 @@ def paint(
         return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
+def check_same_slide(attrs: dict[str, Any], slide_path: str | os.PathLike[str], features_path: Path) -> None:
+    """Refuse features that record another slide than ``slide_path`` (by name, or by content when renamed)."""
+    from histofm.wsi.provenance import slide_fingerprint
+
+    recorded = attrs.get("slide")
+    recorded = recorded.decode() if isinstance(recorded, bytes) else recorded
+    slide_path = Path(slide_path)
+    if not recorded or recorded in (slide_path.name, slide_path.stem):
+        return
+    fingerprint = attrs.get("slide_fingerprint")
+    fingerprint = fingerprint.decode() if isinstance(fingerprint, bytes) else fingerprint
+    if fingerprint and fingerprint == slide_fingerprint(slide_path):
+        return  # the same file under another name
+    raise HistofmError(
+        f"{features_path.name} holds the tiles of slide {recorded!r}, not {slide_path.name}; "
+        "pass that slide's features to --features (or its file to --slide)."
+    )
+
+
 def render_heatmap(
     slide_path: str | os.PathLike[str],
     features_path: str | os.PathLike[str],
@@ -95,9 +114,14 @@ def render_heatmap(
     from histofm.wsi.readers import open_slide
 
     features_path = Path(features_path)
+    if not features_path.is_file():
+        raise HistofmError(f"Features file not found: {features_path}; pass a .h5 written by `histofm extract` to --features.")
+    if not Path(slide_path).is_file():
+        raise HistofmError(f"Slide not found: {slide_path}; check --slide.")
     models, cfg = load_trained(run_dir, fold)
     check_against_run(features_path, cfg.get("provenance", {}))
     features, coords, attrs = read_features(features_path)
+    check_same_slide(attrs, slide_path, features_path)
     check_finite(np.asarray(features), features_path)
     if features.shape[1] != cfg["in_dim"]:
         raise HistofmError(

@@ -117,7 +117,7 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _show(key: str, value: Any) -> str:
-    if value is None:
+    if value is None or value == "":
         return "none"
     if key.endswith(("sha256", "fingerprint", "revision")) and isinstance(value, str) and len(value) > 12:
         return value[:12]
