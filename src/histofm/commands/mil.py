@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 from histofm.commands._common import add_command
+from histofm.commands._vocab import parse_set
 from histofm.errors import HistofmError
 
 
@@ -112,20 +112,6 @@ def _deprecated(old: str, new: str) -> None:
     print(f"histofm: note: {old} is deprecated; use {new}.", file=sys.stderr)
 
 
-def parse_settings(items: list[str], flag: str = "--set") -> dict[str, Any]:
-    """``KEY=VALUE`` strings to a dict; values are parsed as JSON where they can be (numbers, true/false)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise HistofmError(f"{flag} {item!r} is not KEY=VALUE; write for example {flag} hidden_dim=128.")
-        key, value = item.split("=", 1)
-        try:
-            out[key.strip()] = json.loads(value.lower() if value.lower() in ("true", "false", "null") else value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
-    return out
-
-
 def _run_slide_probe(args: argparse.Namespace) -> int:
     """``mil train --slide-embeddings``: logistic regression on slide embeddings, patient-grouped folds."""
     from rich.console import Console
@@ -134,7 +120,7 @@ def _run_slide_probe(args: argparse.Namespace) -> int:
 
     if args.task != "classification":
         raise HistofmError("--slide-embeddings supports --task classification only; use --features for survival.")
-    from histofm.mil.checks import check_out_dir
+    from histofm.checks import check_out_dir
     from histofm.mil.options import FLAG_OPTIONS
 
     for flag in ("--folds", "--seed"):
@@ -152,8 +138,8 @@ def run_train(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from histofm.checks import check_device, check_out_dir
     from histofm.mil import build_aggregator, list_aggregators
-    from histofm.mil.checks import check_device, check_out_dir
     from histofm.mil.cv import cross_validate, output_dim
     from histofm.mil.data import BagDataset, read_labels_csv
     from histofm.mil.options import FLAG_OPTIONS, TRAIN_OPTIONS, check_settings
@@ -177,7 +163,7 @@ def run_train(args: argparse.Namespace) -> int:
         FLAG_OPTIONS[flag].check(flag, getattr(args, flag[2:]), flag=flag)
     if aggregator not in list_aggregators():
         build_aggregator(aggregator, 1, 2)  # raises the "did you mean" sentence
-    train_set, model_kwargs = check_settings(aggregator, parse_settings(args.option_alias + args.settings))
+    train_set, model_kwargs = check_settings(aggregator, parse_set(args.option_alias + args.settings, example="hidden_dim=128"))
     check_out_dir(args.out)
     check_device(args.device)
     if args.resume and args.overwrite:
@@ -231,7 +217,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def _check_outputs(out: Path, run: Path) -> None:
     """``--out`` must be writable and must not be the run folder (its predictions.csv would be replaced)."""
-    from histofm.mil.checks import check_out_dir
+    from histofm.checks import check_out_dir
 
     check_out_dir(out)
     if out.exists() and run.exists() and out.resolve() == run.resolve():
