@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     test_paths: set[str] = set()
     if args.test_labels is not None:
-        test_paths = {Path(p).as_posix() for p, _ in read_label_csv(args.test_labels)}
+        test_paths = {Path(p).as_posix() for p, _ in read_label_csv(args.test_labels, "--test-labels")}
     folder = load_labelled_folder(args.data, args.labels, args.img_size, exclude=test_paths)
     overlap = test_paths & set(folder.paths_l)
     if overlap:
@@ -143,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
         "final": _tail_mean(history), "labelled": evaluate(method, folder.x_l, folder.y_l, device=device),
     }
     if args.test_labels is not None:
-        test = load_labelled_folder(args.data, args.test_labels, args.img_size, classes=folder.classes)
+        test = load_labelled_folder(args.data, args.test_labels, args.img_size, classes=folder.classes,
+                                    labels_flag="--test-labels")
         metrics["test"] = evaluate(method, test.x_l, test.y_l, device=device)
         metrics["n_test"] = len(test.x_l)
     _save_model(method, out, {**model_record, "classes": list(folder.classes), "img_size": args.img_size,
