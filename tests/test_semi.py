@@ -286,7 +286,7 @@ def test_cli_semi_bad_arguments(tmp_path, capsys) -> None:
     base = ["semi", "--data", str(tmp_path / "tiles"), "--labels", str(tmp_path / "labels.csv"), "--out",
             str(tmp_path / "run"), "--img-size", "16", "--device", "cpu", "--no-progress"]
     assert main(base + ["--steps", "0"]) == 2
-    assert "--steps must be at least 1" in capsys.readouterr().err
+    assert "--steps 0: steps must be >= 1" in capsys.readouterr().err
     assert main(base + ["--threshold", "1.5"]) == 2
     assert main(base + ["--method", "meanteacher", "--threshold", "0.9"]) == 2
     assert main(base + ["--model", "vit_nonexistent"]) == 2

@@ -97,13 +97,6 @@ def run(args: argparse.Namespace) -> int:
     from histofm.utils import default_device, seed_everything
 
     check_semi_args(args)  # every flag's declared type and range (histofm.settings), before any file is read
-    for name in ("steps", "batch_size", "mu", "width"):
-        if getattr(args, name) < 1:
-            raise HistofmError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
-    if args.img_size < 8:
-        raise HistofmError(f"--img-size must be at least 8 pixels, got {args.img_size}.")
-    if args.threshold is not None and not 0 <= args.threshold <= 1:
-        raise HistofmError(f"--threshold must lie between 0 and 1, got {args.threshold}.")
     overrides = parse_set(args.set)
     if args.check:
         print(f"histofm semi: settings OK ({args.method}, {args.model}); nothing was run.")

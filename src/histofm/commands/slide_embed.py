@@ -44,6 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from histofm.checks import check_device, check_out_dir
     from histofm.registry import create_slide_encoder
     from histofm.utils import default_device
     from histofm.wsi.slide_embed import embed_feature_dir, slide_embedding_dir
@@ -59,12 +60,14 @@ def run(args: argparse.Namespace) -> int:
         )
     settings = parse_set(args.set)
     tile_size = settings.pop("tile_size", None)
+    check_device(args.device)  # the shared checks, before a model is built
+    out = args.out or slide_embedding_dir(args.features, args.slide_encoder)
+    check_out_dir(out)
     model = create_slide_encoder(
         args.slide_encoder, pretrained=args.pretrained, checkpoint_path=args.checkpoint, **settings
     )
     device = args.device or default_device()
     model = model.to(device)
-    out = args.out or slide_embedding_dir(args.features, args.slide_encoder)
     report = embed_feature_dir(
         files, model, out, tile_size=tile_size, device=device, any_tile_encoder=args.any_tile_encoder,
         overwrite=args.overwrite, checkpoint=args.checkpoint, progress=not args.no_progress,

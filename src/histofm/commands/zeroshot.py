@@ -176,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from histofm.checks import check_out_dir
     from histofm.eval.zeroshot import (
         DEFAULT_TEMPLATES,
         build_prompts,
@@ -188,6 +189,7 @@ def run(args: argparse.Namespace) -> int:
     settings = parse_settings(args.set)
     if not args.classes and not args.query:
         raise HistofmError("Nothing to do: give --classes \"a,b,...\" to classify and/or --query TEXT to retrieve.")
+    check_out_dir(args.out)  # the shared check, before a model is built or an image read
     templates = DEFAULT_TEMPLATES
     if args.templates is not None:
         if not args.templates.is_file():
