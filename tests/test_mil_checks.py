@@ -119,15 +119,15 @@ def test_labels_csv_encodings_and_blank_labels(tmp_path: Path, cohort, capsys) -
     assert a.slide_ids == b.slide_ids == ["A", "B"] and a.class_names == b.class_names == ["x", "y"]
     blank = tmp_path / "blank.csv"
     blank.write_text("slide_id,label\nA,x\nB,\nC,y\n")
-    with pytest.raises(HistofmError, match="Line 3 of blank.csv has no label"):
+    with pytest.raises(HistofmError, match="blank.csv row 3 has no value for 'label'"):
         read_labels_csv(blank)
     short = tmp_path / "short.csv"
     short.write_text("slide_id,label\nA,x\nB\n")
-    with pytest.raises(HistofmError, match="Line 3 of short.csv has no label"):
+    with pytest.raises(HistofmError, match="short.csv row 3 has no value for 'label'"):
         read_labels_csv(short)
     for name, data in (("binary.csv", bytes(range(256)) * 4), ("latin1.csv", "slide_id,label\nA,caf\xe9\n".encode("latin-1"))):
         (tmp_path / name).write_bytes(data)
-        with pytest.raises(HistofmError, match="not a UTF-8 text CSV"):
+        with pytest.raises(HistofmError, match="not (a )?UTF-8"):  # the one CSV reader, histofm.tables
             read_labels_csv(tmp_path / name)
     assert _train(cohort, tmp_path / "o", labels=tmp_path / "binary.csv") == 2
     assert "--labels" in _error(capsys)

@@ -264,7 +264,7 @@ def test_cli_semi_writes_model_predictions_and_metrics(tmp_path, capsys, method:
     [
         (lambda r: (r / "labels.csv").write_text("missing.png,tumour\n"), "not images under"),
         (lambda r: (r / "labels.csv").write_text("t000.png,tumour\nsub/t001.png,tumour\n"), "at least two classes"),
-        (lambda r: (r / "labels.csv").write_text("t000.png\n"), "is not 'path,label'"),
+        (lambda r: (r / "labels.csv").write_text("t000.png\n"), "row 1 has no value for 'label'"),
         (lambda r: (r / "labels.csv").write_text("t000.png,a\nt000.png,b\n"), "labelled twice"),
         (lambda r: (r / "tiles" / "t002.png").write_bytes(b"not a png"), "Cannot read image"),
         (lambda r: (r / "test.csv").write_text("t000.png,tumour\n"), "both --labels and --test-labels"),
@@ -326,3 +326,21 @@ def test_classifier_normalises_inside() -> None:
         ref = clf.head(clf.backbone((x - torch.tensor([0.2, 0.3, 0.4]).view(1, 3, 1, 1)) / 0.5))
         np.testing.assert_allclose(clf(x).numpy(), ref.numpy(), rtol=1e-5, atol=1e-6)
     assert F.softmax(clf(x), -1).shape == (2, 2)
+
+
+def test_label_csv_read_like_every_other_csv(tmp_path) -> None:
+    """semi's label CSV goes through the one CSV reader: the same BOM, encoding and blank-value rules as mil."""
+    from histofm.learning.folder import read_label_csv
+    from histofm.mil.data import read_labels_csv
+
+    semi_csv, mil_csv = tmp_path / "semi.csv", tmp_path / "mil.csv"
+    semi_csv.write_bytes(b"\xef\xbb\xbfpath,label\na.png,x\nb.png,y\n")
+    mil_csv.write_bytes(b"\xef\xbb\xbfslide_id,label\nA,x\nB,y\n")
+    assert read_label_csv(semi_csv) == [("a.png", "x"), ("b.png", "y")]  # BOM dropped, header recognised
+    assert read_labels_csv(mil_csv).class_names == ["x", "y"]
+    for body, needle in ((b"a.png,x\nb.png,\nc.png,y\n", "row 2 has no value for 'label'"),  # blank: never a class
+                         (b"a.png,caf\xe9\n", "not UTF-8"), (b"\x89PNG\r\n\x1a\n", "a PNG image")):
+        semi_csv.write_bytes(body)
+        with pytest.raises(HistofmError, match=needle) as e:
+            read_label_csv(semi_csv, "--test-labels")
+        assert "--test-labels" in str(e.value) and "\n" not in str(e.value)

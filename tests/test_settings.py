@@ -153,7 +153,7 @@ def test_config_files_binary_non_utf8_bom(tmp_path) -> None:
         ("simclr", ["--set", "view.nope=1"], "Unknown option(s) view.nope"),
         ("simclr", ["--set", "backbone.nope=1"], "backbone.nope is not an argument"),
         ("mae", ["--set", "preset=nope"], "unknown preset 'nope'"),
-        ("simclr", ["--device", "nonsense"], "--device nonsense: not a device"),
+        ("simclr", ["--device", "nonsense"], "--device 'nonsense' is not a device"),
         ("simclr", ["--img-size", "0"], "--img-size 0: img_size must be in [8, 8192]"),
         ("simclr", ["--batch-size", "1000000", "--img-size", "8192"], "lower the batch size or the image size"),
     ],
@@ -174,7 +174,7 @@ def test_pretrain_config_file_errors_and_out_paths(tmp_path, capsys) -> None:
     rc, _, err = run_cli(pretrain_argv("simclr", tmp_path / "r", "--config", str(tmp_path / "cfg.yaml")), capsys)
     assert rc == 2 and f"--config {tmp_path / 'cfg.yaml'}: temperature must be > 0" in one_sentence(err)
     (tmp_path / "file").write_text("x")
-    for out, msg in [(tmp_path / "file", "is a file"), (tmp_path / "file" / "sub", "lies under the file")]:
+    for out, msg in [(tmp_path / "file", "is an existing file"), (tmp_path / "file" / "sub", "lies under the file")]:
         rc, _, err = run_cli(pretrain_argv("simclr", out), capsys)
         assert rc == 2 and msg in one_sentence(err)
     rc, out_text, _ = run_cli(pretrain_argv("simclr", tmp_path / "ok"), capsys)

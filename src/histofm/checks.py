@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from histofm.errors import HistofmError
+from histofm.settings import shown
 
 
 def check_out_dir(path: str | os.PathLike[str], flag: str = "--out") -> Path:
@@ -27,14 +28,15 @@ def check_out_dir(path: str | os.PathLike[str], flag: str = "--out") -> Path:
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise HistofmError(f"{flag} {path} is an existing file, but it must be a folder; choose another {flag}.")
+        raise HistofmError(f"{flag} {shown(path)} is an existing file, but it must be a folder; choose another {flag}.")
     parent = path
     while not parent.exists():  # the nearest existing ancestor decides
         if parent.parent == parent:
             break
         parent = parent.parent
     if parent.exists() and not parent.is_dir():
-        raise HistofmError(f"{flag} {path} lies under the file {parent}, which cannot hold folders; choose another {flag}.")
+        raise HistofmError(f"{flag} {shown(path)} lies under the file {shown(parent)}, which cannot hold folders; "
+                           f"choose another {flag}.")
     try:
         if path.is_dir():
             fd, probe = tempfile.mkstemp(prefix=".histofm-write-check-", dir=path)
@@ -44,14 +46,20 @@ def check_out_dir(path: str | os.PathLike[str], flag: str = "--out") -> Path:
             os.rmdir(tempfile.mkdtemp(prefix=".histofm-write-check-", dir=parent))
     except OSError as e:
         reason = e.strerror or type(e).__name__
-        raise HistofmError(f"{flag} {path} cannot be written ({reason}); choose a folder you can write to.") from None
+        raise HistofmError(f"{flag} {shown(path)} cannot be written ({reason}); choose a folder you can write to.") from None
     return path
 
 
-def check_device(spec: str | None, flag: str = "--device") -> str | None:
-    """``spec`` if torch knows it and this machine has it (``None`` passes: the best available)."""
-    if spec is None:
-        return None
+def check_device(spec: str | None, flag: str = "--device", *, allow_auto: bool = False) -> str | None:
+    """``spec`` if torch knows it and this machine has it (``None`` passes: the best available).
+
+    Args:
+        spec: the device the user named (``cpu``, ``cuda:1``, ``mps``), or ``None``.
+        flag: the flag (or ``--set``/``--config`` origin) to name in the message.
+        allow_auto: ``auto`` also passes (commands whose default is ``auto``).
+    """
+    if spec is None or (allow_auto and spec == "auto"):
+        return spec
     import torch
 
     try:

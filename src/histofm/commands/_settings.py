@@ -17,6 +17,7 @@ import dataclasses
 import os
 from typing import Any
 
+from histofm.checks import check_device, check_out_dir
 from histofm.errors import HistofmError
 from histofm.settings import SettingError, coerce, coerce_fields, setting, shown
 
@@ -83,50 +84,6 @@ def _restate(e: SettingError, path_prefix: str, args: argparse.Namespace) -> His
 
 
 # --------------------------------------------------------------------------- checks
-def check_device(name: str, flag: str = "--device") -> None:
-    """``name`` is ``auto`` or a torch device this machine has."""
-    import torch
-
-    if name == "auto":
-        return
-    name = shown(name)
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise HistofmError(f"{flag} {name}: not a device; use auto, cpu, cuda, cuda:N or mps.") from None
-    if dev.type == "cuda":
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if n == 0:
-            raise HistofmError(f"{flag} {name}: this machine has no CUDA GPU; use --device cpu (or auto).")
-        if dev.index is not None and dev.index >= n:
-            raise HistofmError(f"{flag} {name}: this machine has {n} CUDA GPU(s) (cuda:0 to cuda:{n - 1}).")
-    elif dev.type == "mps":
-        if not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
-            raise HistofmError(f"{flag} {name}: Apple MPS is not available here; use --device cpu (or auto).")
-    elif dev.type != "cpu":
-        raise HistofmError(f"{flag} {name}: histofm runs on cpu, cuda or mps, not {dev.type}.")
-
-
-def check_out_dir(path: str | os.PathLike[str], flag: str = "--out") -> None:
-    """``path`` is, or can become, a writable directory (nothing is created here)."""
-    from pathlib import Path
-
-    p = Path(path)
-    flag = shown(flag)
-    if p.exists() and not p.is_dir():
-        raise HistofmError(f"{flag} {shown(p)} is a file; {flag} is always a directory, so name a folder.")
-    parent = p
-    while not parent.exists():
-        if parent.parent == parent:
-            break
-        parent = parent.parent
-    if parent.exists() and not parent.is_dir():
-        raise HistofmError(f"{flag} {shown(p)} lies under the file {shown(parent)}; name a folder that is not inside a "
-                           "file.")
-    if parent.exists() and not os.access(parent, os.W_OK | os.X_OK):
-        raise HistofmError(f"{flag} {shown(p)}: {shown(parent)} is not writable; choose another {flag}.")
-
-
 def _memory_bytes(device: str = "cpu") -> int | None:
     """Memory of ``device`` (a CUDA GPU's own, else this machine's RAM)."""
     if device.startswith("cuda"):
@@ -176,7 +133,7 @@ def check_pretrain_settings(s: dict[str, Any], args: argparse.Namespace) -> dict
         cfg = TrainConfig.from_dict(s["train"])
     except SettingError as e:
         raise _restate(e, "" if e.key in top else "train.", args) from None
-    check_device(cfg.device, origin("train.device", args).split(" ")[0] if cfg.device != "auto" else "--device")
+    check_device(cfg.device, origin("train.device", args).split(" ")[0] or "--device", allow_auto=True)
     check_out_dir(str(s["out"]), "--out")
     check_batch_memory(cfg.batch_size, int(s["img_size"]), f"--batch-size {cfg.batch_size} at --img-size {s['img_size']}")
     if s.get("tile_size"):
@@ -260,8 +217,7 @@ def check_semi_args(args: argparse.Namespace) -> None:
                      for k in ("steps", "batch_size", "mu", "lr", "seed")})
     except SettingError as e:
         raise flag_error(e) from None
-    if args.device:
-        check_device(args.device)
+    check_device(args.device)
     check_out_dir(args.out)
     for flag, path, what in (("--data", args.data, "Image folder"), ("--labels", args.labels, "Labels file"),
                              ("--test-labels", args.test_labels, "Labels file")):
@@ -294,7 +250,7 @@ def check_json_path(path: str | os.PathLike[str] | None, flag: str = "--json") -
     p = Path(path)
     if p.is_dir():
         raise HistofmError(f"{flag} {p} is a folder; give a file name such as {p / 'results.json'}.")
-    check_out_dir(p.parent, f"{flag} {p}: its folder")
+    check_out_dir(p.parent, flag)
 
 
 def check_eval_nuclei_args(args: argparse.Namespace) -> None:

@@ -1,4 +1,4 @@
-"""The shared words of the command line: ``--set KEY=VALUE`` parsing and hidden, deprecated aliases.
+"""The shared words of the command line: the one ``--set KEY=VALUE`` parser and hidden, deprecated aliases.
 
 Old spellings (``--arch``, ``--option``) keep working as hidden aliases of the new flag: they
 are left out of ``--help`` and print one deprecation line to stderr, then act exactly like the
@@ -8,17 +8,13 @@ flag they stand for. See ``docs/cli.md`` for the vocabulary.
 from __future__ import annotations
 
 import argparse
-import os
-import re
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from histofm.errors import HistofmError
+from histofm.settings import parse_value
 
-# Numbers that YAML 1.1 (PyYAML) leaves as strings, such as 1e-3.
-_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 # Attribute of the parsed namespace that remembers which aliases were already reported.
 _NOTICED = "_histofm_deprecated_noticed"
 
@@ -58,50 +54,34 @@ def add_deprecated_alias(parser: argparse.ArgumentParser, old: str, new: str) ->
     )
 
 
-def check_out_dir(path: str | os.PathLike[str], flag: str = "--out") -> Path:
-    """``--out`` is always a directory: refuse an existing file (before any work) with one sentence."""
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise HistofmError(f"{flag} {out} is a file, but {flag} names a directory (created if needed); "
-                           "pass a folder path instead.")
-    for parent in out.parents:  # a file further up makes the folder impossible too
-        if parent.exists():
-            if not parent.is_dir():
-                raise HistofmError(f"{flag} {out} lies under the file {parent}; pass a folder path instead.")
-            break
-    return out
-
-
 def add_set_argument(parser: argparse.ArgumentParser, help: str) -> None:
     """``--set KEY=VALUE`` (repeatable), the one spelling of settings in every command."""
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=help)
 
 
-def parse_set(items: Sequence[str]) -> dict[str, Any]:
-    """``["depth=4", "gated=false"]`` -> ``{"depth": 4, "gated": False}``; values are read as YAML
-    (and ``1e-3``, a string to YAML 1.1, as the number it is).
+def split_set(items: Sequence[str], flag: str = "--set", example: str = "depth=4") -> dict[str, str]:
+    """``["depth=4", "name = abc"]`` -> ``{"depth": "4", "name": "abc"}``: keys stripped, values left as typed.
+
+    The one ``KEY=VALUE`` splitter of the command line; :func:`parse_set` reads the values too.
 
     Raises:
         HistofmError: an item without ``=`` or with an empty key.
     """
-    out: dict[str, Any] = {}
+    out: dict[str, str] = {}
     for item in items:
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise HistofmError(f"--set {item!r} is not KEY=VALUE; write for example --set depth=4.")
-        out[key] = parse_value(raw)
+            raise HistofmError(f"{flag} {item!r} is not KEY=VALUE; write for example {flag} {example}.")
+        out[key] = raw
     return out
 
 
-def parse_value(raw: str) -> Any:  # noqa: ANN401
-    """One ``--set`` value: YAML (``4``, ``false``, ``[1, 2]``, ``abc``), with ``1e-3`` read as a number."""
-    import yaml
+def parse_set(items: Sequence[str], flag: str = "--set", example: str = "depth=4") -> dict[str, Any]:
+    """``["depth=4", "gated=false"]`` -> ``{"depth": 4, "gated": False}``; each value is read by
+    :func:`histofm.settings.parse_value` (YAML, with ``1e-3`` and ``nan`` read as numbers).
 
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        return raw
-    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
-        return float(value)
-    return value
+    Raises:
+        HistofmError: an item without ``=`` or with an empty key.
+    """
+    return {key: parse_value(raw) for key, raw in split_set(items, flag, example).items()}

@@ -6,8 +6,8 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from histofm.checks import check_out_dir
 from histofm.commands._common import add_command
-from histofm.commands._vocab import check_out_dir
 from histofm.errors import HistofmError
 
 #: What ``--quick`` changes in :class:`histofm.demo.DemoConfig`.

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import sys
 from pathlib import Path
 from typing import Any
 
 from histofm.commands._common import add_command
+from histofm.commands._vocab import add_deprecated_alias, parse_set
 from histofm.errors import HistofmError
 
 
@@ -51,11 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--labels", type=Path, required=True,
                    help="CSV with columns slide_id,label[,patient_id] (survival: slide_id,TIME,EVENT[,patient_id])")
     t.add_argument("--aggregator", default="abmil", help="aggregator name (see `histofm mil list`)")
-    t.add_argument("--model", dest="model_alias", default=None, help=argparse.SUPPRESS)
     t.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                    help="aggregator option (hidden_dim=128, gated=false) or training setting (loss=cox, patience=5, "
                    "val_fraction=0.2, n_bins=4, class_weight=false, n_boot=1000); repeatable")
-    t.add_argument("--option", dest="option_alias", action="append", default=[], help=argparse.SUPPRESS)
     t.add_argument("--task", choices=("classification", "survival"), default="classification",
                    help="slide labels (column label) or follow-up times and events")
     t.add_argument("--time-col", default="time", help="follow-up time column of --labels (survival)")
@@ -73,6 +70,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="continue the unfinished run in --out (also done whenever its settings match this command)")
     t.add_argument("--overwrite", action="store_true",
                    help="start afresh even if --out holds an unfinished run with other settings")
+    add_deprecated_alias(t, "--model", "--aggregator")  # hidden old spellings, one notice each
+    add_deprecated_alias(t, "--option", "--set")
     t.set_defaults(func=run_train)
 
     pr = add_command(
@@ -93,7 +92,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     h.add_argument("--features", type=Path, required=True, help="the slide's features .h5 (with coords)")
     h.add_argument("--slide", type=Path, required=True, help="the slide file the features came from")
     h.add_argument("--run", type=Path, default=None, help="output directory of `histofm mil train`")
-    h.add_argument("--model-dir", dest="run_alias", type=Path, default=None, help=argparse.SUPPRESS)
     h.add_argument("--fold", type=_fold, default="all", metavar="K|all",
                    help="one fold's model, or all (ensemble; a slide of the training cohort gets its held-out model)")
     h.add_argument("--size", type=int, default=1024, help="longer side of the thumbnail in pixels")
@@ -101,29 +99,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     h.add_argument("--object-type", choices=("tile", "detection", "annotation"), default="tile",
                    help="QuPath object type of the GeoJSON tiles")
     h.add_argument("--out", type=Path, required=True, help="output directory")
+    add_deprecated_alias(h, "--model-dir", "--run")
     h.set_defaults(func=run_heatmap)
 
     ls = add_command(mil_sub, "list", help="list the MIL aggregators", example="histofm mil list")
     ls.set_defaults(func=run_list)
     p.set_defaults(func=lambda args: (p.print_help(), 1)[1])
-
-
-def _deprecated(old: str, new: str) -> None:
-    print(f"histofm: note: {old} is deprecated; use {new}.", file=sys.stderr)
-
-
-def parse_settings(items: list[str], flag: str = "--set") -> dict[str, Any]:
-    """``KEY=VALUE`` strings to a dict; values are parsed as JSON where they can be (numbers, true/false)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise HistofmError(f"{flag} {item!r} is not KEY=VALUE; write for example {flag} hidden_dim=128.")
-        key, value = item.split("=", 1)
-        try:
-            out[key.strip()] = json.loads(value.lower() if value.lower() in ("true", "false", "null") else value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
-    return out
 
 
 def _run_slide_probe(args: argparse.Namespace) -> int:
@@ -134,7 +115,7 @@ def _run_slide_probe(args: argparse.Namespace) -> int:
 
     if args.task != "classification":
         raise HistofmError("--slide-embeddings supports --task classification only; use --features for survival.")
-    from histofm.mil.checks import check_out_dir
+    from histofm.checks import check_out_dir
     from histofm.mil.options import FLAG_OPTIONS
 
     for flag in ("--folds", "--seed"):
@@ -152,8 +133,8 @@ def run_train(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from histofm.checks import check_device, check_out_dir
     from histofm.mil import build_aggregator, list_aggregators
-    from histofm.mil.checks import check_device, check_out_dir
     from histofm.mil.cv import cross_validate, output_dim
     from histofm.mil.data import BagDataset, read_labels_csv
     from histofm.mil.options import FLAG_OPTIONS, TRAIN_OPTIONS, check_settings
@@ -165,11 +146,6 @@ def run_train(args: argparse.Namespace) -> int:
     if args.slide_embeddings is not None:
         return _run_slide_probe(args)
     aggregator = args.aggregator
-    if args.model_alias is not None:
-        _deprecated("`mil train --model`", "--aggregator")
-        aggregator = args.model_alias
-    if args.option_alias:
-        _deprecated("`mil train --option`", "--set")
     # Everything the user typed is checked here, before a file is read or a model built.
     for key in ("epochs", "lr", "weight_decay", "batch_size", "max_tiles"):
         TRAIN_OPTIONS[key].check(key, getattr(args, key), flag="--" + key.replace("_", "-"))
@@ -177,7 +153,7 @@ def run_train(args: argparse.Namespace) -> int:
         FLAG_OPTIONS[flag].check(flag, getattr(args, flag[2:]), flag=flag)
     if aggregator not in list_aggregators():
         build_aggregator(aggregator, 1, 2)  # raises the "did you mean" sentence
-    train_set, model_kwargs = check_settings(aggregator, parse_settings(args.option_alias + args.settings))
+    train_set, model_kwargs = check_settings(aggregator, parse_set(args.settings, example="hidden_dim=128"))
     check_out_dir(args.out)
     check_device(args.device)
     if args.resume and args.overwrite:
@@ -231,7 +207,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def _check_outputs(out: Path, run: Path) -> None:
     """``--out`` must be writable and must not be the run folder (its predictions.csv would be replaced)."""
-    from histofm.mil.checks import check_out_dir
+    from histofm.checks import check_out_dir
 
     check_out_dir(out)
     if out.exists() and run.exists() and out.resolve() == run.resolve():
@@ -253,9 +229,6 @@ def run_heatmap(args: argparse.Namespace) -> int:
     from histofm.mil.heatmap import render_heatmap
 
     run = args.run
-    if args.run_alias is not None:
-        _deprecated("`mil heatmap --model-dir`", "--run")
-        run = run or args.run_alias
     if run is None:
         raise HistofmError("Pass the output folder of `histofm mil train` as --run.")
     if not 0.0 <= args.alpha <= 1.0:  # NaN fails too

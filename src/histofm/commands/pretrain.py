@@ -35,9 +35,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from histofm.checks import check_out_dir
 from histofm.commands._common import add_command
-from histofm.commands._vocab import add_deprecated_alias, check_out_dir, parse_value
+from histofm.commands._vocab import add_deprecated_alias, split_set
 from histofm.errors import HistofmError
+from histofm.settings import parse_value
 
 _TOP_KEYS = {"method", "model", "data", "img_size", "tile_size", "target_mpp", "mpp_override", "out", "train",
              "method_args", "backbone"}
@@ -151,11 +153,8 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
         s["train"]["resume"] = True
     if args.no_progress:
         s["train"]["progress"] = False
-    for item in args.set:
-        if "=" not in item:
-            raise HistofmError(f"--set expects KEY=VALUE, got {item!r}.")
-        key, raw = item.split("=", 1)
-        key = _renamed(key.strip(), "--set")
+    for key, raw in split_set(args.set).items():  # the one KEY=VALUE splitter; values read as below
+        key = _renamed(key, "--set")
         value = parse_value(raw)
         if key.startswith("train."):
             _nest(s["train"], key[len("train."):], value)

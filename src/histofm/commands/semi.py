@@ -97,20 +97,13 @@ def run(args: argparse.Namespace) -> int:
     from histofm.utils import default_device, seed_everything
 
     check_semi_args(args)  # every flag's declared type and range (histofm.settings), before any file is read
-    for name in ("steps", "batch_size", "mu", "width"):
-        if getattr(args, name) < 1:
-            raise HistofmError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
-    if args.img_size < 8:
-        raise HistofmError(f"--img-size must be at least 8 pixels, got {args.img_size}.")
-    if args.threshold is not None and not 0 <= args.threshold <= 1:
-        raise HistofmError(f"--threshold must lie between 0 and 1, got {args.threshold}.")
     overrides = parse_set(args.set)
     if args.check:
         print(f"histofm semi: settings OK ({args.method}, {args.model}); nothing was run.")
         return 0
     test_paths: set[str] = set()
     if args.test_labels is not None:
-        test_paths = {Path(p).as_posix() for p, _ in read_label_csv(args.test_labels)}
+        test_paths = {Path(p).as_posix() for p, _ in read_label_csv(args.test_labels, "--test-labels")}
     folder = load_labelled_folder(args.data, args.labels, args.img_size, exclude=test_paths)
     overlap = test_paths & set(folder.paths_l)
     if overlap:
@@ -143,7 +136,8 @@ def run(args: argparse.Namespace) -> int:
         "final": _tail_mean(history), "labelled": evaluate(method, folder.x_l, folder.y_l, device=device),
     }
     if args.test_labels is not None:
-        test = load_labelled_folder(args.data, args.test_labels, args.img_size, classes=folder.classes)
+        test = load_labelled_folder(args.data, args.test_labels, args.img_size, classes=folder.classes,
+                                    labels_flag="--test-labels")
         metrics["test"] = evaluate(method, test.x_l, test.y_l, device=device)
         metrics["n_test"] = len(test.x_l)
     _save_model(method, out, {**model_record, "classes": list(folder.classes), "img_size": args.img_size,

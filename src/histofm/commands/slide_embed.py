@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
 
 from histofm.commands._common import add_command
+from histofm.commands._vocab import parse_set
 from histofm.errors import HistofmError
 
 
@@ -41,25 +41,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def parse_settings(items: list[str]) -> dict[str, Any]:
-    """``["depth=2", "global_pool=true"]`` -> ``{"depth": 2, "global_pool": True}`` (values read as YAML)."""
-    import yaml
-
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise HistofmError(f"--set expects KEY=VALUE, got {item!r}.")
-        key, raw = item.split("=", 1)
-        try:
-            out[key.strip()] = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            out[key.strip()] = raw
-    return out
-
-
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from histofm.checks import check_device, check_out_dir
     from histofm.registry import create_slide_encoder
     from histofm.utils import default_device
     from histofm.wsi.slide_embed import embed_feature_dir, slide_embedding_dir
@@ -73,14 +58,16 @@ def run(args: argparse.Namespace) -> int:
         raise HistofmError(
             f"{args.slide_encoder} needs weights: pass --checkpoint PATH or --pretrained (or --random-init to test)."
         )
-    settings = parse_settings(args.set)
+    settings = parse_set(args.set)
     tile_size = settings.pop("tile_size", None)
+    check_device(args.device)  # the shared checks, before a model is built
+    out = args.out or slide_embedding_dir(args.features, args.slide_encoder)
+    check_out_dir(out)
     model = create_slide_encoder(
         args.slide_encoder, pretrained=args.pretrained, checkpoint_path=args.checkpoint, **settings
     )
     device = args.device or default_device()
     model = model.to(device)
-    out = args.out or slide_embedding_dir(args.features, args.slide_encoder)
     report = embed_feature_dir(
         files, model, out, tile_size=tile_size, device=device, any_tile_encoder=args.any_tile_encoder,
         overwrite=args.overwrite, checkpoint=args.checkpoint, progress=not args.no_progress,

@@ -65,17 +65,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def parse_settings(pairs: list[str]) -> dict[str, Any]:
     """``["topk=5", ...]`` -> settings with defaults; unknown keys and bad values raise one sentence."""
+    from histofm.checks import check_device
+    from histofm.commands._vocab import split_set
+
     out = {k: v[1] for k, v in SETTINGS.items()}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        key = key.strip()
-        if not sep or key not in SETTINGS:
-            raise HistofmError(f"Unknown setting {pair!r}; --set takes KEY=VALUE with KEY one of {', '.join(SETTINGS)}.")
+    for key, value in split_set(pairs, example="topk=5").items():
+        if key not in SETTINGS:
+            raise HistofmError(f"Unknown setting {key!r}; --set takes KEY=VALUE with KEY one of {', '.join(SETTINGS)}.")
         kind = SETTINGS[key][0]
         try:
             out[key] = kind(value)
         except ValueError:
             raise HistofmError(f"--set {key} needs a value of type {kind.__name__}, got {value!r}.") from None
+    check_device(out["device"], "--set device", allow_auto=True)
     return out
 
 
@@ -174,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from histofm.checks import check_out_dir
     from histofm.eval.zeroshot import (
         DEFAULT_TEMPLATES,
         build_prompts,
@@ -186,6 +189,7 @@ def run(args: argparse.Namespace) -> int:
     settings = parse_settings(args.set)
     if not args.classes and not args.query:
         raise HistofmError("Nothing to do: give --classes \"a,b,...\" to classify and/or --query TEXT to retrieve.")
+    check_out_dir(args.out)  # the shared check, before a model is built or an image read
     templates = DEFAULT_TEMPLATES
     if args.templates is not None:
         if not args.templates.is_file():

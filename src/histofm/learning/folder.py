@@ -8,7 +8,6 @@ cropped to ``img_size`` and held in memory as ``uint8``.
 
 from __future__ import annotations
 
-import csv
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,24 +39,19 @@ class LabelledFolder:
     classes: tuple[str, ...]
 
 
-def read_label_csv(path: str | os.PathLike[str]) -> list[tuple[str, str]]:
-    """``(relative path, label)`` rows of a label CSV (header optional, blank lines skipped)."""
-    path = Path(path)
-    if not path.is_file():
-        raise HistofmError(f"Label file not found: {path}; give a CSV with columns path,label.")
-    rows: list[tuple[str, str]] = []
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        for i, row in enumerate(csv.reader(f)):
-            if not row or all(not c.strip() for c in row):
-                continue
-            if i == 0 and [c.strip().lower() for c in row[:2]] == ["path", "label"]:
-                continue
-            if len(row) < 2 or not row[0].strip() or not row[1].strip():
-                raise HistofmError(f"Line {i + 1} of {path.name} is not 'path,label': {','.join(row)!r}.")
-            rows.append((row[0].strip(), row[1].strip()))
-    if not rows:
-        raise HistofmError(f"{path.name} labels no image; add rows 'path,label'.")
-    return rows
+def read_label_csv(path: str | os.PathLike[str], flag: str = "--labels") -> list[tuple[str, str]]:
+    """``(relative path, label)`` rows of a label CSV (header ``path,label`` optional, blank lines skipped).
+
+    Read by the one CSV reader, :func:`histofm.tables.read_csv_table`: a byte-order mark is
+    dropped, another encoding or a binary file is refused, and a blank path or label is refused
+    with its row number (a blank label never becomes a class).
+    """
+    from histofm.tables import read_csv_table
+
+    table = read_csv_table(path, required=("path", "label"), flag=flag)
+    if not table.rows:
+        raise HistofmError(f"{table.path.name} labels no image; add rows 'path,label' to the file given to {flag}.")
+    return [(row["path"], row["label"]) for row in table.rows]
 
 
 def load_image(path: Path, size: int) -> np.ndarray:
@@ -90,6 +84,7 @@ def load_labelled_folder(
     img_size: int,
     exclude: set[str] | None = None,
     classes: tuple[str, ...] | None = None,
+    labels_flag: str = "--labels",
 ) -> LabelledFolder:
     """Load ``folder``'s images, labelled as ``labels`` says.
 
@@ -99,13 +94,14 @@ def load_labelled_folder(
         img_size: side of the square images in memory.
         exclude: relative paths to leave out entirely (a held-out test set).
         classes: fix the class list (for a test CSV that must use the training classes).
+        labels_flag: the flag that gave ``labels``, named in messages about the file.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise HistofmError(f"Image folder not found: {folder}; give the directory that holds the tiles.")
     if img_size < 8:
         raise HistofmError(f"The image size must be at least 8 pixels, got {img_size}.")
-    rows = read_label_csv(labels)
+    rows = read_label_csv(labels, labels_flag)
     all_images = set(list_images(folder))
     missing = [p for p, _ in rows if Path(p).as_posix() not in all_images]
     if missing:

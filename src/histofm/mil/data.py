@@ -10,8 +10,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +20,7 @@ import numpy as np
 import torch
 
 from histofm.errors import HistofmError
+from histofm.tables import Row, read_csv_table
 
 FEATURE_EXTENSIONS = (".h5", ".hdf5")
 
@@ -52,35 +51,15 @@ class SlideTable:
         return "survival" if self.times is not None else "classification"
 
 
-def _rows(path: Path, needed: Sequence[str], hint: str) -> list[dict[str, str]]:
-    if not path.is_file():
-        raise HistofmError(f"Labels file not found: {path}; give a CSV with columns {hint}.")
-    raw = path.read_bytes()
-    try:
-        if b"\x00" in raw:
-            raise UnicodeDecodeError("utf-8", raw, raw.index(b"\x00"), raw.index(b"\x00") + 1, "NUL byte")
-        text = raw.decode("utf-8-sig")  # a byte-order mark (Excel's "CSV UTF-8") is dropped
-    except UnicodeDecodeError:
-        raise HistofmError(
-            f"{path.name} is not a UTF-8 text CSV (binary or another encoding); pass --labels a CSV saved as UTF-8."
-        ) from None
-    try:
-        rows = list(csv.DictReader(io.StringIO(text, newline="")))
-    except csv.Error as e:
-        raise HistofmError(f"{path.name} is not a readable CSV ({e}); fix the file given as --labels.") from None
-    if not rows or not set(needed) <= set(rows[0]):
-        missing = sorted(set(needed) - set(rows[0] if rows else {}))
-        raise HistofmError(f"{path.name} needs a header with columns {hint} (missing {', '.join(missing)}).")
-    for n, r in enumerate(rows, start=2):  # line 1 is the header
-        for col in needed:
-            if not (r.get(col) or "").strip():
-                raise HistofmError(f"Line {n} of {path.name} has no {col}; fill it in or drop the row from --labels.")
-    ids = [r["slide_id"].strip() for r in rows]
+def _rows(path: Path, needed: Sequence[str], flag: str) -> list[Row]:
+    """The rows of the labels CSV, read by the one CSV reader (header required; blank values refused)."""
+    rows = read_csv_table(path, required=needed, optional=("patient_id",), flag=flag, header=True).rows
     seen: set[str] = set()
-    for i in ids:
-        if i in seen:
-            raise HistofmError(f"Slide {i!r} appears twice in {path.name}; give each slide one row.")
-        seen.add(i)
+    for r in rows:
+        if r["slide_id"] in seen:
+            raise HistofmError(f"Slide {r['slide_id']!r} appears twice in {path.name} (row {r.row}); "
+                               "give each slide one row.")
+        seen.add(r["slide_id"])
     return rows
 
 
@@ -110,7 +89,7 @@ def read_labels_csv(
     """
     path = Path(path)
     if task == "classification":
-        rows = _rows(path, ("slide_id", "label"), "slide_id,label[,patient_id]")
+        rows = _rows(path, ("slide_id", "label"), "--labels")
         raw = [r["label"].strip() for r in rows]
         classes = _class_order(raw)
         if len(classes) < 2:
@@ -118,8 +97,7 @@ def read_labels_csv(
         labels = np.array([classes.index(v) for v in raw])
         times = events = None
     elif task == "survival":
-        hint = f"slide_id,{time_col},{event_col}[,patient_id] (change the names with --time-col / --event-col)"
-        rows = _rows(path, ("slide_id", time_col, event_col), hint)
+        rows = _rows(path, ("slide_id", time_col, event_col), "--labels (column names: --time-col, --event-col)")
         try:
             times = np.array([float(r[time_col]) for r in rows])
         except ValueError:
