@@ -13,6 +13,7 @@ from threadpoolctl import threadpool_limits
 
 from histofm.cli import main
 from histofm.data import sample_path
+from histofm.errors import HistofmError
 from histofm.learning.cluster_map import cluster_colour, cluster_map, overlay
 from histofm.models.vit import VisionTransformer
 from histofm.wsi import open_slide
@@ -132,3 +133,9 @@ def test_cli_missing_slide_and_foreign_features(result, tmp_path, capsys) -> Non
     assert main(["cluster", str(small), "--slide-mpp", "0.5", "--features", str(result.paths["features"]),
                  "--out", str(tmp_path)]) == 2
     assert "outside" in capsys.readouterr().err
+
+
+def test_a_model_name_without_weights_is_refused(tmp_path) -> None:
+    with pytest.raises(HistofmError, match="needs weights"):
+        cluster_map(SLIDE, tmp_path, model="vit_tiny_patch16_224", k=2, device="cpu", progress=False)
+    assert not any(tmp_path.iterdir())

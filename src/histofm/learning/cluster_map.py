@@ -96,10 +96,11 @@ def _tile_size_level0(attrs: dict[str, Any], slide: Any) -> float:
 def _extract(slide_path: Path, model: str | nn.Module, checkpoint: str | os.PathLike[str] | None, out_dir: Path,
              cfg: Any, mpp: float | None, progress: bool) -> Path:
     import histofm
+    from histofm.weights import load_encoder
     from histofm.wsi.features import extract_features
 
-    if isinstance(model, str):
-        model = histofm.create_model(model, checkpoint_path=checkpoint)
+    if isinstance(model, str):  # never random weights by accident: a name needs its checkpoint
+        model = load_encoder(model, checkpoint=checkpoint)
     elif checkpoint is not None:
         histofm.load_checkpoint(model, checkpoint)
     report = extract_features([slide_path], model, out_dir, config=cfg, mpp=mpp, progress=progress)
@@ -134,7 +135,8 @@ def cluster_map(
         slide: the whole-slide image (or a plain image with ``mpp``).
         out_dir: output directory.
         model: a registered model name or a module ``(B, 3, S, S) -> (B, D)``; needed unless
-            ``features`` is given.
+            ``features`` is given. A name without ``checkpoint`` is refused (random weights only
+            when you build the module yourself).
         checkpoint: weights for ``model``.
         features: an existing feature file (``features``, ``coords``) of this slide; skips extraction.
         k: number of clusters.
