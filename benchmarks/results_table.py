@@ -14,8 +14,10 @@ episodes). Two references run in the same script: the colour histogram (8 bins p
 the same tiny ViT at random initialisation.
 
 Stain: *clean* scores the test nuclei as they are; *shifted* scores the same test nuclei with their
-stain shifted (``histofm.eval.nuclei.stain_shifts``: HED perturbations at fixed seeds and strengths
-and Macenko re-staining to the second bundled H&E field), all shifts pooled into one test set.
+stain shifted by each of ``histofm.data.stain.DEFAULT_SHIFTS`` (HED scale, HED bias, per-crop HED
+jitter at a fixed seed, Macenko re-staining to the bundled CMU-1 skin slide: another lab and
+scanner), the four shifted copies pooled into one test set (its bootstrap resamples the pooled
+crops, so its interval is a little narrower than four independent test sets would give).
 Features are always fitted on the original stain: the kNN memory bank, the probe and the few-shot
 prototypes see only unshifted training nuclei. Where that API is not installed the shifted
 columns are left out.
@@ -48,14 +50,16 @@ from histofm.eval.nuclei import colour_histogram, evaluate_features  # noqa: E40
 PROTOCOLS = ("knn", "linear", "10-shot")
 
 
-def shifted_test_crops(crops: np.ndarray) -> tuple[np.ndarray, list[str]] | None:
-    """The test crops under every stain shift of the eval API, pooled ``(S * m, h, w, 3)``, and the shift names."""
+def pooled_shifted_crops(crops: np.ndarray) -> tuple[np.ndarray, list[str]] | None:
+    """The test crops under every default stain shift, pooled ``(S * m, h, w, 3)``, and the shift names."""
     try:
-        from histofm.eval.nuclei import stain_shifts
-    except ImportError:
+        from histofm.data.stain import DEFAULT_SHIFTS
+        from histofm.eval.nuclei import shifted_test_crops
+    except ImportError:  # a histofm without the stain-shift API
         return None
-    shifts = stain_shifts(crops)  # {name: (m, h, w, 3) uint8}
-    return np.concatenate(list(shifts.values())), list(shifts)
+    shifts = shifted_test_crops(crops, DEFAULT_SHIFTS)  # {"clean": crops, name: (m, h, w, 3) uint8}
+    names = [n for n in shifts if n != "clean"]
+    return np.concatenate([shifts[n] for n in names]), names
 
 
 def score(embed, crops: np.ndarray, labels: np.ndarray, train: np.ndarray, shifted: np.ndarray | None) -> dict:
@@ -124,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
 
     task = ssl_check.nucleus_task()
     crops, labels, train = task.crops, task.labels, task.train
-    pooled = shifted_test_crops(crops[~train])
+    pooled = pooled_shifted_crops(crops[~train])
     shifted, shift_names = pooled if pooled is not None else (None, [])
     stains = ["clean", "shifted"] if shifted is not None else ["clean"]
     print(f"{len(crops)} nuclei ({int(train.sum())} training); shifts: {', '.join(shift_names) or 'none (no API)'}")
