@@ -14,7 +14,13 @@ from safetensors.torch import save_file
 import histofm
 from histofm.cli import main
 from histofm.data import sample_path
-from histofm.eval.nuclei import colour_histogram, load_nuclei_task
+from histofm.eval.nuclei import (
+    colour_histogram,
+    evaluate_features,
+    evaluate_features_shifted,
+    load_nuclei_task,
+    shifted_test_crops,
+)
 
 TINY = ["--option", "depth=1", "--option", "embed_dim=48", "--option", "num_heads=2"]
 
@@ -63,20 +69,24 @@ def test_cli_prints_the_table_and_writes_json(tmp_path: Path, capsys: pytest.Cap
     save_file(model.state_dict(), str(ckpt))
     out = tmp_path / "nuclei.json"
     rc = main(["eval", "nuclei", "--model", "vit_tiny_patch8_224", *TINY, "--checkpoint", str(ckpt), "--seeds", "1",
-               "--episodes", "10", "--bootstrap", "50", "--json", str(out)])
+               "--episodes", "10", "--bootstrap", "50", "--stain-shift", "hed-scale,macenko:cmu", "--json", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
     assert "colour histogram" in text and "random init" in text and "checkpoint" in text and "10-shot" in text
+    assert "bal. acc. hed-scale" in text and "bal. acc. macenko:cmu" in text
     doc = json.loads(out.read_text())
-    rows = {(r["features"], r["protocol"]): r for r in doc["results"]}
-    assert len(rows) == 9
-    hist_knn = rows[("colour histogram", "knn")]["balanced_accuracy"]
+    rows = {(r["features"], r["protocol"], r["shift"]): r for r in doc["results"]}
+    assert len(rows) == 9 * 3 and doc["stain_shifts"] == ["hed-scale", "macenko:cmu"]
+    hist_knn = rows[("colour histogram", "knn", "clean")]["balanced_accuracy"]
     assert hist_knn["mean"] > 0.6 and hist_knn["ci_low"] < hist_knn["mean"] < hist_knn["ci_high"]  # chance: 0.33
+    # Colour features are what a re-staining breaks: the histogram's kNN falls under the Macenko shift.
+    assert rows[("colour histogram", "knn", "macenko:cmu")]["balanced_accuracy"]["mean"] < hist_knn["mean"] - 0.1
     # The checkpoint holds the seed-0 random weights, so both rows must agree exactly.
     for protocol in ("knn", "linear", "10-shot"):
-        a = rows[("vit_tiny_patch8_224 random init", protocol)]
-        b = rows[("vit_tiny_patch8_224 checkpoint", protocol)]
-        assert a["balanced_accuracy"] == b["balanced_accuracy"] and a["auroc"] == b["auroc"]
+        for shift in ("clean", "hed-scale", "macenko:cmu"):
+            a = rows[("vit_tiny_patch8_224 random init", protocol, shift)]
+            b = rows[("vit_tiny_patch8_224 checkpoint", protocol, shift)]
+            assert a["balanced_accuracy"] == b["balanced_accuracy"] and a["auroc"] == b["auroc"]
 
 
 def test_cli_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -86,4 +96,26 @@ def test_cli_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert "Checkpoint not found" in capsys.readouterr().err
     assert main(["eval", "nuclei", "--model", "vit_tinny_patch8_224"]) == 2
     assert "Unknown model" in capsys.readouterr().err
+    assert main(["eval", "nuclei", "--model", "vit_tiny_patch8_224", "--stain-shift", "hed-scale,purple"]) == 2
+    assert "--stain-shift" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_shifted_evaluation_fits_on_the_original_stain_only(task) -> None:
+    tr, te = task.train, ~task.train
+    tests = shifted_test_crops(task.crops[te], ["hed-scale"])
+    assert list(tests) == ["clean", "hed-scale"] and tests["hed-scale"].shape == tests["clean"].shape
+    assert not np.array_equal(tests["hed-scale"], tests["clean"])
+    x_train = colour_histogram(task.crops[tr])
+    sets = {name: colour_histogram(c) for name, c in tests.items()}
+    sets["copy"] = sets["clean"].copy()
+    kw = {"seeds": 1, "episodes": 10, "n_boot": 50}
+    shifted = evaluate_features_shifted(x_train, task.labels[tr], sets, task.labels[te], **kw)
+    alone = evaluate_features(x_train, task.labels[tr], sets["clean"], task.labels[te], **kw)
+    # The clean column is exactly the unshifted evaluation, and an identical test set scores identically:
+    # one fit serves every column.
+    for protocol, metrics in alone.items():
+        assert shifted["clean"][protocol] == metrics == shifted["copy"][protocol], protocol
+    # Fitted on the original stain, colour features lose accuracy on the shifted test crops.
+    clean = shifted["clean"]["knn"]["balanced_accuracy"].mean
+    assert shifted["hed-scale"]["knn"]["balanced_accuracy"].mean < clean - 0.02

@@ -17,14 +17,35 @@ augmentations in Tellez et al. 2019, arXiv 1902.06543) perturbs each stain's
 concentration independently, ``c'_s = alpha_s * c_s + beta_s`` with
 ``alpha_s ~ U(1 - sigma, 1 + sigma)`` and ``beta_s ~ U(-bias, bias)``, and maps back
 to RGB: a realistic imitation of lab-to-lab staining differences.
+
+Stain shift for evaluation (:func:`hed_shift`, :data:`STAIN_SHIFTS`,
+:func:`apply_stain_shift`): deterministic re-stainings of *test* images only, to
+measure how much of a frozen encoder's accuracy survives a change of lab. Stain
+normalisation (Macenko, Reinhard, Vahadane) lives in :mod:`histofm.data.stain_norm`
+and is re-exported here: ``histofm.data.stain.normalizer(name)``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
+
+from histofm.data.stain_norm import (  # noqa: F401  (re-exported: the public stain API is this module)
+    NORMALIZERS,
+    MacenkoNormalizer,
+    ReinhardNormalizer,
+    StainNormalize,
+    VahadaneNormalizer,
+    make_stain_transform,
+    normalizer,
+    read_target,
+)
+from histofm.errors import HistofmError
 
 # Stain optical-density vectors (rows): haematoxylin, eosin, DAB (Ruifrok & Johnston 2001).
 RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=torch.float64)
@@ -89,3 +110,114 @@ class HEDJitter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"sigma={self.sigma}, bias={self.bias}, p={self.p}"
+
+
+# ------------------------------------------------------------------ deterministic stain shifts (evaluation)
+def hed_shift(
+    images: Any,  # noqa: ANN401
+    scale: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    bias: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    jitter_sigma: float = 0.0,
+    jitter_bias: float = 0.0,
+    seed: int = 0,
+) -> Any:  # noqa: ANN401
+    """Shift the stain of uint8 RGB images in HED space: ``c' = (scale * a) * c + (bias + b)`` per stain.
+
+    ``scale`` and ``bias`` are the same for every image (one lab's different staining);
+    ``a ~ U(1 - jitter_sigma, 1 + jitter_sigma)`` and ``b ~ U(-jitter_bias, jitter_bias)`` are
+    drawn per image from ``seed``, so the result is deterministic. Typical H&E concentrations
+    are 0.0-0.2 (99th percentile of the bundled HGSC field), so a bias of 0.02 is large. A
+    negative bias stops at zero stain (it never turns a stain into its complementary colour).
+
+    Args:
+        images: ``(H, W, 3)`` or ``(N, H, W, 3)`` uint8, numpy or torch; the output has the same form.
+    """
+    from histofm.data.stain_norm import _as_batch
+
+    x, restore = _as_batch(images)  # (B, H, W, 3) in [0, 255]
+    n = x.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    a = 1 + (torch.rand(n, 3, generator=gen, dtype=torch.float64) * 2 - 1) * jitter_sigma  # (B, 3)
+    b = (torch.rand(n, 3, generator=gen, dtype=torch.float64) * 2 - 1) * jitter_bias
+    alpha = (a * torch.tensor(scale, dtype=torch.float64)).to(x.device)[:, :, None, None]
+    beta = (b + torch.tensor(bias, dtype=torch.float64)).to(x.device)[:, :, None, None]
+    rgb = x.double().permute(0, 3, 1, 2) / 255  # (B, 3, H, W)
+    # Unclamped deconvolution, so that the identity shift is exact (rgb_to_hed clamps at 0, like skimage).
+    od = rgb.clamp_min(1e-6).log() / _LOG_ADJUST
+    hed = torch.einsum("bchw,cs->bshw", od, HED_FROM_RGB.to(od))
+    # A negative bias removes stain but never below none: it cannot turn a stain's colour into its complement.
+    shifted = hed * alpha + torch.maximum(beta, -(hed * alpha).clamp_min(0))
+    out = hed_to_rgb(shifted).permute(0, 2, 3, 1) * 255
+    return restore(out.float())
+
+
+@dataclass(frozen=True)
+class StainShift:
+    """A named, deterministic stain shift of test images (see :data:`STAIN_SHIFTS`).
+
+    Attributes:
+        name: the key in :data:`STAIN_SHIFTS` (what ``--stain-shift`` takes).
+        description: one line for tables and docs.
+        scale, bias, jitter_sigma, jitter_bias, seed: arguments of :func:`hed_shift`.
+        target: for a Macenko re-staining, the bundled H&E sample whose stain the images take.
+    """
+
+    name: str
+    description: str
+    scale: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    bias: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    jitter_sigma: float = 0.0
+    jitter_bias: float = 0.0
+    seed: int = 0
+    target: str | None = None
+
+
+#: Named stain shifts. ``macenko:cmu`` re-stains to the bundled CMU-1 skin slide: another lab,
+#: another tissue and an Aperio scanner, so a real second H&E source. ``macenko:hgsc_stroma``
+#: re-stains to the stroma field of the test crops' own dataset; Macenko still moves the colours
+#: a lot (mean |change| 29 grey levels vs 25 for CMU), because it rescales each stain's concentration.
+STAIN_SHIFTS: dict[str, StainShift] = {s.name: s for s in (
+    StainShift("hed-scale", "HED scale H x0.7, E x1.3 (paler nuclei, stronger eosin)", scale=(0.7, 1.3, 1.0)),
+    StainShift("hed-bias", "HED bias H +0.03, E -0.02 (bluish background, weaker eosin)", bias=(0.03, -0.02, 0.0)),
+    StainShift("hed-random", "per-crop HED scale U(0.7, 1.3) and bias U(-0.02, 0.02), seed 0",
+               jitter_sigma=0.3, jitter_bias=0.02, seed=0),
+    StainShift("macenko:cmu", "Macenko re-staining to the CMU-1 skin slide (another lab and scanner)",
+               target="cmu_small_region"),
+    StainShift("macenko:hgsc_stroma", "Macenko re-staining to the HGSC stroma field (same dataset, another field)",
+               target="hgsc_stroma"),
+)}
+
+#: The shifts that ``histofm eval nuclei`` and the demo report by default.
+DEFAULT_SHIFTS = ("hed-scale", "hed-bias", "hed-random", "macenko:cmu")
+
+
+@functools.lru_cache(maxsize=4)
+def _fitted_macenko(sample: str) -> MacenkoNormalizer:
+    """A Macenko normaliser fitted on a bundled sample (every second pixel; cached per process)."""
+    from histofm.data.datasets import _load_sample
+
+    norm = MacenkoNormalizer()
+    norm.fit(_load_sample(sample)[::2, ::2])
+    return norm
+
+
+def stain_shift(name: str | StainShift) -> StainShift:
+    """Look up a named shift; a bad name raises a one-sentence error naming ``--stain-shift``."""
+    if isinstance(name, StainShift):
+        return name
+    shift = STAIN_SHIFTS.get(name)
+    if shift is None:
+        raise HistofmError(f"Unknown stain shift {name!r}; choose from {', '.join(STAIN_SHIFTS)} (--stain-shift).")
+    return shift
+
+
+def apply_stain_shift(images: Any, name: str | StainShift) -> Any:  # noqa: ANN401
+    """Apply a named stain shift to uint8 RGB images ``(N, H, W, 3)`` (or one ``(H, W, 3)``); same form out.
+
+    A Macenko re-staining estimates the images' stains once over the whole batch (they come
+    from one field), so every crop gets the same mapping, as a re-stained slide would.
+    """
+    shift = stain_shift(name)
+    if shift.target is not None:
+        return _fitted_macenko(shift.target).transform(images, per_image=False)
+    return hed_shift(images, shift.scale, shift.bias, shift.jitter_sigma, shift.jitter_bias, shift.seed)

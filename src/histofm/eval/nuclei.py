@@ -17,6 +17,18 @@ Every encoder is reported beside two references measured in the same run:
 a colour histogram (8 bins per RGB channel) and the same architecture at random
 initialisation. Protocols: weighted kNN, a linear probe with its regularisation
 chosen on a validation split of the training nuclei, and SimpleShot few-shot.
+
+Stain shift (the stable API other modules use):
+
+* :func:`shifted_test_crops` ``(crops, shifts) -> {"clean": crops, name: shifted crops}``
+  applies the named shifts of :data:`histofm.data.stain.STAIN_SHIFTS` (HED scale/bias at
+  fixed strengths and seeds, Macenko re-staining to a second real H&E source).
+* :func:`evaluate_features_shifted` ``(train_x, train_y, {name: test_x}, test_y) ->
+  {name: {protocol: {metric: MetricSummary}}}`` fits the kNN index, the linear probe
+  and the few-shot prototypes ONCE on the training features of the ORIGINAL stain and
+  scores every test set with them; the ``"clean"`` entry equals :func:`evaluate_features`.
+* :func:`run_nuclei` ``(..., stain_shifts=names)`` returns one :class:`NucleiRow` per
+  feature set, protocol and stain (``row.shift``: ``"clean"`` or the shift's name).
 """
 
 from __future__ import annotations
@@ -140,6 +152,56 @@ def evaluate_features(
     }
 
 
+def evaluate_features_shifted(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_sets: dict[str, np.ndarray],
+    test_y: np.ndarray,
+    **kwargs: Any,  # noqa: ANN401
+) -> dict[str, dict[str, dict[str, MetricSummary]]]:
+    """Metrics on several versions of the same test set (clean, stain-shifted): ``{name: {protocol: {metric: s}}}``.
+
+    Every protocol is fitted once, on ``train_x`` (features of the original stain): the test
+    sets are stacked and scored by the same kNN index, linear probes and few-shot episodes,
+    so the columns differ only by the test images' stain. ``kwargs`` go to :func:`evaluate_features`.
+    """
+    names = list(test_sets)
+    sizes = [len(test_sets[n]) for n in names]
+    if any(n != len(test_y) for n in sizes):
+        raise HistofmError(f"Every test set needs one row per test label ({len(test_y)}), got {sizes}.")
+    stacked = np.concatenate([test_sets[n] for n in names])
+    n_boot = kwargs.pop("n_boot", 500)
+    seeds, shots = kwargs.pop("seeds", 3), kwargs.get("shots", 10)
+    linear_C = kwargs.pop("linear_C", None)
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    knn = knn_predict(train_x, train_y, stacked, k=kwargs.pop("k", 20), temperature=kwargs.pop("temperature", 0.07),
+                      num_classes=num_classes)
+    if linear_C is None:
+        linear = [linear_probe(train_x, train_y, stacked, seed=s).probs for s in range(seeds)]
+    else:
+        linear = [linear_probe(train_x, train_y, stacked, C=linear_C).probs]
+    few = fewshot_episodes(train_x, train_y, stacked, shots=shots, episodes=kwargs.pop("episodes", 100), seed=0)
+    out: dict[str, dict[str, dict[str, MetricSummary]]] = {}
+    for i, name in enumerate(names):
+        part = slice(i * len(test_y), (i + 1) * len(test_y))
+        out[name] = {
+            "knn": summarize(test_y, [knn[part]], n_boot=n_boot),
+            "linear" if linear_C is None else f"linear C={linear_C:g}":
+                summarize(test_y, [p[part] for p in linear], n_boot=n_boot),
+            f"{shots}-shot": summarize(test_y, [p[part] for p in few], interval="seeds"),
+        }
+    return out
+
+
+def shifted_test_crops(crops: np.ndarray, shifts: tuple[str, ...] | list[str]) -> dict[str, np.ndarray]:
+    """``{"clean": crops, name: crops with the named stain shift}`` (see :data:`histofm.data.stain.STAIN_SHIFTS`)."""
+    from histofm.data.stain import apply_stain_shift, stain_shift
+
+    for name in shifts:
+        stain_shift(name)  # fail on a bad name before any work
+    return {"clean": crops, **{name: apply_stain_shift(crops, name) for name in shifts if name != "clean"}}
+
+
 def encoder_features(
     model: torch.nn.Module,
     crops: np.ndarray,
@@ -165,6 +227,7 @@ class NucleiRow:
     protocol: str
     metrics: dict[str, MetricSummary]
     dim: int
+    shift: str = "clean"
 
 
 def run_nuclei(
@@ -181,6 +244,7 @@ def run_nuclei(
     linear_C: float | None = None,
     overrides: dict[str, Any] | None = None,
     progress: bool = False,
+    stain_shifts: tuple[str, ...] | list[str] = (),
 ) -> list[NucleiRow]:
     """Colour histogram, ``model_name`` at random initialisation and, if given, with ``checkpoint``.
 
@@ -193,33 +257,42 @@ def run_nuclei(
         seed: seed of the random initialisation.
         seeds, shots, episodes, n_boot, linear_C: see :func:`evaluate_features`.
         overrides: constructor overrides for the encoder (``{"depth": 2}``).
+        stain_shifts: names from :data:`histofm.data.stain.STAIN_SHIFTS`; the test crops are
+            also scored with these shifts (features fitted on the original stain only).
     """
     import histofm
     from histofm.utils import seed_everything
 
     task = load_nuclei_task(crop)
     tr, te = task.train, ~task.train
+    tests = shifted_test_crops(task.crops[te], tuple(stain_shifts))
     info = histofm.model_info(model_name)
     size = info.input_size[-1] if resize else None
-    feature_sets: list[tuple[str, np.ndarray]] = [("colour histogram", colour_histogram(task.crops))]
+
+    def features(embed: Any, what: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:  # noqa: ANN401
+        train = embed(task.crops[tr], what)
+        return train, {name: embed(crops, f"{what} ({name})") for name, crops in tests.items()}
+
+    def encoded(model: torch.nn.Module, what: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        return features(lambda c, d: encoder_features(model, c, info.mean, info.std, size, device, progress, d), what)
+
+    feature_sets = [("colour histogram", features(lambda c, _: colour_histogram(c), "colour"))]
     seed_everything(seed)
     random_model = histofm.create_model(model_name, **(overrides or {}))
-    feature_sets.append(
-        (f"{model_name} random init",
-         encoder_features(random_model, task.crops, info.mean, info.std, size, device, progress, "random init"))
-    )
+    feature_sets.append((f"{model_name} random init", encoded(random_model, "random init")))
     del random_model
     if checkpoint is not None:
         trained = histofm.create_model(model_name, checkpoint_path=checkpoint, **(overrides or {}))
-        feature_sets.append(
-            (f"{model_name} checkpoint",
-             encoder_features(trained, task.crops, info.mean, info.std, size, device, progress, "checkpoint"))
-        )
+        feature_sets.append((f"{model_name} checkpoint", encoded(trained, "checkpoint")))
     rows = []
-    for name, x in feature_sets:
-        if not np.isfinite(x).all():
-            raise HistofmError(f"The {name} features contain NaN or inf; check the checkpoint and --device precision.")
-        results = evaluate_features(x[tr], task.labels[tr], x[te], task.labels[te], seeds=seeds, shots=shots,
-                                    episodes=episodes, n_boot=n_boot, linear_C=linear_C)
-        rows.extend(NucleiRow(name, protocol, metrics, x.shape[1]) for protocol, metrics in results.items())
+    for name, (train_x, test_x) in feature_sets:
+        for shift, x in {"train": train_x, **test_x}.items():
+            if not np.isfinite(x).all():
+                raise HistofmError(f"The {name} features ({shift}) contain NaN or inf; check the checkpoint and "
+                                   "--device precision.")
+        results = evaluate_features_shifted(train_x, task.labels[tr], test_x, task.labels[te], seeds=seeds,
+                                            shots=shots, episodes=episodes, n_boot=n_boot, linear_C=linear_C)
+        for shift, per_protocol in results.items():
+            rows.extend(NucleiRow(name, protocol, metrics, train_x.shape[1], shift)
+                        for protocol, metrics in per_protocol.items())
     return rows
