@@ -2,6 +2,7 @@
 
     python benchmarks/learning_bounds.py                       # every method, seeds 0-3 (~15 CPU minutes)
     python benchmarks/learning_bounds.py --methods dino mae --seeds 0 1 2 --out runs/bounds
+    python benchmarks/learning_bounds.py --out runs/bounds --summary-only   # the table of the runs saved there
 
 Task: :func:`histofm.eval.nuclei.load_nuclei_task`, 1,294 real nuclei of the bundled HGSC field
 (connective, inflammatory, neoplastic), 48 px crops shown at 32 px, split by region (checkerboard
@@ -75,13 +76,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--methods", nargs="+", default=list(ssl_check.LEARNING), choices=list(ssl_check.LEARNING))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3])
     p.add_argument("--out", default=None, help="directory for learning_bounds.json (every run; reruns resume from it)")
+    p.add_argument("--summary-only", action="store_true", help="print the table of the runs in --out, run nothing")
     args = p.parse_args(argv)
 
     path = Path(args.out) / "learning_bounds.json" if args.out else None
     done: dict[str, list[dict]] = json.loads(path.read_text()) if path and path.is_file() else {}
     for method in args.methods:
         runs = [r for r in done.get(method, []) if r["seed"] in args.seeds]
-        for seed in sorted(set(args.seeds) - {r["seed"] for r in runs}):
+        for seed in [] if args.summary_only else sorted(set(args.seeds) - {r["seed"] for r in runs}):
             r = run(method, seed)
             runs.append(r)
             print(f"{method:9s} seed {seed}: kNN {r['knn_before']:.3f} -> {r['knn_after']:.3f} ({r['gain']:+.3f}), "
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     print("\n| method | n | kNN random init | kNN pretrained | gain mean | std | mean - 2 std | loss first -> last "
           "| RankMe first -> last | s/run |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for method in args.methods:
+    for method in [m for m in args.methods if done.get(m)]:
         s = summarise_runs([r for r in done[method] if r["seed"] in args.seeds])
         print(f"| {method} | {s['n']} | {s['before']:.3f} | {s['after']:.3f} | {s['mean']:+.3f} | {s['std']:.3f} | "
               f"{s['bound']:+.3f} | {s['loss_first']:.2f} -> {s['loss_last']:.2f} | "
