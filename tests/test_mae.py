@@ -154,11 +154,10 @@ def _mean_fill_error(x: torch.Tensor, mask: torch.Tensor, p: int) -> float:
     return float(mae_loss(fill, patches, mask, norm_pix=False))
 
 
-def test_short_run_on_real_tiles_reconstructs_better_and_beats_random_init_in_knn(tmp_path) -> None:
-    import copy
-
+def test_short_run_on_real_tiles_reconstructs_held_out_tiles_better(tmp_path) -> None:
+    # Whether MAE features gain in kNN is measured on the nucleus task in tests/test_learning.py.
     from histofm.train import TrainConfig, fit
-    from ssl_check import SIZE, knn_data, knn_score, pretrain_tiles, tiny_vit_kwargs
+    from ssl_check import SIZE, knn_data, pretrain_tiles, tiny_vit_kwargs
 
     torch.manual_seed(0)
     method, views = build("mae", "vit_tiny_patch16_224", img_size=SIZE, overrides={"preset": "cpu_small", "backbone": tiny_vit_kwargs()})
@@ -166,19 +165,15 @@ def test_short_run_on_real_tiles_reconstructs_better_and_beats_random_init_in_kn
     fixed = held_out[::17][:8]  # the ones drawn in the pictures
     gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731 - the same masks before and after
     before = method.reconstruct(held_out, gen())
-    knn_before = knn_score(copy.deepcopy(method.backbone))
     callback = method.attach_reconstructions(fixed, tmp_path, every=100)
     cfg = TrainConfig(steps=200, batch_size=32, lr=3e-3, warmup_steps=20, weight_decay=0.05, progress=False, monitor_every=0)
     hist = fit(method, pretrain_tiles(), cfg, transform=views)
     after = method.reconstruct(held_out, gen())
-    knn_after = knn_score(method.backbone)
     _, mask, _ = random_masking(len(held_out), (SIZE // 8) ** 2, 0.75, generator=gen())
     baseline = _mean_fill_error(held_out, mask, 8)
-    print(f"MAE held-out masked MSE {float(before['mse']):.3f} -> {float(after['mse']):.3f} (mean-colour fill {baseline:.3f}); "
-          f"kNN {knn_before:.3f} -> {knn_after:.3f}")
+    print(f"MAE held-out masked MSE {float(before['mse']):.3f} -> {float(after['mse']):.3f} (mean-colour fill {baseline:.3f})")
     assert np.mean([h["loss"] for h in hist[-20:]]) < 0.5 * np.mean([h["loss"] for h in hist[:20]])
     # held-out reconstructions improve, and beat painting the hidden patches with the visible mean colour
     assert float(after["mse"]) < min(0.5 * float(before["mse"]), 0.95 * baseline)
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["recon_step0.png", "recon_step100.png", "recon_step200.png"]
     assert [s for s, _ in callback.history] == [0, 100, 200]
-    assert knn_after > knn_before, (knn_before, knn_after)

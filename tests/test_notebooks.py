@@ -1,4 +1,9 @@
-"""Every notebook runs (tiny settings) and its .ipynb is in sync with the jupytext script."""
+"""Every notebook runs (tiny settings); its committed .ipynb matches the jupytext script and carries its outputs.
+
+The .ipynb files are executed with their full settings by ``python notebooks/execute.py`` so that a
+reader sees the pictures and tables without running anything; CI runs the .py sources in the tiny
+mode (``HISTOFM_TINY=1``).
+"""
 
 from __future__ import annotations
 
@@ -25,6 +30,31 @@ def test_paired_ipynb_is_in_sync(script: Path) -> None:
     a = [(c.cell_type, c.source.strip()) for c in jupytext.read(script).cells]
     b = [(c.cell_type, c.source.strip()) for c in jupytext.read(ipynb).cells]
     assert a == b, f"{ipynb.name} is out of date: run `jupytext --sync {script.name}`"
+
+
+# Notebooks whose full-settings run is not committed yet (the shared CPU machine could not finish them in
+# time): strict xfail, so the test starts failing, as a reminder to remove the name, once the outputs land.
+NOT_YET_EXECUTED = {"05_beyond_histopathology"}
+
+
+@pytest.mark.parametrize("script", [
+    pytest.param(s, marks=pytest.mark.xfail(strict=True, reason="full-settings outputs not committed yet"))
+    if s.stem in NOT_YET_EXECUTED else s for s in SCRIPTS
+], ids=lambda p: p.stem)
+def test_committed_notebook_carries_its_full_run_outputs(script: Path) -> None:
+    import nbformat
+
+    nb = nbformat.read(script.with_suffix(".ipynb"), as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code" and c.source.strip()]
+    missing = [i for i, c in enumerate(code) if not c.get("execution_count")]
+    assert not missing, f"{script.stem}: code cells {missing} were not executed: run `python notebooks/execute.py {script.stem}`"
+    counts = [c.execution_count for c in code]
+    assert counts == sorted(counts), f"{script.stem}: cells were run out of order"
+    outputs = [o for c in code for o in c.outputs]
+    assert outputs, f"{script.stem}: no outputs"
+    assert not [o for o in outputs if o.output_type == "error"], f"{script.stem}: a cell raised"
+    text = script.with_suffix(".ipynb").read_text()
+    assert str(NOTEBOOKS.parent) not in text and "/tmp/" not in text, f"{script.stem}: outputs carry local paths"
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.stem)

@@ -174,23 +174,30 @@ def test_task_has_ten_percent_labels_stratified(task) -> None:
     assert torch.bincount(task.data.y_l).tolist() == [10, 10, 10]
 
 
-def test_fixmatch_beats_supervised_with_ten_percent_labels() -> None:
-    # 30 labelled + 270 unlabelled generated H&E nucleus tiles (3 classes), 600 test tiles.
-    # Same network, steps, batch, optimiser and weak views for both; FixMatch adds the
-    # unlabelled images. Over seeds 0-4 FixMatch gained +5 to +22 points (mean +15, see
-    # docs/semi-supervised.md); seed 1 (+19 to +22 across float round-off variants) is
-    # tested so that round-off on another platform cannot flip the result; seed 0 gave +5.
-    seed = 1
-    task = synthetic_nuclei_task(n_train=300, n_test=600, label_frac=0.1, size=16, seed=seed)
-    sup, _ = _train(task, "supervised", steps=300, seed=seed)
-    fm, hist = _train(task, "fixmatch", steps=300, seed=seed, threshold=0.8)
-    mask_rate = np.mean([h["mask_rate"] for h in hist[-30:]])
-    pseudo_acc = np.mean([h["pseudo_acc"] for h in hist[-30:]])
-    print(f"seed {seed}, balanced accuracy with 10 % labels: supervised {sup['balanced_accuracy']:.3f}, "
-          f"FixMatch {fm['balanced_accuracy']:.3f}; last 30 steps: {mask_rate:.2f} of unlabelled images "
-          f"confident, {pseudo_acc:.2f} of those right")
-    assert mask_rate > 0.5 and pseudo_acc > 0.8  # the unlabelled images were used, mostly with right labels
-    assert fm["balanced_accuracy"] >= sup["balanced_accuracy"] + 0.08
+def test_fixmatch_beats_supervised_with_the_same_strong_views_on_average_over_seeds() -> None:
+    # 30 labelled + 270 unlabelled generated H&E nucleus tiles (3 classes), 600 test tiles, seeds 0-4.
+    # The baseline gets everything FixMatch gets except the unlabelled tiles: the same network, steps,
+    # batch, optimiser and the same strong views (most of FixMatch's gain over a weak-view baseline
+    # comes from the strong views themselves, docs/semi-supervised.md). Measured gain of the mean over
+    # seeds 0-7: per seed +0.013 +0.057 +0.108 +0.053 -0.010 +0.027 +0.133 +0.040 (mean +0.053,
+    # std 0.047), so the mean of 5 seeds has a standard error of about 0.021 and the bound is
+    # +0.053 - 2 x 0.021 = +0.01. Seeds 0-4 are the first five, not chosen; they gave +0.044.
+    seeds = range(5)
+    sup, fm, mask_rate, pseudo_acc = [], [], [], []
+    for seed in seeds:
+        task = synthetic_nuclei_task(n_train=300, n_test=600, label_frac=0.1, size=16, seed=seed)
+        sup.append(_train(task, "supervised", steps=300, seed=seed, strong=True)[0]["balanced_accuracy"])
+        acc, hist = _train(task, "fixmatch", steps=300, seed=seed, threshold=0.8)
+        fm.append(acc["balanced_accuracy"])
+        mask_rate.append(np.mean([h["mask_rate"] for h in hist[-30:]]))
+        pseudo_acc.append(np.mean([h["pseudo_acc"] for h in hist[-30:]]))
+    gain = np.mean(fm) - np.mean(sup)
+    print(f"balanced accuracy with 10 % labels, seeds 0-4: supervised with strong views "
+          f"{' '.join(f'{a:.3f}' for a in sup)} (mean {np.mean(sup):.3f}), FixMatch {' '.join(f'{a:.3f}' for a in fm)} "
+          f"(mean {np.mean(fm):.3f}), gain {gain:+.3f}; last 30 steps: {np.mean(mask_rate):.2f} of unlabelled "
+          f"images confident, {np.mean(pseudo_acc):.2f} of those right")
+    assert np.mean(mask_rate) > 0.5 and np.mean(pseudo_acc) > 0.8  # unlabelled images used, mostly rightly
+    assert gain > 0.01, (sup, fm)
 
 
 @pytest.mark.parametrize("method", ["meanteacher", "pseudolabel"])

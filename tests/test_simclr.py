@@ -1,4 +1,4 @@
-"""SimCLR: NT-Xent parity with lightly, the factor 2 of the TF code, and learning on real tiles."""
+"""SimCLR: NT-Xent parity with lightly, the factor 2 of the TF code, learning on the nucleus task: tests/test_learning.py."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from histofm import HistofmError
 from histofm.data import sample_path
 from histofm.methods.registry import build_method
 from histofm.methods.simclr import NTXentLoss, nt_xent
-from ssl_check import mean_loss, pretrain_and_score, tiny_vit_kwargs
+from ssl_check import tiny_vit_kwargs
 
 
 @pytest.mark.parametrize("batch", [2, 8, 33])
@@ -67,13 +67,3 @@ def test_build_runs_per_sample_views_and_every_parameter_learns() -> None:
         build_method("simclr", "vit_tiny_patch16_224", img_size=32, overrides={"temprature": 0.1})
     with pytest.raises(ValueError, match="two views"):
         method([batch[0]])
-
-
-def test_simclr_learns_on_real_tiles() -> None:
-    hist, before, after = pretrain_and_score(
-        "simclr", {"temperature": 0.2, "proj_hidden_dim": 256, "proj_dim": 64}, steps=80, lr=3e-3
-    )
-    print(f"SimCLR kNN balanced accuracy: random init {before:.3f} -> pretrained {after:.3f}")
-    assert mean_loss(hist, 60, 80) < mean_loss(hist, 0, 20) - 0.2
-    assert after > before + 0.01
-    assert hist[-1]["rankme"] > 1.5 and hist[-1]["embed_std"] > 0.2 * hist[-1]["embed_std_ref"]
