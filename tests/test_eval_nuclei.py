@@ -99,7 +99,7 @@ def test_cli_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert "Checkpoint not found" in capsys.readouterr().err
     assert main(["eval", "nuclei", "--model", "vit_tinny_patch8_224"]) == 2
     assert "Unknown model" in capsys.readouterr().err
-    assert main(["eval", "nuclei", "--model", "vit_tiny_patch8_224", "--stain-shift", "hed-scale,purple"]) == 2
+    assert main(["eval", "nuclei", "--model", "vit_tiny_patch8_224", "--random-init", "--stain-shift", "hed-scale,purple"]) == 2
     assert "--stain-shift" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
 
