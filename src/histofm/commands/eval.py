@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 
@@ -131,6 +132,17 @@ def run_nuclei_command(args: argparse.Namespace) -> int:
             "baselines": BASELINES,
         }
         with atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps(doc, indent=2))
+            tmp.write_text(json.dumps(_nan_to_null(doc), indent=2, allow_nan=False))
         console.print(f"wrote {args.json}")
     return 0
+
+
+def _nan_to_null(value: object) -> object:
+    """``doc`` with every non-finite float as ``None``: an interval not computed (``--bootstrap 0``) is JSON null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_null(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_nan_to_null(v) for v in value]
+    return value

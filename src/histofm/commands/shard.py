@@ -56,10 +56,13 @@ histofm pretrain --method dinov2 --model vit_small_patch16_224 --data shards/ --
 
 
 def run(args: argparse.Namespace) -> int:
+    from histofm.checks import check_out_dir, check_range
     from histofm.commands.tile import roi_filter
     from histofm.data.shards import ShardSettings, write_shards
     from histofm.wsi.slides import resolve_slides
 
+    check_out_dir(args.out)
+    check_range(args.mpp_override, "--mpp-override", low=0, low_open=True)  # before any slide, not once per slide
     settings = ShardSettings(
         target_mpps=tuple(args.target_mpp), tile_size=args.tile_size, min_tissue=args.min_tissue,
         overlap=args.overlap, shard_size=args.shard_size, quality=args.quality,
