@@ -63,6 +63,10 @@ def run(args: argparse.Namespace) -> int:
 
     check_out_dir(args.out)
     check_range(args.mpp_override, "--mpp-override", low=0, low_open=True)  # before any slide, not once per slide
+    # ShardSettings.check covers --target-mpp, --shard-size and --quality; these would otherwise fail once per slide
+    check_range(args.tile_size, "--tile-size", low=1, integer=True)
+    check_range(args.overlap, "--overlap", low=0, high=args.tile_size - 1, integer=True)
+    check_range(args.min_tissue, "--min-tissue", low=0, high=1)
     settings = ShardSettings(
         target_mpps=tuple(args.target_mpp), tile_size=args.tile_size, min_tissue=args.min_tissue,
         overlap=args.overlap, shard_size=args.shard_size, quality=args.quality,

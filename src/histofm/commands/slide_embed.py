@@ -8,6 +8,7 @@ the layout is described in :mod:`histofm.wsi.slide_embed`.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -60,6 +61,9 @@ def run(args: argparse.Namespace) -> int:
         )
     settings = parse_set(args.set)
     tile_size = settings.pop("tile_size", None)
+    if tile_size is not None and (isinstance(tile_size, bool) or not isinstance(tile_size, int | float)
+                                  or not math.isfinite(tile_size) or tile_size <= 0):
+        raise HistofmError(f"--set tile_size must be a positive number of level-0 pixels, not {tile_size!r}.")
     check_device(args.device)  # the shared checks, before a model is built
     out = args.out or slide_embedding_dir(args.features, args.slide_encoder)
     check_out_dir(out)
