@@ -172,7 +172,7 @@ SPEC: dict[str, tuple[list[str], dict[str, list[list[str]]]]] = {
             "--episodes": [["0"], ["-1"]],
             "--bootstrap": [["-1"]],
             "--json": [["{root}/a_file/sub.json"], ["{root}/folder.png"]],
-            "--stain-shift": [["bogus"], [""]],
+            "--stain-shift": [["bogus"], ["hed-scale,purple"]],  # "" reads as no shift, like 'none'
             "--checkpoint": [["{root}/img.png"], ["{root}/missing.safetensors"], ["{root}/latin.bin"]],
         },
     ),

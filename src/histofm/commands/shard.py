@@ -13,6 +13,7 @@ is then non-zero.
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 
@@ -23,6 +24,8 @@ def _mpps(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected microns per pixel like 0.5 or 0.5,1.0, got {text!r}") from None
     if not values:
         raise argparse.ArgumentTypeError("give at least one mpp, e.g. 0.5")
+    if not all(math.isfinite(v) and v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"microns per pixel must be positive numbers, got {text!r}")
     return values
 
 
