@@ -83,6 +83,10 @@ def run_nuclei_command(args: argparse.Namespace) -> int:
         if value < 1:
             raise HistofmError(f"{name} must be at least 1, got {value}.")
     overrides = parse_set(args.set)  # a bad --set fails before any work
+    for key in ("depth", "num_heads", "embed_dim"):  # a zero-block encoder would be scored silently
+        value = overrides.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise HistofmError(f"--set {key} must be a whole number of at least 1, not {value!r}.")
     if args.bootstrap < 0:
         raise HistofmError(f"--bootstrap must be 0 or more, got {args.bootstrap}.")
     from histofm.weights import resolve_weights
