@@ -37,6 +37,8 @@ def run(args: argparse.Namespace) -> int:
     from histofm.demo import DemoConfig, run_demo
 
     check_out_dir(args.out)
+    if not 0 <= args.seed < 2**32:  # numpy's and torch's seeders refuse the rest
+        raise HistofmError(f"--seed must be a whole number from 0 to {2**32 - 1}, got {args.seed}.")
     cfg = DemoConfig(seed=args.seed)
     if args.quick:
         cfg = dataclasses.replace(cfg, **QUICK)

@@ -46,6 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from histofm.checks import check_range
+
+    check_range(args.timeout, "--timeout", low=0, low_open=True)
     report = collect(online=args.online, timeout=args.timeout)
     if args.json:
         print(json.dumps(report, indent=2))

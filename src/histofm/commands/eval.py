@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 
@@ -82,6 +83,10 @@ def run_nuclei_command(args: argparse.Namespace) -> int:
         if value < 1:
             raise HistofmError(f"{name} must be at least 1, got {value}.")
     overrides = parse_set(args.set)  # a bad --set fails before any work
+    for key in ("depth", "num_heads", "embed_dim"):  # a zero-block encoder would be scored silently
+        value = overrides.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise HistofmError(f"--set {key} must be a whole number of at least 1, not {value!r}.")
     if args.bootstrap < 0:
         raise HistofmError(f"--bootstrap must be 0 or more, got {args.bootstrap}.")
     from histofm.weights import resolve_weights
@@ -131,6 +136,17 @@ def run_nuclei_command(args: argparse.Namespace) -> int:
             "baselines": BASELINES,
         }
         with atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps(doc, indent=2))
+            tmp.write_text(json.dumps(_nan_to_null(doc), indent=2, allow_nan=False))
         console.print(f"wrote {args.json}")
     return 0
+
+
+def _nan_to_null(value: object) -> object:
+    """``doc`` with every non-finite float as ``None``: an interval not computed (``--bootstrap 0``) is JSON null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_null(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_nan_to_null(v) for v in value]
+    return value

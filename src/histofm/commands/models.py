@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     from histofm.zoo.table import COLUMNS, zoo_markdown_table, zoo_rows
 
     console = Console(soft_wrap=True)
-    if args.name:
+    if args.name is not None:
         info = model_info(args.name)  # unknown names raise HistofmError with suggestions
         table = Table(title=info.name, show_header=False)
         for field in dataclasses.fields(info):

@@ -107,14 +107,28 @@ def _load_model(args: argparse.Namespace, backbone: dict[str, Any]) -> tuple[Any
 
 def run(args: argparse.Namespace) -> int:
     from histofm.cells.postprocess import PostprocessConfig
+    from histofm.checks import check_device, check_out_dir, check_range
     from histofm.errors import HistofmError
     from histofm.wsi import open_slide
 
+    check_out_dir(args.out)
+    args.device = check_device(args.device)
     post_kw, backbone = _parse_sets(args.set, args.random_init)
-    try:
-        post = PostprocessConfig(**post_kw)
-    except TypeError as e:
-        raise HistofmError(f"Bad --set value ({e}).") from None
+    for key, value in post_kw.items():  # numbers in range, before a model is built
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if not ok:
+            raise HistofmError(f"--set {key} needs a number, got {value!r}.")
+        integer = key in ("ksize", "min_size")
+        if integer and not isinstance(value, int):
+            raise HistofmError(f"--set {key} needs a whole number, got {value!r}.")
+        if key == "ksize" and (value < 3 or value % 2 == 0):
+            raise HistofmError(f"--set ksize must be an odd whole number of at least 3, got {value}.")
+        check_range(value, f"--set {key}", low=0, high=1 if "threshold" in key else None, integer=integer)
+    for flag, value, low in (("--tile", args.tile, 1), ("--overlap", args.overlap, 0), ("--chunk", args.chunk, 1),
+                             ("--margin", args.margin, 0)):
+        check_range(value, flag, low=low, integer=True)
+    check_range(args.mpp_override, "--mpp-override", low=0, low_open=True)
+    post = PostprocessConfig(**post_kw)
     for path in args.inputs:
         if not path.exists():
             raise HistofmError(f"Input not found: {path}; check the path.")

@@ -13,6 +13,7 @@ is then non-zero.
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 
@@ -23,6 +24,8 @@ def _mpps(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected microns per pixel like 0.5 or 0.5,1.0, got {text!r}") from None
     if not values:
         raise argparse.ArgumentTypeError("give at least one mpp, e.g. 0.5")
+    if not all(math.isfinite(v) and v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"microns per pixel must be positive numbers, got {text!r}")
     return values
 
 
@@ -56,10 +59,17 @@ histofm pretrain --method dinov2 --model vit_small_patch16_224 --data shards/ --
 
 
 def run(args: argparse.Namespace) -> int:
+    from histofm.checks import check_out_dir, check_range
     from histofm.commands.tile import roi_filter
     from histofm.data.shards import ShardSettings, write_shards
     from histofm.wsi.slides import resolve_slides
 
+    check_out_dir(args.out)
+    check_range(args.mpp_override, "--mpp-override", low=0, low_open=True)  # before any slide, not once per slide
+    # ShardSettings.check covers --target-mpp, --shard-size and --quality; these would otherwise fail once per slide
+    check_range(args.tile_size, "--tile-size", low=1, integer=True)
+    check_range(args.overlap, "--overlap", low=0, high=args.tile_size - 1, integer=True)
+    check_range(args.min_tissue, "--min-tissue", low=0, high=1)
     settings = ShardSettings(
         target_mpps=tuple(args.target_mpp), tile_size=args.tile_size, min_tissue=args.min_tissue,
         overlap=args.overlap, shard_size=args.shard_size, quality=args.quality,

@@ -8,6 +8,7 @@ the layout is described in :mod:`histofm.wsi.slide_embed`.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -60,12 +61,22 @@ def run(args: argparse.Namespace) -> int:
         )
     settings = parse_set(args.set)
     tile_size = settings.pop("tile_size", None)
+    if tile_size is not None and (isinstance(tile_size, bool) or not isinstance(tile_size, int | float)
+                                  or not math.isfinite(tile_size) or tile_size <= 0):
+        raise HistofmError(f"--set tile_size must be a positive number of level-0 pixels, not {tile_size!r}.")
     check_device(args.device)  # the shared checks, before a model is built
     out = args.out or slide_embedding_dir(args.features, args.slide_encoder)
     check_out_dir(out)
-    model = create_slide_encoder(
-        args.slide_encoder, pretrained=args.pretrained, checkpoint_path=args.checkpoint, **settings
-    )
+    for key in ("depth", "num_heads", "embed_dim", "in_chans"):  # sizes: a zero-layer model would run silently
+        value = settings.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise HistofmError(f"--set {key} must be a whole number of at least 1, not {value!r}.")
+    try:
+        model = create_slide_encoder(
+            args.slide_encoder, pretrained=args.pretrained, checkpoint_path=args.checkpoint, **settings
+        )
+    except (TypeError, ValueError) as e:  # a constructor refusing the --set values (heads not dividing the width)
+        raise HistofmError(f"{args.slide_encoder} cannot be built with these --set values ({e}).") from None
     device = args.device or default_device()
     model = model.to(device)
     report = embed_feature_dir(

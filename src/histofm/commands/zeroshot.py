@@ -194,7 +194,12 @@ def run(args: argparse.Namespace) -> int:
     if args.templates is not None:
         if not args.templates.is_file():
             raise HistofmError(f"Templates file not found: {args.templates}; check --templates.")
-        templates = tuple(line.strip() for line in args.templates.read_text().splitlines() if line.strip())
+        try:
+            text = args.templates.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError:
+            raise HistofmError(f"{args.templates} is not UTF-8 text; give --templates a text file, one template "
+                               "per line.") from None
+        templates = tuple(line.strip() for line in text.splitlines() if line.strip())
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else []
     prompts = build_prompts(classes, templates) if classes else []
     images, slides = collect_inputs(args.inputs)
