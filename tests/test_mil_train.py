@@ -20,6 +20,7 @@ from histofm.mil.cv import make_folds, validation_split
 from histofm.mil.data import find_features, read_labels_csv
 from histofm.mil.heatmap import paint, percentiles, render_heatmap, tile_size_level0
 from histofm.mil.run import load_trained
+from histofm.wsi.provenance import slide_fingerprint
 
 SLIDE_W, SLIDE_H = 2220, 2967  # the bundled cmu_small_region.svs
 TILE = 224
@@ -120,12 +121,21 @@ def test_heatmap_on_the_real_slide(trained: Path, dataset: tuple[Path, Path], tm
                                    capsys: pytest.CaptureFixture) -> None:
     feats, _ = dataset
     out = tmp_path / "maps"
-    # The synthetic bag S03 is drawn on the real slide, saved under the name its features record
-    slide = tmp_path / "S03.svs"
+    # Features that record the real slide's fingerprint are refused on another slide, drawn on a renamed copy
+    slide = tmp_path / "renamed.svs"
     shutil.copy(sample_path("cmu_small_region"), slide)
-    other = main(["mil", "heatmap", "--features", str(feats / "S03.h5"), "--slide", str(sample_path("cmu_small_region")),
+    stamped = tmp_path / "stamped" / "S03.h5"
+    stamped.parent.mkdir()
+    shutil.copy(feats / "S03.h5", stamped)
+    with h5py.File(stamped, "a") as f:
+        f.attrs["slide_fingerprint"] = slide_fingerprint(slide)
+    other = main(["mil", "heatmap", "--features", str(stamped), "--slide", str(sample_path("hgsc_nest")),
                   "--run", str(trained), "--out", str(tmp_path / "wrong")])
-    assert other == 2 and "holds the tiles of slide 'S03.svs', not cmu_small_region.svs" in capsys.readouterr().err
+    assert other == 2 and "holds the tiles of slide 'S03.svs', not hgsc_nest.jpg" in capsys.readouterr().err
+    assert not (tmp_path / "wrong").exists()
+    assert main(["mil", "heatmap", "--features", str(stamped), "--slide", str(slide), "--run", str(trained),
+                 "--out", str(tmp_path / "renamed_ok")]) == 0
+    capsys.readouterr()
     assert main(["mil", "heatmap", "--features", str(feats / "S03.h5"), "--slide", str(slide),
                  "--run", str(trained), "--size", "512", "--out", str(out)]) == 0
     manifest = json.loads((trained / "run.json").read_text())

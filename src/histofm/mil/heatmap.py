@@ -66,21 +66,25 @@ def paint(
 
 
 def check_same_slide(attrs: dict[str, Any], slide_path: str | os.PathLike[str], features_path: Path) -> None:
-    """Refuse features that record another slide than ``slide_path`` (by name, or by content when renamed)."""
+    """Refuse features whose recorded slide fingerprint (``histofm extract`` writes one) is not ``slide_path``'s.
+
+    The content fingerprint decides, not the name: a renamed slide still matches, another scan
+    under the same name does not. Files without a fingerprint (other tools, synthetic bags) are
+    drawn as given.
+    """
     from histofm.wsi.provenance import slide_fingerprint
 
-    recorded = attrs.get("slide")
-    recorded = recorded.decode() if isinstance(recorded, bytes) else recorded
-    slide_path = Path(slide_path)
-    if not recorded or recorded in (slide_path.name, slide_path.stem):
+    def text(key: str) -> str | None:
+        value = attrs.get(key)
+        return value.decode() if isinstance(value, bytes) else value
+
+    fingerprint = text("slide_fingerprint")
+    if not fingerprint or fingerprint == slide_fingerprint(slide_path):
         return
-    fingerprint = attrs.get("slide_fingerprint")
-    fingerprint = fingerprint.decode() if isinstance(fingerprint, bytes) else fingerprint
-    if fingerprint and fingerprint == slide_fingerprint(slide_path):
-        return  # the same file under another name
     raise HistofmError(
-        f"{features_path.name} holds the tiles of slide {recorded!r}, not {slide_path.name}; "
-        "pass that slide's features to --features (or its file to --slide)."
+        f"{features_path.name} holds the tiles of slide {text('slide') or 'another slide'!r}, not "
+        f"{Path(slide_path).name} (their contents differ); pass that slide's features to --features "
+        "(or its file to --slide)."
     )
 
 
