@@ -138,7 +138,7 @@ def test_survival_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
     base = ["mil", "train", "--features", str(tmp_path / "features"), "--labels", str(labels), "--task", "survival",
             "--out", str(tmp_path / "o")]
     assert main(base) == 2
-    assert "--time-col / --event-col" in capsys.readouterr().err
+    assert "--time-col, --event-col" in capsys.readouterr().err
     assert main([*base, "--time-col", "months", "--event-col", "dead", "--set", "loss=cox"]) == 2
     assert "--batch-size 2 or more" in capsys.readouterr().err
     assert main([*base, "--time-col", "months", "--event-col", "dead", "--set", "loss=mse"]) == 2

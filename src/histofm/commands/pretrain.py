@@ -213,7 +213,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"final loss {sum(last) / max(len(last), 1):.4f} (mean of the last {len(last)} steps)")
         print(f"backbone: {out / 'backbone.safetensors'} (load: histofm.train.load_backbone({str(out)!r}))")
         print(f"log: {out / 'log.jsonl'}, curve: {out / 'loss_curve.png'}")
+    _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    """Under ``torchrun``: wait for every rank, then tear the group down before the interpreter exits
+    (left to interpreter shutdown, gloo's threads can abort a rank with SIGABRT after a finished run)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _in_flags(message: str) -> str:

@@ -106,6 +106,8 @@ def _not_a_checkpoint(path: Path) -> str | None:
         return None
     if head.startswith((b"PK\x03\x04", b"\x80")):  # torch zip archive or a raw pickle: a checkpoint
         return None
+    if len(head) > 8 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 2**32:
+        return None  # safetensors: 8-byte header length, then the JSON header (perhaps a truncated file)
     for magic, kind in _FILE_KINDS:
         if head.startswith(magic):
             return kind
@@ -115,7 +117,7 @@ def _not_a_checkpoint(path: Path) -> str | None:
         head.decode("utf-8")
     except UnicodeDecodeError:
         return None
-    return "a text file"
+    return "a text file" if b"\x00" not in head else None
 
 
 _CAST_GROUP_BYTES = 256 * 2**20
