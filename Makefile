@@ -11,8 +11,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	# torchscale (an oracle for the slide encoder) pins timm==0.6.13, which open_clip's timm>=1.0.17
-	# contradicts; its code runs with current timm, so it is installed without its pins.
-	$(BIN)/python -m pip install --quiet --no-deps "torchscale>=0.3"
+	# contradicts; its code runs with current timm, so it is installed without its pins, with the one
+	# dependency its encoder imports (fairscale).
+	$(BIN)/python -m pip install --quiet --no-deps "torchscale>=0.3" "fairscale>=0.4"
 	touch $(STAMP)
 
 .PHONY: install demo test lint bench
