@@ -57,11 +57,16 @@ def _ensure_loaded() -> None:
     import histofm.zoo  # noqa: F401
 
 
+def _names(table: dict[str, Any], pattern: str | None) -> list[str]:
+    """Sorted names of a registry table, optionally filtered by a shell pattern."""
+    _ensure_loaded()
+    names = sorted(table)
+    return [n for n in names if fnmatch.fnmatch(n, pattern)] if pattern else names
+
+
 def list_models(pattern: str | None = None) -> list[str]:
     """Sorted registered names, optionally filtered by a shell pattern (``"vit_*"``)."""
-    _ensure_loaded()
-    names = sorted(_REGISTRY)
-    return [n for n in names if fnmatch.fnmatch(n, pattern)] if pattern else names
+    return _names(_REGISTRY, pattern)
 
 
 def _entry(name: str) -> _Entry:
@@ -136,9 +141,7 @@ def create_model(
 
 def list_slide_encoders(pattern: str | None = None) -> list[str]:
     """Sorted names of the registered slide encoders, optionally filtered by a shell pattern."""
-    _ensure_loaded()
-    names = sorted(_SLIDE_REGISTRY)
-    return [n for n in names if fnmatch.fnmatch(n, pattern)] if pattern else names
+    return _names(_SLIDE_REGISTRY, pattern)
 
 
 def _slide_entry(name: str) -> _Entry:
