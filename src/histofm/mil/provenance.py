@@ -26,7 +26,6 @@ when present, must name the same slide as the file name.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from histofm.errors import HistofmError
+from histofm.wsi.provenance import _same  # one tolerant comparison for both readers
 
 COMPARED_KEYS = (
     "model_name", "embed_dim",
@@ -72,14 +72,6 @@ def read_provenance(path: str | os.PathLike[str]) -> dict[str, Any]:
     if "slide" in attrs:
         out["slide"] = _plain(attrs["slide"])
     return out
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
-        return math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-9)
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    return a == b
 
 
 def differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
