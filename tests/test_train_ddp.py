@@ -11,7 +11,7 @@ from gloo import free_port, gloo_rank
 from histofm.data.datasets import bundled_tiles
 from histofm.methods.registry import build_method
 from histofm.train import TrainConfig, fit
-from histofm.train.distributed import gather_with_grad
+from histofm.utils.distributed import gather_with_grad
 
 STEPS, BATCH = 4, 16
 

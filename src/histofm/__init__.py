@@ -6,26 +6,9 @@
 ['vit_base_patch16_224', 'vit_base_patch8_224']
 """
 
+from histofm._version import __version__
 from histofm.errors import HistofmError
-from histofm.models.convert import load_checkpoint as _load_checkpoint
-from histofm.registry import ModelInfo, create_model, list_models, model_info, register_model
-
-__version__ = "0.1.0"
-
-
-def load_checkpoint(model, path, *, strict=True):  # noqa: ANN001, ANN201
-    """Load a ``.safetensors`` / ``.bin`` / ``.pth`` file (or snapshot directory) into ``model``.
-
-    Official DINOv2 and timm layouts are converted; a mismatch raises one
-    :class:`HistofmError` listing the missing and unexpected keys.
-    """
-    entry_filter = None
-    name = getattr(model, "histofm_name", None)
-    if name is not None:
-        from histofm.registry import _entry
-
-        entry_filter = _entry(name).filter_fn
-    return _load_checkpoint(model, path, filter_fn=entry_filter, strict=strict)
+from histofm.registry import ModelInfo, create_model, list_models, load_checkpoint, model_info, register_model
 
 
 def tokenize(texts, model=None, **kwargs):  # noqa: ANN001, ANN003, ANN201

@@ -139,6 +139,20 @@ def create_model(
     return model
 
 
+def load_checkpoint(model: nn.Module, path: str | os.PathLike[str], *, strict: bool = True) -> Any:  # noqa: ANN401
+    """Load a ``.safetensors`` / ``.bin`` / ``.pth`` file (or snapshot directory) into ``model``.
+
+    Official DINOv2 and timm layouts are converted (with the zoo entry's own key filter when
+    ``model`` came from :func:`create_model`); a mismatch raises one :class:`HistofmError`
+    listing the missing and unexpected keys.
+    """
+    from histofm.models.convert import load_checkpoint as _load
+
+    name = getattr(model, "histofm_name", None)
+    filter_fn = _entry(name).filter_fn if name is not None else None
+    return _load(model, Path(path), filter_fn=filter_fn, strict=strict)
+
+
 def list_slide_encoders(pattern: str | None = None) -> list[str]:
     """Sorted names of the registered slide encoders, optionally filtered by a shell pattern."""
     return _names(_SLIDE_REGISTRY, pattern)

@@ -126,11 +126,11 @@ def resolve_weights(
         HistofmError: no source or several; a missing checkpoint; a model without published
             weights asked for ``pretrained``; the hub's refusals, one sentence each.
     """
-    import histofm
+    from histofm.registry import model_info
 
     chosen = [flag for flag, on in (("--checkpoint", checkpoint is not None), ("--pretrained", pretrained),
                                     ("--random-init", random_init)) if on]
-    info = histofm.model_info(name)  # unknown names fail here, with suggestions
+    info = model_info(name)  # unknown names fail here, with suggestions
     if not chosen:
         raise HistofmError(f"{name} needs weights, and histofm never embeds with random ones unless asked: {_WAYS_OUT}.")
     if len(chosen) > 1:
@@ -174,10 +174,10 @@ def load_encoder(
     Raises:
         HistofmError: see :func:`resolve_weights`.
     """
-    import histofm
+    from histofm.registry import create_model
 
     path, record = resolve_weights(name, checkpoint=checkpoint, pretrained=pretrained, random_init=random_init)
-    model = histofm.create_model(name, checkpoint_path=path, **overrides)
+    model = create_model(name, checkpoint_path=path, **overrides)
     model.histofm_weights = record  # type: ignore[assignment]
     return model
 

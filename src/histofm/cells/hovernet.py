@@ -215,7 +215,7 @@ class HoVerNetViT(nn.Module):
 
 def build_hovernet(cfg: HoVerNetConfig, encoder_checkpoint: str | None = None) -> HoVerNetViT:
     """Build the model of ``cfg``; the encoder from ``histofm.create_model`` (with weights when given)."""
-    import histofm
+    from histofm.registry import create_model
 
-    encoder = histofm.create_model(cfg.encoder, checkpoint_path=encoder_checkpoint, **cfg.encoder_kwargs)
+    encoder = create_model(cfg.encoder, checkpoint_path=encoder_checkpoint, **cfg.encoder_kwargs)
     return HoVerNetViT(encoder, cfg.num_types, cfg.layer_indices, cfg.widths, cfg.freeze_encoder)

@@ -179,8 +179,8 @@ def run(args: argparse.Namespace) -> int:
     from histofm.data.datasets import tile_dataset
     from histofm.methods.registry import build_method
     from histofm.train import TrainConfig, fit
-    from histofm.train.distributed import is_main
     from histofm.utils import seed_everything
+    from histofm.utils.distributed import is_main
 
     s = check_pretrain_settings(resolve_settings(args), args)  # every value checked before any work
     if args.check:

@@ -193,7 +193,7 @@ def write_shards(
     and fingerprint (:func:`histofm.wsi.provenance.slide_fingerprint`). ``index.json`` is written
     last, so a folder without it is an unfinished write.
     """
-    from histofm import __version__
+    from histofm._version import __version__
     from histofm.utils import atomic_path
     from histofm.wsi import SlideInput, open_slide
     from histofm.wsi.provenance import slide_fingerprint

@@ -90,8 +90,8 @@ def tile_pools(
     seed: int = 0,
 ) -> TilePools:
     """Cut, label and embed the tiles (cached per process); see the module docstring."""
-    import histofm
     from histofm.eval.embed import embed_images
+    from histofm.registry import create_model, model_info
     from histofm.utils import seed_everything
 
     if not 16 <= tile <= 256:
@@ -117,8 +117,8 @@ def tile_pools(
     tiles = np.concatenate(parts_tiles)
     source = np.concatenate(parts_source)
     seed_everything(seed)
-    model = histofm.create_model(encoder, img_size=tile, **dict(encoder_kwargs))
-    info = histofm.model_info(encoder)
+    model = create_model(encoder, img_size=tile, **dict(encoder_kwargs))
+    info = model_info(encoder)
     features = embed_images(model, torch.from_numpy(tiles), info.mean, info.std)
     keep = source >= 0
     train = np.concatenate(parts_train)

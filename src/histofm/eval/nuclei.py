@@ -262,13 +262,13 @@ def run_nuclei(
         stain_shifts: names from :data:`histofm.data.stain.STAIN_SHIFTS`; the test crops are
             also scored with these shifts (features fitted on the original stain only).
     """
-    import histofm
+    from histofm.registry import create_model, model_info
     from histofm.utils import seed_everything
 
     task = load_nuclei_task(crop)
     tr, te = task.train, ~task.train
     tests = shifted_test_crops(task.crops[te], tuple(stain_shifts))
-    info = histofm.model_info(model_name)
+    info = model_info(model_name)
     size = info.input_size[-1] if resize else None
 
     def features(embed: Any, what: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:  # noqa: ANN401
@@ -280,11 +280,11 @@ def run_nuclei(
 
     feature_sets = [("colour histogram", features(lambda c, _: colour_histogram(c), "colour"))]
     seed_everything(seed)
-    random_model = histofm.create_model(model_name, **(overrides or {}))
+    random_model = create_model(model_name, **(overrides or {}))
     feature_sets.append((f"{model_name} random init", encoded(random_model, "random init")))
     del random_model
     if checkpoint is not None:
-        trained = histofm.create_model(model_name, checkpoint_path=checkpoint, **(overrides or {}))
+        trained = create_model(model_name, checkpoint_path=checkpoint, **(overrides or {}))
         feature_sets.append((f"{model_name} checkpoint", encoded(trained, "checkpoint")))
     rows = []
     for name, (train_x, test_x) in feature_sets:

@@ -95,14 +95,14 @@ def _tile_size_level0(attrs: dict[str, Any], slide: Any) -> float:
 
 def _extract(slide_path: Path, model: str | nn.Module, checkpoint: str | os.PathLike[str] | None, out_dir: Path,
              cfg: Any, mpp: float | None, progress: bool) -> Path:
-    import histofm
+    from histofm.registry import load_checkpoint
     from histofm.weights import load_encoder
     from histofm.wsi.features import extract_features
 
     if isinstance(model, str):  # never random weights by accident: a name needs its checkpoint
         model = load_encoder(model, checkpoint=checkpoint)
     elif checkpoint is not None:
-        histofm.load_checkpoint(model, checkpoint)
+        load_checkpoint(model, checkpoint)
     report = extract_features([slide_path], model, out_dir, config=cfg, mpp=mpp, progress=progress)
     if report.failures:
         raise HistofmError(f"Feature extraction failed for {slide_path.name}: {report.failures[0].error}")

@@ -40,7 +40,7 @@ from histofm.methods.base import SSLMethod
 from histofm.methods.simclr import make_backbone, view_config
 from histofm.models.transformer import TransformerEncoder
 from histofm.settings import check_config, config_replace, setting, split_backbone_overrides
-from histofm.train.distributed import gather_with_grad, rank
+from histofm.utils.distributed import gather_with_grad, rank
 
 
 def clip_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor | float, gather: bool = True) -> torch.Tensor:

@@ -42,9 +42,9 @@ from histofm.errors import HistofmError
 from histofm.layers.heads import DINOHead
 from histofm.methods.base import SSLMethod
 from histofm.settings import check_config, config_replace, setting, split_backbone_overrides
-from histofm.train.distributed import all_reduce_mean
-from histofm.train.ema import ema_update, make_teacher
-from histofm.train.schedules import linear_warmup_constant, momentum_schedule
+from histofm.utils.distributed import all_reduce_mean
+from histofm.utils.ema import ema_update, make_teacher
+from histofm.utils.schedules import linear_warmup_constant, momentum_schedule
 
 
 # ----------------------------------------------------------------------------- loss

@@ -59,7 +59,7 @@ from histofm.errors import HistofmError
 from histofm.methods.dino import dino_cross_entropy, make_config, multicrop_transform
 from histofm.methods.ibot import IBOT, IBOTConfig, ibot_cross_entropy
 from histofm.settings import check_config, setting
-from histofm.train.distributed import is_distributed, world_size
+from histofm.utils.distributed import is_distributed, world_size
 
 
 # ------------------------------------------------------------------- centering

@@ -38,8 +38,8 @@ from histofm.layers import sincos_2d
 from histofm.methods.base import SSLMethod
 from histofm.models.vit import Block
 from histofm.settings import check_config, config_replace, setting, split_backbone_overrides
-from histofm.train.distributed import is_main
 from histofm.utils import atomic_path
+from histofm.utils.distributed import is_main
 
 
 @dataclass(frozen=True)
@@ -490,11 +490,11 @@ def build(
     :data:`PRESETS`); backbone constructor arguments go under ``"backbone"`` (a dict)
     or as ``"backbone.<arg>"`` keys.
     """
-    import histofm
+    from histofm.registry import create_model, model_info
 
     cfg_kw, backbone_kw = split_backbone_overrides(overrides or {})
     cfg = make_config(MAEConfig(), cfg_kw, PRESETS)
-    backbone = histofm.create_model(arch, **{"img_size": img_size, **backbone_kw})
-    info = histofm.model_info(arch)
+    backbone = create_model(arch, **{"img_size": img_size, **backbone_kw})
+    info = model_info(arch)
     method = MAE(backbone, cfg, mean=info.mean, std=info.std)
     return method, pretrain_transform(img_size, info.mean, info.std, cfg.crop_scale, cfg.vertical_flip)

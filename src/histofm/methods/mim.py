@@ -293,18 +293,18 @@ def build(
     :data:`PRESETS`; ``mask_patch_size=0`` masks single patches); backbone arguments
     go under ``"backbone"`` or as ``"backbone.<arg>"`` keys.
     """
-    import histofm
+    from histofm.registry import create_model, model_info
 
     if name not in ("simmim", "beit"):
         raise HistofmError(f"mim.py builds 'simmim' or 'beit', not {name!r}.")
     cfg_kw, backbone_kw = split_backbone_overrides(overrides or {})
     cfg = make_config(SIMMIM if name == "simmim" else BEIT, cfg_kw, PRESETS)
-    backbone = histofm.create_model(arch, **{"img_size": img_size, **backbone_kw, "use_mask_token": True})
+    backbone = create_model(arch, **{"img_size": img_size, **backbone_kw, "use_mask_token": True})
     if cfg.masking == "random" and cfg.mask_patch_size and img_size % cfg.mask_patch_size:
         raise HistofmError(
             f"img_size {img_size} is not a multiple of mask_patch_size {cfg.mask_patch_size}; "
             "change one of them (mask_patch_size=0 masks single patches)."
         )
-    info = histofm.model_info(arch)
+    info = model_info(arch)
     method = MIM(backbone, cfg, mean=info.mean, std=info.std)
     return method, pretrain_transform(img_size, info.mean, info.std, cfg.crop_scale, cfg.vertical_flip)

@@ -49,9 +49,9 @@ from histofm.methods.simclr import (
     view_pipeline,
 )
 from histofm.settings import check_config, config_replace, setting, split_backbone_overrides
-from histofm.train.distributed import gather_no_grad, rank
-from histofm.train.ema import ema_update, make_teacher
-from histofm.train.schedules import momentum_schedule
+from histofm.utils.distributed import gather_no_grad, rank
+from histofm.utils.ema import ema_update, make_teacher
+from histofm.utils.schedules import momentum_schedule
 
 
 # ---------------------------------------------------------------------------- losses

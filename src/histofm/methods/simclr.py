@@ -33,7 +33,7 @@ from histofm.data.augment import BatchAugment, MultiView, ViewConfig, base_view,
 from histofm.layers.heads import ProjectionHead
 from histofm.methods.base import SSLMethod
 from histofm.settings import check_config, config_replace, setting, split_backbone_overrides
-from histofm.train.distributed import gather_with_grad, rank
+from histofm.utils.distributed import gather_with_grad, rank
 
 
 def nt_xent(z0: torch.Tensor, z1: torch.Tensor, temperature: float = 0.1, gather: bool = True) -> torch.Tensor:
@@ -75,9 +75,9 @@ class NTXentLoss(nn.Module):
 # ------------------------------------------------------------------- shared by builders
 def make_backbone(arch: str, img_size: int, kwargs: dict[str, Any]) -> nn.Module:
     """``histofm.create_model(arch, img_size=img_size, **kwargs)``."""
-    import histofm
+    from histofm.registry import create_model
 
-    return histofm.create_model(arch, **{"img_size": img_size, **kwargs})
+    return create_model(arch, **{"img_size": img_size, **kwargs})
 
 
 def make_views(batch: Any, augmenters: list[BatchAugment | None]) -> list[torch.Tensor]:  # noqa: ANN401
@@ -153,9 +153,9 @@ class SimCLR(SSLMethod):
 
 def view_config(arch: str, img_size: int, changes: dict[str, Any]) -> ViewConfig:
     """A :class:`ViewConfig` at ``img_size`` with the model's normalisation, then ``changes``."""
-    import histofm
+    from histofm.registry import model_info
 
-    info = histofm.model_info(arch)
+    info = model_info(arch)
     return config_replace(ViewConfig(size=img_size, mean=info.mean, std=info.std), changes)
 
 

@@ -8,12 +8,12 @@ See :mod:`histofm.train.loop` for the step and the conventions methods follow.
 
 from histofm.train.checkpoint import load_backbone
 from histofm.train.config import TrainConfig
-from histofm.train.ema import ema_update, make_teacher
 from histofm.train.logs import read_log
 from histofm.train.loop import History, fit
 from histofm.train.monitor import collapse_stats, embedding_std, rankme
 from histofm.train.optim import build_optimizer, param_groups
-from histofm.train.schedules import cosine_schedule, linear_warmup_constant, momentum_schedule
+from histofm.utils.ema import ema_update, make_teacher
+from histofm.utils.schedules import cosine_schedule, linear_warmup_constant, momentum_schedule
 
 __all__ = [
     "History",

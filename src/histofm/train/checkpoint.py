@@ -109,7 +109,7 @@ def export_backbone(
 
 def load_backbone(out_dir: str | Path, **kwargs: Any) -> nn.Module:
     """Rebuild the encoder a run exported in ``out_dir`` (reads ``backbone.json``)."""
-    import histofm
+    from histofm.registry import create_model
 
     out = Path(out_dir)
     meta_path = out / "backbone.json"
@@ -118,7 +118,7 @@ def load_backbone(out_dir: str | Path, **kwargs: Any) -> nn.Module:
     meta = json.loads(meta_path.read_text())
     if not meta.get("arch"):
         raise HistofmError(f"{meta_path} does not name an architecture; build the model yourself and load_checkpoint().")
-    return histofm.create_model(meta["arch"], checkpoint_path=out / "backbone.safetensors", **{**meta["overrides"], **kwargs})
+    return create_model(meta["arch"], checkpoint_path=out / "backbone.safetensors", **{**meta["overrides"], **kwargs})
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:

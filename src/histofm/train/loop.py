@@ -20,7 +20,7 @@ Conventions for methods:
   layers (``histofm.layers.moe``) are added by the engine when the method did not.
 * Per-step schedules that belong to the method run in ``on_step_end`` with the
   global step (0-based, the step just taken) and ``cfg.steps``; use the helpers of
-  :mod:`histofm.train.schedules` and :func:`histofm.train.ema.ema_update`.
+  :mod:`histofm.utils.schedules` and :func:`histofm.utils.ema.ema_update`.
 
 Outputs in ``cfg.out_dir``: ``checkpoint.pt`` (every ``ckpt_every`` steps and at
 the end; ``resume=True`` continues from it exactly), ``log.jsonl``,
@@ -52,7 +52,6 @@ from histofm import accel
 from histofm.errors import HistofmError
 from histofm.layers.moe import add_aux_losses
 from histofm.methods.base import SSLMethod
-from histofm.train import distributed as dist_utils
 from histofm.train.checkpoint import (
     CHECKPOINT_NAME,
     capture_rng,
@@ -74,8 +73,9 @@ from histofm.train.data import (
 from histofm.train.logs import RunLogger, plot_loss_curve
 from histofm.train.monitor import collapse_stats
 from histofm.train.optim import build_optimizer
-from histofm.train.schedules import cosine_schedule
 from histofm.utils import atomic_path, default_device, seed_everything
+from histofm.utils import distributed as dist_utils
+from histofm.utils.schedules import cosine_schedule
 
 History = list[dict[str, Any]]
 

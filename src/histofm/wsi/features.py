@@ -489,13 +489,12 @@ def _locked_slide(
     bars: Any,
 ) -> SlideResult:
     """:func:`_one_slide` once this process holds the slide's lock."""
-    import histofm
-
+    from histofm._version import __version__
     # Temporaries of this slide's file left by a killed run (only histofm's, of dead processes).
     remove_stale_temps(out_path)
     with open_slide(path, mpp=slide_mpp, backend=cfg.backend) as slide:
         spec = tile_spec(slide, cfg.target_mpp, cfg.tile_size, cfg.overlap)
-        wanted = {**common, **_tiling_provenance(slide, spec, cfg), "histofm_version": histofm.__version__}
+        wanted = {**common, **_tiling_provenance(slide, spec, cfg), "histofm_version": __version__}
         state, diffs = ("absent", []) if cfg.overwrite else _resume_state(out_path, wanted, cfg.layout)
         if state == "done":
             return SlideResult(path.name, "skipped", output=out_path)

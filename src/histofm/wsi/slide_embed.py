@@ -143,7 +143,7 @@ def write_slide_embedding(
     """Write ``<out_dir>/<slide>.h5`` atomically (dataset ``embedding``, provenance attributes); return its path."""
     import h5py
 
-    import histofm
+    from histofm._version import __version__
 
     embedding = np.asarray(embedding, dtype=np.float32).reshape(-1)
     target = Path(out_dir) / f"{slide}.h5"
@@ -152,7 +152,7 @@ def write_slide_embedding(
         "embed_dim": int(embedding.shape[0]),
         "slide": slide,
         "source": Path(source).name if source is not None else "",
-        "histofm_version": histofm.__version__,
+        "histofm_version": __version__,
         **(attrs or {}),
     }
     with atomic_path(target) as tmp:
