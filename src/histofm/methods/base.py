@@ -37,6 +37,15 @@ class SSLMethod(nn.Module):
         """Parameters the optimiser updates (teachers and other EMA copies excluded)."""
         return [p for p in self.parameters() if p.requires_grad]
 
+    def frozen_on_purpose(self) -> dict[str, str]:
+        """Trainable parameters that get no gradient by design: ``{fnmatch pattern of the name: reason}``.
+
+        ``tests/test_method_contract.py`` requires a finite, non-zero gradient for every other
+        parameter of :meth:`trainable_parameters`, and that each pattern here still matches a
+        parameter without one. Default: none.
+        """
+        return {}
+
     @torch.no_grad()
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled backbone embedding ``(B, D)`` used for kNN checks and collapse monitoring."""
