@@ -37,7 +37,7 @@ from histofm.data.augment import ViewConfig, view_transform
 from histofm.data.tokenizer import BPETokenizer
 from histofm.errors import HistofmError
 from histofm.methods.base import SSLMethod
-from histofm.methods.simclr import make_backbone, view_config
+from histofm.methods.views import make_backbone, view_config
 from histofm.models.transformer import TransformerEncoder
 from histofm.settings import check_config, config_replace, setting, split_backbone_overrides
 from histofm.utils.distributed import gather_with_grad, rank

@@ -42,12 +42,7 @@ from torch import nn
 from histofm.data.augment import BatchAugment, ViewConfig
 from histofm.layers.heads import ProjectionHead
 from histofm.methods.base import SSLMethod
-from histofm.methods.simclr import (
-    make_backbone,
-    make_views,
-    view_config,
-    view_pipeline,
-)
+from histofm.methods.views import make_backbone, make_views, view_config, view_pipeline
 from histofm.settings import check_config, config_replace, setting, split_backbone_overrides
 from histofm.utils.distributed import gather_no_grad, rank
 from histofm.utils.ema import ema_update, make_teacher
