@@ -22,7 +22,9 @@ SRC = Path(histofm.__file__).parent
 # The one home of each job; a definition of the same name anywhere else is a copy.
 HOMES = {"check_out_dir": "checks.py", "check_device": "checks.py", "check_range": "checks.py",
          "parse_value": "settings.py", "parse_set": "commands/_vocab.py", "split_set": "commands/_vocab.py",
-         "read_csv_table": "tables.py", "parse_settings": "commands/zeroshot.py"}
+         "read_csv_table": "tables.py", "parse_settings": "commands/zeroshot.py",
+         "read_attributes": "wsi/provenance.py", "read_provenance": "wsi/provenance.py",
+         "apply_preset": "methods/presets.py"}
 
 
 def test_each_job_is_defined_once() -> None:
@@ -78,6 +80,34 @@ def test_the_borrowing_check_can_fail(tmp_path: Path) -> None:
     toy = tmp_path / "moco.py"
     toy.write_text("def f():\n    from histofm.methods.simclr import nt_xent\n    from histofm.methods import mae\n")
     assert {"histofm.methods.simclr", "histofm.methods.mae"} <= _imported_modules(toy)
+
+
+def test_feature_file_attributes_have_one_reader(tmp_path: Path) -> None:
+    """wsi and mil read a CLAM / TRIDENT style file through one function: coords attributes, lists, file wins."""
+    for module in ("wsi/provenance.py", "mil/provenance.py"):
+        tree = ast.parse((SRC / module).read_text(encoding="utf-8"))
+        openers = {fn.name for fn in ast.walk(tree) if isinstance(fn, ast.FunctionDef)
+                   for node in ast.walk(fn) if isinstance(node, ast.Attribute) and node.attr == "File"}
+        assert openers <= {"read_attributes"}, (module, openers)
+    import h5py
+    import numpy as np
+
+    from histofm.mil.provenance import compared_provenance
+    from histofm.wsi.provenance import read_attributes, read_provenance
+
+    path = tmp_path / "theirs.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("features", data=np.zeros((2, 4), np.float32))
+        coords = f.create_dataset("coords", data=np.zeros((2, 2), np.int64))
+        coords.attrs.update({"patch_size": 256, "overlap": 0, "mpp": 0.25, "name": b"S1"})
+        f.attrs.update({"mpp": 0.5, "preprocess_mean": np.array([0.5, 0.25, 0.125]), "model_name": "uni"})
+    attrs = read_attributes(path)
+    assert attrs == {"patch_size": 256, "overlap": 0, "mpp": 0.5, "name": "S1", "model_name": "uni",
+                     "preprocess_mean": [0.5, 0.25, 0.125]}
+    wsi, mil = read_provenance(path), compared_provenance(path)
+    assert wsi["preprocess_mean"] == mil["preprocess_mean"] == [0.5, 0.25, 0.125]
+    assert wsi["overlap"] == mil["overlap"] == 0 and wsi["mpp"] == mil["mpp"] == 0.5
+    assert wsi["weights_source"] == "unrecorded" and "weights_source" not in mil
 
 
 def test_parse_set_reads_values_like_the_settings() -> None:
