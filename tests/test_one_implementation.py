@@ -110,6 +110,15 @@ def test_feature_file_attributes_have_one_reader(tmp_path: Path) -> None:
     assert wsi["weights_source"] == "unrecorded" and "weights_source" not in mil
 
 
+def test_cli_names_exactly_the_command_modules_that_exist() -> None:
+    """Leftover of issue 17: ``cli.COMMAND_MODULES`` named a module that did not exist (tests/test_cli_help.py
+    checks that each named one imports; this checks the other way too: no command file is left unregistered)."""
+    from histofm.cli import COMMAND_MODULES
+
+    files = {p.stem for p in (SRC / "commands").glob("*.py") if not p.stem.startswith("_")}
+    assert sorted(COMMAND_MODULES) == sorted(files)
+
+
 def test_parse_set_reads_values_like_the_settings() -> None:
     assert parse_set(["hidden_dim=128", "gated=false", "lr=1e-3", "dims=[1, 2]"]) == {
         "hidden_dim": 128, "gated": False, "lr": 0.001, "dims": [1, 2]}
