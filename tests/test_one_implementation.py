@@ -119,6 +119,17 @@ def test_cli_names_exactly_the_command_modules_that_exist() -> None:
     assert sorted(COMMAND_MODULES) == sorted(files)
 
 
+def test_user_errors_are_histofm_errors() -> None:
+    """Leftover of issue 17: a ValueError reaches the user as a traceback; raise HistofmError (one sentence)."""
+    found = []
+    for path in sorted(SRC.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            exc = node.exc.func if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) else getattr(node, "exc", None)
+            if isinstance(node, ast.Raise) and isinstance(exc, ast.Name) and exc.id == "ValueError":
+                found.append(f"{path.relative_to(SRC).as_posix()}:{node.lineno}")
+    assert not found, f"raise HistofmError with the cause and the flag to change instead: {found}"
+
+
 def test_parse_set_reads_values_like_the_settings() -> None:
     assert parse_set(["hidden_dim=128", "gated=false", "lr=1e-3", "dims=[1, 2]"]) == {
         "hidden_dim": 128, "gated": False, "lr": 0.001, "dims": [1, 2]}

@@ -158,7 +158,7 @@ class CLIP(SSLMethod):
 
     def forward(self, batch: Any) -> dict[str, torch.Tensor]:  # noqa: ANN401
         if not (isinstance(batch, (list, tuple)) and len(batch) >= 2):
-            raise ValueError("CLIP expects (images, captions) batches")
+            raise HistofmError("CLIP expects (images, captions) batches; use a dataset that yields (image, caption) pairs.")
         images, captions = batch[0], batch[1]
         img, txt = self.encode_image(images), self.encode_text(captions)  # (B, E) each
         scale = self.scale()

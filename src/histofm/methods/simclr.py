@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from histofm.data.augment import BatchAugment, ViewConfig
+from histofm.errors import HistofmError
 from histofm.layers.heads import ProjectionHead
 from histofm.methods.base import SSLMethod
 from histofm.methods.views import make_backbone, make_views, view_config, view_pipeline
@@ -66,7 +67,7 @@ class NTXentLoss(nn.Module):
     def __init__(self, temperature: float = 0.1, gather_distributed: bool = True) -> None:
         super().__init__()
         if temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
+            raise HistofmError(f"temperature must be positive, got {temperature}; set e.g. --set temperature=0.1.")
         self.temperature, self.gather_distributed = temperature, gather_distributed
 
     def forward(self, z0: torch.Tensor, z1: torch.Tensor) -> torch.Tensor:

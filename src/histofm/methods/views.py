@@ -57,7 +57,7 @@ def view_pipeline(
     if augment == "batch":
         v = views[0]
         return base_view(base_size or v.size, v.mean, v.std), [BatchAugment(v) for v in views]
-    raise ValueError(f"augment must be 'sample' or 'batch', got {augment!r}")
+    raise HistofmError(f"augment must be 'sample' or 'batch', got {augment!r}; set --set augment=sample or augment=batch.")
 
 
 def make_views(batch: Any, augmenters: list[BatchAugment | None]) -> list[torch.Tensor]:  # noqa: ANN401
@@ -70,12 +70,12 @@ def make_views(batch: Any, augmenters: list[BatchAugment | None]) -> list[torch.
     if augmenters and augmenters[0] is not None:
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
         if not isinstance(x, torch.Tensor) or x.ndim != 4:
-            raise ValueError("batch augmentation expects an image batch (B, C, H, W); use the method's base transform")
+            raise HistofmError("Batch augmentation expects an image batch (B, C, H, W); use the transform the method's build() returns.")
         return [aug(x) for aug in augmenters]  # type: ignore[misc]
     if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], (list, tuple)):
         batch = batch[0]
     if not isinstance(batch, (list, tuple)) or len(batch) < 2:
-        raise ValueError("expected a batch of at least two views (use the method's view transform)")
+        raise HistofmError("The method expects a batch of at least two views; use the view transform the method's build() returns.")
     return list(batch)
 
 
