@@ -8,6 +8,7 @@ method-neutral modules such as ``methods/views.py``, ``methods/patches.py``, ``m
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -27,12 +28,19 @@ HOMES = {"check_out_dir": "checks.py", "check_device": "checks.py", "check_range
          "apply_preset": "methods/presets.py"}
 
 
+@functools.cache
+def _sources() -> tuple[tuple[str, tuple[ast.AST, ...]], ...]:
+    """(path relative to the package, every AST node) of each module of ``src/histofm``, parsed once."""
+    return tuple((path.relative_to(SRC).as_posix(), tuple(ast.walk(ast.parse(path.read_text(encoding="utf-8")))))
+                 for path in sorted(SRC.rglob("*.py")))
+
+
 def test_each_job_is_defined_once() -> None:
     found: dict[str, list[str]] = {}
-    for path in sorted(SRC.rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    for rel, nodes in _sources():
+        for node in nodes:
             if isinstance(node, ast.FunctionDef) and node.name in HOMES:
-                found.setdefault(node.name, []).append(path.relative_to(SRC).as_posix())
+                found.setdefault(node.name, []).append(rel)
     assert found == {name: [home] for name, home in HOMES.items()}
 
 
@@ -122,11 +130,13 @@ def test_cli_names_exactly_the_command_modules_that_exist() -> None:
 def test_user_errors_are_histofm_errors() -> None:
     """Leftover of issue 17: a ValueError reaches the user as a traceback; raise HistofmError (one sentence)."""
     found = []
-    for path in sorted(SRC.rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            exc = node.exc.func if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) else getattr(node, "exc", None)
-            if isinstance(node, ast.Raise) and isinstance(exc, ast.Name) and exc.id == "ValueError":
-                found.append(f"{path.relative_to(SRC).as_posix()}:{node.lineno}")
+    for rel, nodes in _sources():
+        for node in nodes:
+            if not isinstance(node, ast.Raise):
+                continue
+            exc = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
+            if isinstance(exc, ast.Name) and exc.id == "ValueError":
+                found.append(f"{rel}:{node.lineno}")
     assert not found, f"raise HistofmError with the cause and the flag to change instead: {found}"
 
 
