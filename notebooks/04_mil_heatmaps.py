@@ -52,7 +52,7 @@ from histofm.data.augment import eval_view
 from histofm.eval.metrics import binary_auroc
 from histofm.mil import build_aggregator, list_aggregators
 from histofm.mil.heatmap import render_heatmap, slide_scores
-from histofm.mil.provenance import read_provenance
+from histofm.mil.provenance import compared_provenance
 from histofm.mil.run import load_trained
 from histofm.utils import seed_everything
 from histofm.wsi.features import ExtractConfig, extract_features, read_features
@@ -107,7 +107,7 @@ print(f"tiles: skin {len(skin)}, nest pool {len(nest_pool)}, stroma pool {len(st
 # %%
 rng = np.random.default_rng(0)
 N_PATIENTS = 20 if TINY else 60
-provenance = {k: v for k, v in read_provenance(OUT / "features" / "hgsc_nest.h5").items() if k != "slide"}
+provenance = {k: v for k, v in compared_provenance(OUT / "features" / "hgsc_nest.h5").items() if k != "slide"}
 grid = np.stack(np.meshgrid(np.arange(8) * TILE, np.arange(6) * TILE), -1).reshape(-1, 2)  # 48 tile corners
 
 

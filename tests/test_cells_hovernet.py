@@ -87,9 +87,9 @@ def test_unetr_decoder_shapes_and_errors() -> None:
         feats = vit.forward_intermediates(x, indices=default_layer_indices(depth, dec.stages), intermediates_only=True)
         assert dec(x, feats).shape == (2, 4, 64, 48)
     assert default_layer_indices(12, 4) == [2, 5, 8, 11]  # CellViT's blocks 3, 6, 9, 12
-    with pytest.raises(ValueError, match="power-of-two"):
+    with pytest.raises(HistofmError, match="power-of-two"):
         UNETRDecoder(32, 14)
-    with pytest.raises(ValueError, match="at least"):
+    with pytest.raises(HistofmError, match="at least"):
         default_layer_indices(2, 3)
 
 
@@ -107,7 +107,7 @@ def test_model_frozen_encoder_gets_no_gradient() -> None:
     assert all(p.grad is None for p in model.encoder.parameters())
     assert all(p.grad is not None for n, p in model.named_parameters() if not n.startswith("encoder."))
     assert not model.encoder.training  # a frozen encoder stays in eval mode
-    with pytest.raises(ValueError, match="multiples of the patch size"):
+    with pytest.raises(HistofmError, match="multiples of the patch size"):
         model(torch.randn(1, 3, 60, 64))
 
 
@@ -181,5 +181,5 @@ def test_bad_checkpoints_are_refused(tmp_path) -> None:
     save_file({"w": torch.zeros(1)}, str(plain))
     with pytest.raises(HistofmError, match="not a histofm cell model"):
         load_cell_model(plain)
-    with pytest.raises(ValueError, match="type_names"):
+    with pytest.raises(HistofmError, match="type_names"):
         HoVerNetConfig(num_types=2)

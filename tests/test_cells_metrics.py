@@ -15,6 +15,7 @@ from histofm.cells.metrics import (
     seg_stats,
     tile_stats,
 )
+from histofm.errors import HistofmError
 
 
 def _hand_case() -> tuple[np.ndarray, np.ndarray]:
@@ -126,7 +127,7 @@ def test_multiclass_pq_per_class() -> None:
     assert m["mpq"] == pytest.approx(0.3)
     wrong = seg_stats(gt, pred, {1: 1, 2: 2}, {5: 2, 9: 2}, classes=(1, 2)).metrics()
     assert wrong["pq_1"] == 0.0  # right outline, wrong class: no credit
-    with pytest.raises(ValueError, match="gt_types"):
+    with pytest.raises(HistofmError, match="gt_types"):
         seg_stats(gt, pred, classes=(1,))
 
 

@@ -11,17 +11,9 @@ from PIL import Image
 
 import histofm
 from histofm import HistofmError
-from histofm.methods.mae import (
-    MAE,
-    MAEConfig,
-    build,
-    encode_visible,
-    mae_loss,
-    patchify,
-    random_masking,
-    save_reconstructions,
-    unpatchify,
-)
+from histofm.methods.mae import MAE, MAEConfig, build
+from histofm.methods.patches import encode_visible, mae_loss, patchify, random_masking, unpatchify
+from histofm.methods.pictures import save_reconstructions
 from histofm.methods.registry import build_method
 
 TINY = {"depth": 2, "patch_size": 8, "embed_dim": 64, "num_heads": 2}

@@ -8,6 +8,7 @@ import pytest
 import torch
 from scipy import ndimage
 
+from histofm.errors import HistofmError
 from histofm.methods.masking import BlockMaskCollator, block_mask
 
 
@@ -82,7 +83,7 @@ def test_collator_positions_are_shuffled() -> None:
 
 
 def test_collator_rejects_bad_arguments() -> None:
-    with pytest.raises(ValueError, match="mask_probability"):
+    with pytest.raises(HistofmError, match="mask_probability"):
         BlockMaskCollator((8, 8), mask_probability=1.5)
-    with pytest.raises(ValueError, match="ratio_range"):
+    with pytest.raises(HistofmError, match="ratio_range"):
         BlockMaskCollator((8, 8), ratio_range=(0.6, 0.2))

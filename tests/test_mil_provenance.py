@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from histofm import HistofmError
-from histofm.mil.provenance import check_against_run, common_provenance, read_provenance
+from histofm.mil.provenance import check_against_run, common_provenance, compared_provenance
 
 # Attributes as the extraction writes them (arrays for the normalisation constants).
 BASE = {
@@ -49,7 +49,7 @@ def test_feature_space_attributes_must_agree(tmp_path: Path, key: str, value: ob
     with pytest.raises(HistofmError, match=f"mix {key} .*\\(A.h5\\).*\\(B.h5\\)"):
         common_provenance([a, b])
     with pytest.raises(HistofmError, match=f"{key}: run"):
-        check_against_run(b, read_provenance(a))
+        check_against_run(b, compared_provenance(a))
 
 
 def test_a_renamed_file_is_refused(tmp_path: Path) -> None:

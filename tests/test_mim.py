@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from histofm import HistofmError
-from histofm.methods.mae import patchify
 from histofm.methods.mim import MIM, build, random_unit_mask, simmim_loss, token_loss
+from histofm.methods.patches import patchify
 from histofm.methods.registry import build_method
 from histofm.methods.tokenizer import KMeansTokenizer, kmeans
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import histofm
+from histofm.errors import HistofmError
 from histofm.layers.mlp import Mlp, SwiGLUPacked
 from histofm.layers.moe import (
     MoEMlp,
@@ -261,9 +262,9 @@ def test_tiny_moe_vit_pretrains_with_simclr_from_the_engine(one_thread) -> None:
 
 
 def test_bad_arguments_fail_clearly() -> None:
-    with pytest.raises(ValueError, match="top_k"):
+    with pytest.raises(HistofmError, match="top_k"):
         MoEMlp(8, 16, num_experts=2, top_k=3)
-    with pytest.raises(ValueError, match="expert_layer"):
+    with pytest.raises(HistofmError, match="expert_layer"):
         MoEMlp(8, 16, expert_layer="conv")
-    with pytest.raises(ValueError, match="moe_every"):
+    with pytest.raises(HistofmError, match="moe_every"):
         histofm.create_model("vit_tiny_patch16_224", depth=2, moe_every=-1)

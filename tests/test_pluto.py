@@ -9,7 +9,7 @@ from PIL import Image
 
 from histofm import HistofmError
 from histofm.data.datasets import bundled_tiles
-from histofm.methods.mae import patchify
+from histofm.methods.patches import patchify
 from histofm.methods.pluto import PLUTO, MultiScaleTile, build, fourier_amplitude_loss
 from histofm.methods.registry import build_method
 from histofm.train import TrainConfig, fit

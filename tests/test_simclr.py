@@ -65,5 +65,5 @@ def test_build_runs_per_sample_views_and_every_parameter_learns() -> None:
     assert not missing
     with pytest.raises(HistofmError, match="Unknown option"):
         build_method("simclr", "vit_tiny_patch16_224", img_size=32, overrides={"temprature": 0.1})
-    with pytest.raises(ValueError, match="two views"):
+    with pytest.raises(HistofmError, match="two views"):
         method([batch[0]])

@@ -13,6 +13,7 @@ from open_clip.tokenizer import SimpleTokenizer
 import histofm
 from histofm.data.tokenizer import BPETokenizer
 from histofm.data.tokenizer.bpe import NUM_MERGES, VOCAB_FILE, byte_symbols
+from histofm.errors import HistofmError
 
 TEXTS = [
     "",
@@ -63,7 +64,7 @@ def test_round_trip_and_bad_input() -> None:
     assert tok.decode(tok([""])[0]) == ""
     with pytest.raises(TypeError, match="strings"):
         tok([3])
-    with pytest.raises(ValueError, match="at least 2"):
+    with pytest.raises(HistofmError, match="at least 2"):
         BPETokenizer(context_length=1)
 
 

@@ -238,7 +238,7 @@ def test_bad_input_has_clear_errors() -> None:
                         d_ff=64, max_len=8)
     with pytest.raises(HistofmError, match="max_len"):
         model(torch.randint(3, VOCAB, (1, 12)), torch.randint(3, VOCAB, (1, 4)))
-    with pytest.raises(ValueError, match="divisible"):
+    with pytest.raises(HistofmError, match="divisible"):
         MultiHeadAttention(30, 4)
-    with pytest.raises(ValueError, match="key_padding_mask"):
+    with pytest.raises(HistofmError, match="key_padding_mask"):
         _tiny_encoder()(torch.randn(2, 5, 32), key_padding_mask=torch.zeros(2, 4, dtype=torch.bool))

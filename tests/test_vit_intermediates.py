@@ -7,6 +7,7 @@ import timm
 import torch
 from torch import nn
 
+from histofm.errors import HistofmError
 from histofm.models.vit import VisionTransformer
 
 # (timm kwargs, our kwargs): class token, registers without class-embedded positions, no class token.
@@ -103,13 +104,13 @@ def test_get_intermediate_layers_dinov2_semantics() -> None:
 def test_bad_arguments_are_refused() -> None:
     _, ours = _pair("no_class_token")
     x = torch.randn(1, 3, 16, 16)
-    with pytest.raises(ValueError, match="output_fmt"):
+    with pytest.raises(HistofmError, match="output_fmt"):
         ours.forward_intermediates(x, output_fmt="NHWC")
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(HistofmError, match="out of range"):
         ours.forward_intermediates(x, indices=[3])
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(HistofmError, match="out of range"):
         ours.forward_intermediates(x, indices=4)
-    with pytest.raises(ValueError, match="class token"):
+    with pytest.raises(HistofmError, match="class token"):
         ours.get_intermediate_layers(x, return_class_token=True)
     out = ours.forward_intermediates(x, return_prefix_tokens=True, intermediates_only=True)
     assert all(isinstance(t, torch.Tensor) for t in out)  # no prefix tokens: plain maps, as timm

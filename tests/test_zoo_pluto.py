@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 from timm.layers import resample_patch_embed
 
 import histofm
+from histofm.errors import HistofmError
 from histofm.layers.patch_embed import resize_patch_embed
 from histofm.models.vit import VisionTransformer
 
@@ -82,9 +83,9 @@ def test_set_patch_size_and_bad_sizes() -> None:
     assert model.patch_size == 32
     with torch.no_grad():
         assert model.forward_features(torch.randn(1, 3, 64, 64)).shape == (1, 1 + 4, 384)
-    with pytest.raises(ValueError, match="not a multiple of the patch size 32"):
+    with pytest.raises(HistofmError, match="not a multiple of the patch size 32"):
         model(torch.randn(1, 3, 48, 48))
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(HistofmError, match="positive"):
         model.set_patch_size(0)
 
 

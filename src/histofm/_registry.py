@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from histofm.constants import IMAGENET_MEAN, IMAGENET_STD
+from histofm.errors import HistofmError
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ def register_model(
     def wrap(f: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         key = name or f.__name__
         if key in _REGISTRY:
-            raise ValueError(f"model {key!r} is registered twice")
+            raise HistofmError(f"Model {key!r} is registered twice; register the new model under another name.")
         _REGISTRY[key] = _Entry(f, info, filter_fn, config_fn)
         return f
 
@@ -125,7 +126,7 @@ def register_slide_encoder(
     def wrap(f: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         key = name or f.__name__
         if key in _SLIDE_REGISTRY:
-            raise ValueError(f"slide encoder {key!r} is registered twice")
+            raise HistofmError(f"Slide encoder {key!r} is registered twice; register the new encoder under another name.")
         _SLIDE_REGISTRY[key] = _Entry(f, info, filter_fn)
         return f
 

@@ -138,7 +138,7 @@ def _parse_range(spec: str) -> dict[str, Any]:
     if m:
         op, v = m[1], float(m[2])
         return {"lo": v, "lo_open": op == ">"} if op.startswith(">") else {"hi": v, "hi_open": op == "<"}
-    raise ValueError(f"bad range spec {spec!r}")  # a programming error in a declaration
+    raise HistofmError(f"Setting range {spec!r} is not a range spec; declare it like '>= 1', '> 0' or '[0, 1)'.")  # a programming error in a declaration
 
 
 def setting(

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from histofm.errors import HistofmError
 from histofm.models.unetr import UNETRDecoder, default_layer_indices
 
 
@@ -152,7 +153,7 @@ class HoVerNetConfig:
 
     def __post_init__(self) -> None:
         if len(self.type_names) != self.num_types:
-            raise ValueError(f"type_names has {len(self.type_names)} names for num_types={self.num_types}")
+            raise HistofmError(f"type_names has {len(self.type_names)} names for num_types={self.num_types}; give one name per type.")
 
 
 class HoVerNetViT(nn.Module):
@@ -184,7 +185,7 @@ class HoVerNetViT(nn.Module):
             len(encoder.blocks), stages
         )
         if len(self.layer_indices) != stages:
-            raise ValueError(f"patch size {self.patch_size} needs {stages} layer indices, got {self.layer_indices}")
+            raise HistofmError(f"Patch size {self.patch_size} needs {stages} layer indices, got {self.layer_indices}; pass {stages} indices or leave them to the default.")
         c = self.decoder.out_channels
         self.np_head = nn.Conv2d(c, 2, 1)
         self.hv_head = nn.Conv2d(c, 2, 1)
@@ -204,7 +205,7 @@ class HoVerNetViT(nn.Module):
         """Images ``(B, 3, H, W)``, sides multiples of the patch size -> NP ``(B, 2, H, W)``, HV ``(B, 2, H, W)``, TP ``(B, T+1, H, W)``."""
         p = self.patch_size
         if x.shape[-1] % p or x.shape[-2] % p:
-            raise ValueError(f"image sides must be multiples of the patch size {p}, got {tuple(x.shape[-2:])}")
+            raise HistofmError(f"The image sides must be multiples of the patch size {p}, got {tuple(x.shape[-2:])}; pad or crop the tiles.")
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoder):
             feats = self.encoder.forward_intermediates(
                 x, indices=self.layer_indices, norm=True, stop_early=True, intermediates_only=True

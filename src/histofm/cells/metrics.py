@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from histofm.errors import HistofmError
+
 
 def intersections(gt: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Overlap counts of two label images.
@@ -38,7 +40,7 @@ def intersections(gt: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndar
     """
     gt, pred = np.asarray(gt).ravel(), np.asarray(pred).ravel()
     if gt.shape != pred.shape:
-        raise ValueError(f"label images differ in size: {gt.shape} and {pred.shape}")
+        raise HistofmError(f"The label images differ in size ({gt.shape} and {pred.shape}); compare masks of the same image.")
     g_ids, g_inv = np.unique(gt, return_inverse=True)
     p_ids, p_inv = np.unique(pred, return_inverse=True)
     table = np.bincount(g_inv * len(p_ids) + p_inv, minlength=len(g_ids) * len(p_ids)).reshape(len(g_ids), len(p_ids))
@@ -148,7 +150,7 @@ def seg_stats(
     st.tp, st.fp, st.fn, st.iou = _pq_counts(g_area, p_area, inter)
     if classes:
         if gt_types is None or pred_types is None:
-            raise ValueError("per-class counts need gt_types and pred_types")
+            raise HistofmError("Per-class counts need gt_types and pred_types; pass both or neither.")
         g_cls = np.array([gt_types.get(int(i), 0) for i in g_ids])
         p_cls = np.array([pred_types.get(int(i), 0) for i in p_ids])
         for c in classes:
@@ -176,7 +178,7 @@ def majority_types(inst: np.ndarray, types: np.ndarray) -> dict[int, int]:
 def bootstrap(stats: Sequence[SegStats], n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, tuple[float, float, float]]:
     """``{metric: (point, low, high)}``: the point from all units, a percentile interval from resampled units."""
     if not stats:
-        raise ValueError("bootstrap needs at least one unit")
+        raise HistofmError("The bootstrap needs at least one unit (image or slide); pass a non-empty list.")
     point = sum(stats[1:], stats[0]).metrics()
     rng = np.random.default_rng(seed)
     draws: dict[str, list[float]] = {k: [] for k in point}

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from histofm.errors import HistofmError
+
 
 @dataclass(frozen=True)
 class PostprocessConfig:
@@ -57,7 +59,7 @@ def _binomial(n: int) -> np.ndarray:
 def sobel(image: np.ndarray, axis: int, ksize: int = 5) -> np.ndarray:
     """Large Sobel derivative of ``image`` along ``axis`` (0: y, 1: x): binomial smoothing across, derivative along."""
     if ksize < 3 or ksize % 2 == 0:
-        raise ValueError(f"ksize must be odd and >= 3, got {ksize}")
+        raise HistofmError(f"ksize must be odd and >= 3, got {ksize}; set e.g. ksize=21.")
     deriv = np.convolve(_binomial(ksize - 2), [-1.0, 0.0, 1.0])  # negative before, positive after
     smooth = _binomial(ksize)
     out = ndimage.correlate1d(image.astype(np.float64), deriv, axis=axis, mode="reflect")

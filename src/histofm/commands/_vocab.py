@@ -46,7 +46,7 @@ def add_deprecated_alias(parser: argparse.ArgumentParser, old: str, new: str) ->
     """
     target = parser._option_string_actions[new]  # argparse keeps no public map of option strings
     if target.required:
-        raise ValueError(f"{new} is required, so {old} cannot stand in for it; check the value in the command instead.")
+        raise HistofmError(f"{new} is required, so {old} cannot stand in for it; check the value in the command instead.")
     parser.add_argument(
         old, action=_DeprecatedAlias, target=target, dest=target.dest, default=argparse.SUPPRESS,
         nargs=target.nargs, type=target.type, choices=target.choices, metavar=target.metavar,

@@ -31,6 +31,7 @@ from torchvision.transforms import v2
 
 from histofm.constants import IMAGENET_MEAN, IMAGENET_STD
 from histofm.data.stain import HEDJitter
+from histofm.errors import HistofmError
 from histofm.settings import check_config, setting
 
 
@@ -259,7 +260,7 @@ class MultiView:
 
     def __init__(self, transforms: Sequence[Callable[[Any], torch.Tensor]]) -> None:
         if not transforms:
-            raise ValueError("MultiView needs at least one transform")
+            raise HistofmError("MultiView needs at least one transform; pass a list of view transforms.")
         self.transforms = list(transforms)
 
     def __call__(self, img: Any) -> list[torch.Tensor]:  # noqa: ANN401

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from histofm.errors import HistofmError
+
 
 class Attention(nn.Module):
     """``softmax(q k^T / sqrt(d)) v`` over ``num_heads`` heads, then an output projection."""
@@ -25,7 +27,7 @@ class Attention(nn.Module):
     ) -> None:
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+            raise HistofmError(f"dim {dim} is not divisible by num_heads {num_heads}; choose num_heads that divides the width.")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from histofm.errors import HistofmError
+
 
 class DINOHead(nn.Module):
     """MLP -> L2 norm -> weight-normalised linear layer to ``out_dim`` prototypes.
@@ -57,7 +59,7 @@ class DINOHead(nn.Module):
     ) -> None:
         super().__init__()
         if nlayers < 1:
-            raise ValueError(f"nlayers must be >= 1, got {nlayers}")
+            raise HistofmError(f"nlayers must be >= 1, got {nlayers}; give the head at least one layer.")
         layers: list[nn.Module] = []
         dims = [in_dim] + [hidden_dim] * (nlayers - 1) + [bottleneck_dim]
         for i in range(nlayers):
@@ -132,7 +134,7 @@ class ProjectionHead(nn.Module):
     ) -> None:
         super().__init__()
         if num_layers < 1:
-            raise ValueError("num_layers must be at least 1")
+            raise HistofmError(f"num_layers must be at least 1, got {num_layers}; give the head at least one layer.")
         layers: list[nn.Module] = []
         dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
         for i in range(num_layers):

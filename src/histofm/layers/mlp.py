@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from histofm.errors import HistofmError
+
 
 class Mlp(nn.Module):
     """``fc2(drop(act(fc1(x))))``: the Transformer feed-forward block (timm names)."""
@@ -59,7 +61,7 @@ class SwiGLUPacked(nn.Module):
         hidden_features = hidden_features or in_features
         out_features = out_features or in_features
         if hidden_features % 2:
-            raise ValueError(f"SwiGLU hidden size must be even, got {hidden_features}")
+            raise HistofmError(f"SwiGLU needs an even hidden size, got {hidden_features}; change mlp_ratio (or the hidden size) so it is even.")
         self.fc1 = nn.Linear(in_features, hidden_features, bias=bias)
         self.drop1 = nn.Dropout(drop)
         self.fc2 = nn.Linear(hidden_features // 2, out_features, bias=bias)

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from histofm.errors import HistofmError
 from histofm.layers.mlp import Mlp, SwiGLUPacked
 
 
@@ -104,15 +105,15 @@ class MoEMlp(nn.Module):
     ) -> None:
         super().__init__()
         if num_experts < 1:
-            raise ValueError(f"num_experts must be at least 1, got {num_experts}")
+            raise HistofmError(f"num_experts must be at least 1, got {num_experts}; set num_experts to 1 or more.")
         if not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be between 1 and num_experts={num_experts}, got {top_k}")
+            raise HistofmError(f"top_k must be between 1 and num_experts={num_experts}, got {top_k}; lower top_k or add experts.")
         if expert_layer == "mlp":
             make: Callable[[], nn.Module] = lambda: Mlp(in_features, hidden_features, drop=drop)  # noqa: E731
         elif expert_layer == "swiglu":
             make = lambda: SwiGLUPacked(in_features, hidden_features, drop=drop)  # noqa: E731
         else:
-            raise ValueError(f"expert_layer must be 'mlp' or 'swiglu', got {expert_layer!r}")
+            raise HistofmError(f"expert_layer must be 'mlp' or 'swiglu', got {expert_layer!r}; set one of those.")
         self.num_experts = num_experts
         self.top_k = top_k
         self.capacity_factor = capacity_factor
@@ -257,7 +258,7 @@ def moe_mlp_factory(
     dense blocks keep their usual parameter names.
     """
     if every < 1:
-        raise ValueError(f"moe_every must be a positive integer, got {every}")
+        raise HistofmError(f"moe_every must be a positive integer, got {every}; set e.g. moe_every=2 (every second block).")
 
     def factory(dim: int, hidden: int, index: int) -> nn.Module:
         if (index + 1) % every == 0:

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from histofm.errors import HistofmError
+
 
 def to_2tuple(x: int | tuple[int, int]) -> tuple[int, int]:
     return (x, x) if isinstance(x, int) else (int(x[0]), int(x[1]))
@@ -39,7 +41,7 @@ class PatchEmbed(nn.Module):
         H, W = x.shape[-2:]
         ph, pw = self.patch_size
         if H % ph or W % pw:
-            raise ValueError(f"input size {H}x{W} is not a multiple of the patch size {ph}x{pw}")
+            raise HistofmError(f"Input size {H}x{W} is not a multiple of the patch size {ph}x{pw}; resize or crop the images to a multiple of it.")
         return self.proj(x).permute(0, 2, 3, 1)  # (B, H/p, W/p, D)
 
 

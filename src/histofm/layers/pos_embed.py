@@ -7,6 +7,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from histofm.errors import HistofmError
+
 
 def resample_abs_pos_embed(
     posemb: torch.Tensor,
@@ -29,7 +31,7 @@ def resample_abs_pos_embed(
     if tuple(new_size) == tuple(old_size):
         return posemb
     if old_size[0] * old_size[1] != num_grid:
-        raise ValueError(f"position table has {num_grid} grid rows, not {old_size[0]}x{old_size[1]}")
+        raise HistofmError(f"The position table has {num_grid} grid rows, not {old_size[0]}x{old_size[1]}; pass the grid size the weights were trained with.")
     prefix, grid = posemb[:, :num_prefix_tokens], posemb[:, num_prefix_tokens:]
     dim = posemb.shape[-1]
     orig_dtype = grid.dtype
@@ -42,7 +44,7 @@ def resample_abs_pos_embed(
 def sincos_1d(positions: torch.Tensor, dim: int, base: float = 10000.0) -> torch.Tensor:
     """Vaswani et al. table: ``PE[p, 2i] = sin(p / base^(2i/d))``, ``PE[p, 2i+1] = cos(...)``."""
     if dim % 2:
-        raise ValueError(f"sine-cosine embedding needs an even dim, got {dim}")
+        raise HistofmError(f"A sine-cosine embedding needs an even dim, got {dim}; use an even embed_dim.")
     inv_freq = torch.exp(-math.log(base) * torch.arange(0, dim, 2, dtype=torch.float32) / dim)
     angles = positions.float()[:, None] * inv_freq[None, :]  # (P, D/2)
     table = torch.zeros(positions.shape[0], dim)
@@ -54,7 +56,7 @@ def sincos_1d(positions: torch.Tensor, dim: int, base: float = 10000.0) -> torch
 def sincos_2d(grid_size: tuple[int, int], dim: int) -> torch.Tensor:
     """2-D table (MAE): half the channels encode the row, half the column. ``(H*W, D)``."""
     if dim % 4:
-        raise ValueError(f"2-D sine-cosine embedding needs dim divisible by 4, got {dim}")
+        raise HistofmError(f"A 2-D sine-cosine embedding needs a dim divisible by 4, got {dim}; use an embed_dim divisible by 4.")
     h, w = grid_size
     rows = torch.arange(h).repeat_interleave(w)
     cols = torch.arange(w).repeat(h)

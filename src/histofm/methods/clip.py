@@ -37,7 +37,7 @@ from histofm.data.augment import ViewConfig, view_transform
 from histofm.data.tokenizer import BPETokenizer
 from histofm.errors import HistofmError
 from histofm.methods.base import SSLMethod
-from histofm.methods.simclr import make_backbone, view_config
+from histofm.methods.views import make_backbone, view_config
 from histofm.models.transformer import TransformerEncoder
 from histofm.settings import check_config, config_replace, setting, split_backbone_overrides
 from histofm.utils.distributed import gather_with_grad, rank
@@ -158,7 +158,7 @@ class CLIP(SSLMethod):
 
     def forward(self, batch: Any) -> dict[str, torch.Tensor]:  # noqa: ANN401
         if not (isinstance(batch, (list, tuple)) and len(batch) >= 2):
-            raise ValueError("CLIP expects (images, captions) batches")
+            raise HistofmError("CLIP expects (images, captions) batches; use a dataset that yields (image, caption) pairs.")
         images, captions = batch[0], batch[1]
         img, txt = self.encode_image(images), self.encode_text(captions)  # (B, E) each
         scale = self.scale()

@@ -29,6 +29,8 @@ import random
 import numpy as np
 import torch
 
+from histofm.errors import HistofmError
+
 
 def block_mask(
     grid_h: int,
@@ -114,9 +116,9 @@ class BlockMaskCollator:
         max_block_frac: float = 0.5,
     ) -> None:
         if not 0.0 <= mask_probability <= 1.0:
-            raise ValueError(f"mask_probability must be in [0, 1], got {mask_probability}")
+            raise HistofmError(f"mask_probability must be in [0, 1], got {mask_probability}; pass e.g. 0.5.")
         if not 0.0 <= ratio_range[0] <= ratio_range[1] <= 1.0:
-            raise ValueError(f"ratio_range must satisfy 0 <= low <= high <= 1, got {ratio_range}")
+            raise HistofmError(f"ratio_range must satisfy 0 <= low <= high <= 1, got {ratio_range}; pass e.g. (0.1, 0.5).")
         self.grid_size = (int(grid_size[0]), int(grid_size[1]))
         self.mask_probability = mask_probability
         self.ratio_range = ratio_range

@@ -43,17 +43,12 @@ from torch import nn
 
 from histofm.errors import HistofmError
 from histofm.methods.base import SSLMethod
-from histofm.methods.mae import (
-    ReconstructionPictures,
-    images_of,
-    make_config,
-    patchify,
-    picture_set,
-    pretrain_transform,
-    unpatchify,
-)
 from histofm.methods.masking import block_mask
+from histofm.methods.patches import patchify, unpatchify
+from histofm.methods.pictures import ReconstructionPictures, picture_set
+from histofm.methods.presets import apply_preset
 from histofm.methods.tokenizer import KMeansTokenizer
+from histofm.methods.views import images_of, make_backbone, pretrain_transform
 from histofm.settings import check_config, setting, split_backbone_overrides
 
 
@@ -293,13 +288,13 @@ def build(
     :data:`PRESETS`; ``mask_patch_size=0`` masks single patches); backbone arguments
     go under ``"backbone"`` or as ``"backbone.<arg>"`` keys.
     """
-    from histofm.registry import create_model, model_info
+    from histofm.registry import model_info
 
     if name not in ("simmim", "beit"):
         raise HistofmError(f"mim.py builds 'simmim' or 'beit', not {name!r}.")
     cfg_kw, backbone_kw = split_backbone_overrides(overrides or {})
-    cfg = make_config(SIMMIM if name == "simmim" else BEIT, cfg_kw, PRESETS)
-    backbone = create_model(arch, **{"img_size": img_size, **backbone_kw, "use_mask_token": True})
+    cfg = apply_preset(SIMMIM if name == "simmim" else BEIT, cfg_kw, PRESETS)
+    backbone = make_backbone(arch, img_size, {**backbone_kw, "use_mask_token": True})
     if cfg.masking == "random" and cfg.mask_patch_size and img_size % cfg.mask_patch_size:
         raise HistofmError(
             f"img_size {img_size} is not a multiple of mask_patch_size {cfg.mask_patch_size}; "

@@ -40,14 +40,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from histofm.data.augment import BatchAugment, ViewConfig
+from histofm.errors import HistofmError
 from histofm.layers.heads import ProjectionHead
 from histofm.methods.base import SSLMethod
-from histofm.methods.simclr import (
-    make_backbone,
-    make_views,
-    view_config,
-    view_pipeline,
-)
+from histofm.methods.views import make_backbone, make_views, view_config, view_pipeline
 from histofm.settings import check_config, config_replace, setting, split_backbone_overrides
 from histofm.utils.distributed import gather_no_grad, rank
 from histofm.utils.ema import ema_update, make_teacher
@@ -139,7 +135,7 @@ class MoCo(SSLMethod):
     ) -> None:
         super().__init__()
         if cfg.version not in (2, 3):
-            raise ValueError(f"MoCo version must be 2 or 3, got {cfg.version}")
+            raise HistofmError(f"MoCo version must be 2 or 3, got {cfg.version}; use --method mocov2 or --method mocov3.")
         self.cfg = cfg
         self.backbone = backbone
         dim = backbone.num_features

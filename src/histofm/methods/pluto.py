@@ -60,19 +60,21 @@ from histofm.errors import HistofmError
 from histofm.methods.dino import make_config, multicrop_transform, split_crops
 from histofm.methods.dinov2 import PRESETS as DINOV2_PRESETS
 from histofm.methods.dinov2 import DINOv2, DINOv2Config
-from histofm.methods.mae import (
+from histofm.methods.patches import (
     MAEDecoder,
-    ReconstructionCallback,
-    attach_reconstructions,
     denormalize_patches,
     encode_visible,
     mae_loss,
     normalize_patches,
     patchify,
-    picture_set,
     random_masking,
-    run_step_callbacks,
     unpatchify,
+)
+from histofm.methods.pictures import (
+    ReconstructionCallback,
+    attach_reconstructions,
+    picture_set,
+    run_step_callbacks,
 )
 from histofm.settings import setting
 

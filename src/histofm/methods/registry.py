@@ -73,20 +73,14 @@ def method_config(name: str, overrides: dict[str, Any] | None = None) -> Any:  #
     Backbone keys (``backbone``, ``backbone.<arg>``) are not config fields: leave them out.
     Checking a config this way builds nothing (no model, no data).
     """
+    from histofm.methods.presets import apply_preset
     from histofm.settings import config_replace
 
     cls = method_config_class(name)
     module = importlib.import_module(METHOD_MODULES[name])
     base = getattr(module, _BASES[name]) if name in _BASES else cls()
     cfg = config_replace(cls(), base) if isinstance(base, dict) else base
-    overrides = dict(overrides or {})
-    preset = overrides.pop("preset", None)
-    if preset is not None:
-        presets = getattr(module, "PRESETS", None) or {}
-        if preset not in presets:
-            raise HistofmError(f"Unknown preset {preset!r} for {name}; choose one of: {', '.join(sorted(presets)) or 'none'}.")
-        cfg = config_replace(cfg, presets[preset])
-    return config_replace(cfg, overrides)
+    return apply_preset(cfg, overrides or {}, getattr(module, "PRESETS", None), owner=name)
 
 
 def method_presets(name: str) -> list[str]:

@@ -29,9 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from histofm.data.augment import BatchAugment, MultiView, ViewConfig, base_view, view_transform
+from histofm.data.augment import BatchAugment, ViewConfig
+from histofm.errors import HistofmError
 from histofm.layers.heads import ProjectionHead
 from histofm.methods.base import SSLMethod
+from histofm.methods.views import make_backbone, make_views, view_config, view_pipeline
 from histofm.settings import check_config, config_replace, setting, split_backbone_overrides
 from histofm.utils.distributed import gather_with_grad, rank
 
@@ -65,38 +67,11 @@ class NTXentLoss(nn.Module):
     def __init__(self, temperature: float = 0.1, gather_distributed: bool = True) -> None:
         super().__init__()
         if temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
+            raise HistofmError(f"temperature must be positive, got {temperature}; set e.g. --set temperature=0.1.")
         self.temperature, self.gather_distributed = temperature, gather_distributed
 
     def forward(self, z0: torch.Tensor, z1: torch.Tensor) -> torch.Tensor:
         return nt_xent(z0, z1, self.temperature, self.gather_distributed)
-
-
-# ------------------------------------------------------------------- shared by builders
-def make_backbone(arch: str, img_size: int, kwargs: dict[str, Any]) -> nn.Module:
-    """``histofm.create_model(arch, img_size=img_size, **kwargs)``."""
-    from histofm.registry import create_model
-
-    return create_model(arch, **{"img_size": img_size, **kwargs})
-
-
-def make_views(batch: Any, augmenters: list[BatchAugment | None]) -> list[torch.Tensor]:  # noqa: ANN401
-    """The view batches of ``batch``.
-
-    With batch augmentation (``augmenters`` not None), ``batch`` is an image batch ``(B, C, H, W)``
-    (or ``(images, labels...)``) and view ``i`` is ``augmenters[i](images)``; otherwise ``batch`` is
-    the collated list of per-sample views (or ``(views, labels...)``).
-    """
-    if augmenters and augmenters[0] is not None:
-        x = batch[0] if isinstance(batch, (list, tuple)) else batch
-        if not isinstance(x, torch.Tensor) or x.ndim != 4:
-            raise ValueError("batch augmentation expects an image batch (B, C, H, W); use the method's base transform")
-        return [aug(x) for aug in augmenters]  # type: ignore[misc]
-    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], (list, tuple)):
-        batch = batch[0]
-    if not isinstance(batch, (list, tuple)) or len(batch) < 2:
-        raise ValueError("expected a batch of at least two views (use the method's view transform)")
-    return list(batch)
 
 
 @dataclass(frozen=True)
@@ -149,31 +124,6 @@ class SimCLR(SSLMethod):
         z0, z1 = z.chunk(2)
         loss = self.criterion(z0, z1)
         return {"loss": loss}
-
-
-def view_config(arch: str, img_size: int, changes: dict[str, Any]) -> ViewConfig:
-    """A :class:`ViewConfig` at ``img_size`` with the model's normalisation, then ``changes``."""
-    from histofm.registry import model_info
-
-    info = model_info(arch)
-    return config_replace(ViewConfig(size=img_size, mean=info.mean, std=info.std), changes)
-
-
-def view_pipeline(
-    views: list[ViewConfig], augment: str, base_size: int
-) -> tuple[Callable[[Any], Any], list[BatchAugment | None]]:
-    """Per-sample transform and batch augmenters for a list of view recipes.
-
-    ``augment="sample"``: a :class:`MultiView` of torchvision pipelines and no augmenters;
-    ``"batch"``: a resize-and-normalise transform (to ``base_size``) and one
-    :class:`BatchAugment` per view.
-    """
-    if augment == "sample":
-        return MultiView([view_transform(v) for v in views]), [None] * len(views)
-    if augment == "batch":
-        v = views[0]
-        return base_view(base_size or v.size, v.mean, v.std), [BatchAugment(v) for v in views]
-    raise ValueError(f"augment must be 'sample' or 'batch', got {augment!r}")
 
 
 def build(name: str, arch: str, *, img_size: int, overrides: dict[str, Any]) -> tuple[SimCLR, Callable[[Any], Any]]:

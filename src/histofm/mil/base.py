@@ -135,7 +135,7 @@ def register_aggregator(name: str) -> Callable[[type[MILAggregator]], type[MILAg
 
     def wrap(cls: type[MILAggregator]) -> type[MILAggregator]:
         if name in _AGGREGATORS:
-            raise ValueError(f"MIL aggregator {name!r} is registered twice")
+            raise HistofmError(f"MIL aggregator {name!r} is registered twice; register the new aggregator under another name.")
         _AGGREGATORS[name] = cls
         return cls
 

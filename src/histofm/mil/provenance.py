@@ -2,8 +2,9 @@
 
 Bags made by different encoders, weights, magnifications or tile sizes live in
 different feature spaces; mixing them in one run (or scoring one model's input
-with another's features) gives wrong science without an error. This module reads
-the attributes a feature file carries and compares them.
+with another's features) gives wrong science without an error. This module takes
+the attributes a feature file carries (read by
+:func:`histofm.wsi.provenance.read_attributes`) and compares them.
 
 Keys compared (those both sides have; a key missing on one side is not a
 difference, so CLAM / TRIDENT files with fewer attributes still load):
@@ -31,10 +32,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from histofm.errors import HistofmError
-from histofm.wsi.provenance import _same  # one tolerant comparison for both readers
+from histofm.wsi.provenance import _same, read_attributes  # one reader, one tolerant comparison
 
 COMPARED_KEYS = (
     "model_name", "embed_dim",
@@ -45,32 +44,16 @@ COMPARED_KEYS = (
 _PREFIXES = ("preprocess",)
 
 
-def _plain(value: Any) -> Any:
-    """HDF5 attribute -> JSON-friendly Python value."""
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, np.ndarray):
-        return [_plain(v) for v in value.tolist()]
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
+def compared_provenance(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The compared attributes of a feature file, plus ``slide`` when it records one.
 
-
-def read_provenance(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The compared attributes of a feature file (file attributes, then ``coords`` attributes), plus ``slide``."""
-    import h5py
-
-    path = Path(path)
-    try:
-        with h5py.File(path, "r") as f:
-            attrs = {**dict(f["coords"].attrs), **dict(f.attrs)} if "coords" in f else dict(f.attrs)
-    except OSError as e:
-        raise HistofmError(f"Cannot read {path.name} as HDF5 ({e}); the file may be truncated, extract it again.") from None
-    out = {k: _plain(v) for k, v in attrs.items() if k in COMPARED_KEYS or k.startswith(_PREFIXES)}
+    A view of :func:`histofm.wsi.provenance.read_attributes` (the one reader: file
+    attributes over ``coords`` attributes, JSON-friendly values).
+    """
+    attrs = read_attributes(path)
+    out = {k: v for k, v in attrs.items() if k in COMPARED_KEYS or k.startswith(_PREFIXES)}
     if "slide" in attrs:
-        out["slide"] = _plain(attrs["slide"])
+        out["slide"] = attrs["slide"]
     return out
 
 
@@ -98,7 +81,7 @@ def common_provenance(paths: Iterable[Path]) -> dict[str, Any]:
     common: dict[str, Any] = {}
     source: dict[str, Path] = {}  # the file each recorded value came from, to name both sides of a conflict
     for path in paths:
-        prov = read_provenance(path)
+        prov = compared_provenance(path)
         check_slide_name(path, prov)
         diff = differences(common, prov)
         if diff:
@@ -115,7 +98,7 @@ def common_provenance(paths: Iterable[Path]) -> dict[str, Any]:
 
 def check_against_run(path: Path, run_provenance: Mapping[str, Any], flag: str = "--features") -> None:
     """Refuse features whose provenance differs from the run's recorded one."""
-    prov = read_provenance(path)
+    prov = compared_provenance(path)
     check_slide_name(path, prov)
     diff = differences(run_provenance, prov)
     if diff:

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from histofm.errors import HistofmError
 from histofm.mil.base import MILAggregator, MILOutput, dropout_layer, register_aggregator
 
 
@@ -213,7 +214,7 @@ class TransMIL(MILAggregator):
     ) -> None:
         super().__init__(in_dim, num_classes)
         if score_layer not in (1, 2):
-            raise ValueError(f"score_layer must be 1 or 2, got {score_layer}")
+            raise HistofmError(f"score_layer must be 1 or 2, got {score_layer}; set --set score_layer=1 or 2.")
         self.score_layer = score_layer
         landmarks = num_landmarks or dim // 2
         self.fc = nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU())

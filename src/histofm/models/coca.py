@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from histofm.errors import HistofmError
 from histofm.models.text import MultiheadAttention, ResidualAttentionBlock, TextTransformer, causal_mask
 from histofm.models.vit import VisionTransformer
 
@@ -159,7 +160,7 @@ class CoCa(nn.Module):
     def caption_logits(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Next-token logits ``(B, L-1, V)`` for ids ``(B, L)``: position ``t`` predicts ``tokens[:, t + 1]``."""
         if self.text_decoder is None:
-            raise ValueError("this CoCa has no multimodal decoder (decoder_layers=0)")
+            raise HistofmError("This CoCa has no multimodal decoder (decoder_layers=0); build it with decoder_layers >= 1 to caption.")
         _, image_tokens = self.visual(images)
         _, text_tokens = self.text(tokens[:, :-1])
         return self.text_decoder(image_tokens, text_tokens)

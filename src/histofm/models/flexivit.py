@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from histofm.errors import HistofmError
 from histofm.layers.patch_embed import resize_patch_embed
 from histofm.models.vit import VisionTransformer
 
@@ -43,7 +44,7 @@ class FlexiVisionTransformer(VisionTransformer):
     def set_patch_size(self, patch_size: int) -> None:
         """Use ``patch_size`` for every following forward pass (``model.patch_size`` follows)."""
         if int(patch_size) <= 0:
-            raise ValueError(f"patch size must be positive, got {patch_size}")
+            raise HistofmError(f"The patch size must be positive, got {patch_size}; pass one of the model's patch_sizes.")
         self.patch_size = int(patch_size)
 
     def embed_patches(self, x: torch.Tensor, patch_size: int | None = None) -> torch.Tensor:
@@ -51,7 +52,7 @@ class FlexiVisionTransformer(VisionTransformer):
         p = int(patch_size or self.patch_size)
         H, W = x.shape[-2:]
         if H % p or W % p:
-            raise ValueError(f"input size {H}x{W} is not a multiple of the patch size {p}")
+            raise HistofmError(f"Input size {H}x{W} is not a multiple of the patch size {p}; resize or crop the images to a multiple of it.")
         proj = self.patch_embed.proj
         weight = resize_patch_embed(proj.weight, (p, p))  # (D, C, p, p)
         return F.conv2d(x, weight, proj.bias, stride=p).permute(0, 2, 3, 1)
@@ -63,7 +64,7 @@ class FlexiVisionTransformer(VisionTransformer):
         x = self.embed_patches(x, patch_size)  # (B, H', W', D)
         if masks is not None:
             if self.mask_token is None:
-                raise ValueError("masked input needs a model built with use_mask_token=True")
+                raise HistofmError("Masked input needs a model built with use_mask_token=True; build it with that argument.")
             B, H, W, D = x.shape
             m = masks.reshape(B, H, W, 1).to(x.dtype)
             x = x * (1 - m) + self.mask_token.to(x.dtype).view(1, 1, 1, D) * m

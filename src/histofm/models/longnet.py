@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from histofm.errors import HistofmError
 from histofm.layers import DropPath
 
 # Filled in for (row, head) pairs a branch does not cover: the official code uses -1e8
@@ -130,7 +131,7 @@ def dilated_attention(
         ``(B, N, H, d)``. With every ``w_i >= N`` and every ``r_i = 1`` this is full attention.
     """
     if len(segment_lengths) != len(dilations) or not segment_lengths:
-        raise ValueError(f"need one dilation per segment length, got {list(segment_lengths)} and {list(dilations)}")
+        raise HistofmError(f"LongNet needs one dilation per segment length, got {list(segment_lengths)} and {list(dilations)}; give both lists the same length.")
     outs, lses = zip(*(dilated_branch(q, k, v, w, r) for w, r in zip(segment_lengths, dilations)))
     weights = torch.softmax(torch.stack(lses).float(), dim=0).to(q.dtype)  # (branches, B, N, H): Z_i / sum_j Z_j
     return sum(wt[..., None] * o for wt, o in zip(weights, outs))  # type: ignore[return-value]
@@ -150,7 +151,7 @@ class DilatedAttention(nn.Module):
     ) -> None:
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+            raise HistofmError(f"dim {dim} is not divisible by num_heads {num_heads}; choose num_heads that divides the width.")
         self.num_heads = num_heads
         self.segment_lengths = [int(w) for w in segment_lengths]
         self.dilations = [int(r) for r in dilations]

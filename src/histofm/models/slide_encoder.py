@@ -111,7 +111,7 @@ class GigaPathSlideEncoder(nn.Module):
     ) -> None:
         super().__init__()
         if embed_dim % 4:
-            raise ValueError(f"embed_dim must be divisible by 4 for the 2-D sine-cosine table, got {embed_dim}")
+            raise HistofmError(f"embed_dim must be divisible by 4 for the 2-D sine-cosine table, got {embed_dim}; set embed_dim to a multiple of 4.")
         self.in_chans, self.embed_dim = in_chans, embed_dim
         self.slide_ngrids, self.tile_size, self.global_pool = slide_ngrids, tile_size, global_pool
         self.segment_lengths = list(segment_lengths or gigapath_segment_lengths(262144, tile_size))

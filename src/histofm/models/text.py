@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from histofm.errors import HistofmError
 from histofm.models.transformer import _activation
 
 
@@ -48,7 +49,7 @@ class MultiheadAttention(nn.Module):
     def __init__(self, d_model: int, num_heads: int, kdim: int | None = None) -> None:
         super().__init__()
         if d_model % num_heads:
-            raise ValueError(f"d_model {d_model} is not divisible by num_heads {num_heads}")
+            raise HistofmError(f"d_model {d_model} is not divisible by num_heads {num_heads}; choose num_heads that divides the width.")
         self.num_heads, self.head_dim = num_heads, d_model // num_heads
         self.packed = kdim is None or kdim == d_model
         if self.packed:
@@ -188,7 +189,7 @@ class TextTransformer(nn.Module):
             mask = causal_mask(L, tokens.device)
         n = x.shape[1]
         if n > self.positional_embedding.shape[0]:
-            raise ValueError(f"{n} text positions exceed the context length {self.positional_embedding.shape[0]}")
+            raise HistofmError(f"{n} text positions exceed the context length {self.positional_embedding.shape[0]}; tokenize with that context length (or shorter texts).")
         x = self.transformer(x + self.positional_embedding[:n], mask)
         if self.cls_emb is not None:
             pooled, feats = self.ln_final(x[:, -1]), x[:, :-1]

@@ -139,7 +139,7 @@ class TitanSlideEncoder(nn.Module):
     ) -> None:
         super().__init__()
         if attentional_pool not in (None, "parallel", "cascade"):
-            raise ValueError(f"attentional_pool must be None, 'parallel' or 'cascade', got {attentional_pool!r}")
+            raise HistofmError(f"attentional_pool must be None, 'parallel' or 'cascade', got {attentional_pool!r}; set one of those.")
         self.in_chans, self.embed_dim, self.num_heads, self.tile_size = in_chans, embed_dim, num_heads, tile_size
         self.attentional_pool = attentional_pool
         self.patch_embed = nn.Module()

@@ -51,7 +51,7 @@ def _activation(act: Activation) -> Callable[[torch.Tensor], torch.Tensor]:
     if callable(act):
         return act
     if act not in _ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)} or a callable, got {act!r}")
+        raise HistofmError(f"activation must be one of {sorted(_ACTIVATIONS)} or a callable, got {act!r}; pass one of those.")
     return _ACTIVATIONS[act]
 
 
@@ -83,7 +83,7 @@ def build_attention_mask(
     allowed = torch.ones(batch, 1, q_len, k_len, dtype=torch.bool, device=device)
     if key_padding_mask is not None:
         if key_padding_mask.shape != (batch, k_len):
-            raise ValueError(f"key_padding_mask must have shape {(batch, k_len)}, got {tuple(key_padding_mask.shape)}")
+            raise HistofmError(f"key_padding_mask must have shape {(batch, k_len)}, got {tuple(key_padding_mask.shape)}; pass one flag per key.")
         allowed = allowed & ~key_padding_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
     if causal:
         # Query t sees keys 0..t (+ offset when keys outnumber queries, e.g. with a prefix).
@@ -105,7 +105,7 @@ class MultiHeadAttention(nn.Module):
     def __init__(self, d_model: int, num_heads: int, dropout: float = 0.0, bias: bool = True) -> None:
         super().__init__()
         if d_model % num_heads:
-            raise ValueError(f"d_model {d_model} is not divisible by num_heads {num_heads}")
+            raise HistofmError(f"d_model {d_model} is not divisible by num_heads {num_heads}; choose num_heads that divides the width.")
         self.d_model = d_model
         self.num_heads = num_heads
         self.head_dim = d_model // num_heads

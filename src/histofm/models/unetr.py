@@ -27,6 +27,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from histofm.errors import HistofmError
+
 
 class ConvBlock(nn.Sequential):
     """``n`` times (3x3 convolution, batch norm, ReLU)."""
@@ -52,7 +54,7 @@ class UpBlock(nn.Sequential):
 def default_layer_indices(depth: int, stages: int) -> list[int]:
     """``stages`` block indices spread evenly over ``depth`` blocks, ending with the last (CellViT: 3, 6, 9, 12)."""
     if stages > depth:
-        raise ValueError(f"a decoder with {stages} stages needs at least {stages} blocks, the encoder has {depth}")
+        raise HistofmError(f"A decoder with {stages} stages needs at least {stages} blocks, the encoder has {depth}; use a deeper encoder or a larger patch size.")
     return [round(depth * (k + 1) / stages) - 1 for k in range(stages)]
 
 
@@ -73,10 +75,10 @@ class UNETRDecoder(nn.Module):
         super().__init__()
         stages = int(round(math.log2(patch_size))) if patch_size > 0 else 0
         if stages < 1 or 2**stages != patch_size:
-            raise ValueError(f"the UNETR decoder needs a power-of-two patch size >= 2, got {patch_size}")
+            raise HistofmError(f"The UNETR decoder needs a power-of-two patch size >= 2, got {patch_size}; choose an encoder with patch size 8, 16 or 32.")
         widths = list(widths) if widths is not None else [min(32 * 2**s, 256) for s in range(stages)]
         if len(widths) != stages:
-            raise ValueError(f"widths needs {stages} entries (one per scale) for patch size {patch_size}")
+            raise HistofmError(f"widths needs {stages} entries (one per scale) for patch size {patch_size}; pass {stages} widths.")
         self.stages = stages
         self.patch_size = patch_size
         self.out_channels = widths[0]
@@ -95,7 +97,7 @@ class UNETRDecoder(nn.Module):
     def forward(self, image: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor:
         """Image ``(B, C, H, W)`` and ``S`` feature maps ``(B, D, H/p, W/p)``, shallow to deep -> ``(B, C_0, H, W)``."""
         if len(features) != self.stages:
-            raise ValueError(f"the decoder takes {self.stages} feature maps, got {len(features)}")
+            raise HistofmError(f"The decoder takes {self.stages} feature maps, got {len(features)}; pass one per layer index of the encoder.")
         skips = [self.image_skip(image)] + [up(f) for up, f in zip(self.skips, features[:-1])]
         y = features[-1]  # (B, D, H/p, W/p)
         for s in range(self.stages - 1, -1, -1):

@@ -77,7 +77,7 @@ class Block(nn.Module):
         elif mlp_layer == "mlp":
             self.mlp = Mlp(dim, hidden, drop=drop)
         else:
-            raise ValueError(f"mlp_layer must be 'mlp' or 'swiglu', got {mlp_layer!r}")
+            raise HistofmError(f"mlp_layer must be 'mlp' or 'swiglu', got {mlp_layer!r}; set one of those.")
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.skip_dropped = False  # see VisionTransformer.set_efficient_drop_path
@@ -171,14 +171,14 @@ class VisionTransformer(nn.Module):
         super().__init__()
         if moe_every:
             if mlp_factory is not None:
-                raise ValueError("pass either moe_every or mlp_factory, not both")
+                raise HistofmError("moe_every and mlp_factory both choose the MLP of each block; pass only one of them.")
             from histofm.layers.moe import moe_mlp_factory
 
             mlp_factory = moe_mlp_factory(moe_every, num_experts, top_k, capacity_factor, mlp_layer, drop_rate)
         if global_pool not in _POOLS:
-            raise ValueError(f"global_pool must be one of {_POOLS}, got {global_pool!r}")
+            raise HistofmError(f"global_pool must be one of {_POOLS}, got {global_pool!r}; set one of those.")
         if global_pool in ("token", "token_avg") and not class_token:
-            raise ValueError(f"global_pool={global_pool!r} needs class_token=True")
+            raise HistofmError(f"global_pool={global_pool!r} needs class_token=True; set class_token=True or global_pool='avg'.")
         self.global_pool = global_pool
         self.embed_dim = embed_dim
         self.num_features = 2 * embed_dim if global_pool == "token_avg" else embed_dim
@@ -272,7 +272,7 @@ class VisionTransformer(nn.Module):
         x = self.patch_embed(x)  # (B, H', W', D)
         if masks is not None:
             if self.mask_token is None:
-                raise ValueError("masked input needs a model built with use_mask_token=True")
+                raise HistofmError("Masked input needs a model built with use_mask_token=True; build it with that argument.")
             B, H, W, D = x.shape
             m = masks.reshape(B, H, W, 1).to(x.dtype)
             x = x * (1 - m) + self.mask_token.to(x.dtype).view(1, 1, 1, D) * m
@@ -318,7 +318,7 @@ class VisionTransformer(nn.Module):
             The list of intermediates, or ``(forward_features(x), intermediates)``.
         """
         if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+            raise HistofmError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}; pass one of those.")
         take, last = _take_indices(len(self.blocks), indices)
         B, _, height, width = x.shape
         x = self.prepare_tokens(x)  # (B, P + N, D)
@@ -359,7 +359,7 @@ class VisionTransformer(nn.Module):
         ``return_class_token`` a tuple of ``(patch_tokens, class_token (B, D))`` pairs.
         """
         if return_class_token and not self.has_class_token:
-            raise ValueError("return_class_token needs a model with a class token")
+            raise HistofmError("return_class_token needs a model with a class token; build it with class_token=True or drop return_class_token.")
         taken = self.forward_intermediates(
             x, indices=n, return_prefix_tokens=True, norm=norm, output_fmt="NCHW" if reshape else "NLC",
             intermediates_only=True,
@@ -457,17 +457,17 @@ def _take_indices(num_blocks: int, indices: int | Sequence[int] | None) -> tuple
         indices = num_blocks
     if isinstance(indices, int):
         if not 0 < indices <= num_blocks:
-            raise ValueError(f"last-n ({indices}) is out of range (1 to {num_blocks})")
+            raise HistofmError(f"last-n ({indices}) is out of range (1 to {num_blocks}); ask for at most {num_blocks} blocks.")
         take = list(range(num_blocks - indices, num_blocks))
     else:
         take = []
         for i in indices:
             idx = num_blocks + i if i < 0 else i
             if not 0 <= idx < num_blocks:
-                raise ValueError(f"block index {i} is out of range for {num_blocks} blocks")
+                raise HistofmError(f"Block index {i} is out of range for {num_blocks} blocks; pass indices from {-num_blocks} to {num_blocks - 1}.")
             take.append(idx)
     if not take:
-        raise ValueError("indices selects no block")
+        raise HistofmError("indices selects no block; pass an int n (the last n blocks) or a non-empty list of block indices.")
     return set(take), max(take)
 
 

@@ -11,6 +11,8 @@ import copy
 import torch
 from torch import nn
 
+from histofm.errors import HistofmError
+
 
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
@@ -21,7 +23,7 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     t_params = dict(teacher.named_parameters())
     s_params = dict(student.named_parameters())
     if t_params.keys() != s_params.keys():
-        raise ValueError("ema_update needs teacher and student with the same parameter names")
+        raise HistofmError("The EMA teacher and the student have different parameters; build the teacher with make_teacher(student).")
     names = list(t_params)
     t_list = [t_params[n].data for n in names]
     s_list = [s_params[n].data.to(t_params[n].dtype) for n in names]

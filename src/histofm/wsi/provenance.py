@@ -2,7 +2,8 @@
 
 A feature file is only reusable when we know what made it. Each file written by
 :func:`histofm.wsi.features.extract_features` carries these attributes (stable keys,
-documented in ``docs/wsi.md``; :func:`read_provenance` returns them as a dict):
+documented in ``docs/wsi.md``; :func:`read_provenance` returns them as a dict, read by
+:func:`read_attributes`, the one reader of feature-file attributes, ours and CLAM's / TRIDENT's):
 
 ========================  =====================================================================
 group                     keys
@@ -66,23 +67,24 @@ def slide_fingerprint(path: str | os.PathLike[str]) -> str:
 
 
 def _plain(value: Any) -> Any:
-    """HDF5 attribute value -> plain Python (str, int, float, tuple of floats)."""
+    """HDF5 attribute value -> JSON-friendly Python (str, int, float; arrays as lists)."""
     if isinstance(value, bytes):
         return value.decode()
     if isinstance(value, np.ndarray):
-        return tuple(v.item() if isinstance(v, np.generic) else v for v in value.tolist())
+        return [_plain(v) for v in value.tolist()]
     if isinstance(value, (list, tuple)):
-        return tuple(value)
+        return [_plain(v) for v in value]
     if isinstance(value, np.generic):
         return value.item()
     return value
 
 
-def read_provenance(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The provenance of a feature file as a dict with the keys of the module table.
+def read_attributes(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Every attribute of a feature file, as JSON-friendly Python values (arrays as lists).
 
-    Keys a file does not hold (files from older histofm versions, CLAM, TRIDENT) are
-    ``None``; a file without any weights record reads ``weights_source = "unrecorded"``.
+    The one reader of feature-file attributes: histofm files keep them on the file,
+    CLAM and TRIDENT on the ``coords`` dataset; both are read, and where a key is in
+    both the file's own value wins.
 
     Raises:
         HistofmError: the file is missing or not HDF5.
@@ -94,9 +96,26 @@ def read_provenance(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise HistofmError(f"Feature file not found: {path}; run `histofm extract` first.")
     try:
         with h5py.File(path, "r") as f:
-            attrs = {k: _plain(v) for k, v in f.attrs.items()}
+            coords = f["coords"].attrs.items() if "coords" in f else ()
+            attrs = {**dict(coords), **dict(f.attrs.items())}
     except OSError as e:
-        raise HistofmError(f"{path.name} is not an HDF5 feature file ({e}).") from None
+        raise HistofmError(
+            f"Cannot read {path.name} as HDF5 ({e}); the file may be truncated or not a feature file, extract it again."
+        ) from None
+    return {k: _plain(v) for k, v in attrs.items()}
+
+
+def read_provenance(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The provenance of a feature file as a dict with the keys of the module table.
+
+    Keys a file does not hold (files from older histofm versions, CLAM, TRIDENT) are
+    ``None``; a file without any weights record reads ``weights_source = "unrecorded"``.
+    Values are those of :func:`read_attributes` (mean and std as lists).
+
+    Raises:
+        HistofmError: the file is missing or not HDF5.
+    """
+    attrs = read_attributes(path)
     out = {key: attrs.get(key) for key in (*PROVENANCE_KEYS, *_EXTRA_KEYS)}
     if out["weights_source"] is None:
         out["weights_source"] = "unrecorded"
@@ -121,7 +140,7 @@ def _show(key: str, value: Any) -> str:
         return "none"
     if key.endswith(("sha256", "fingerprint", "revision")) and isinstance(value, str) and len(value) > 12:
         return value[:12]
-    if isinstance(value, tuple):
+    if isinstance(value, (tuple, list)):
         return "(" + ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) + ")"
     return f"{value:g}" if isinstance(value, float) else str(value)
 

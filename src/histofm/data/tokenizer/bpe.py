@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from histofm.errors import HistofmError
+
 VOCAB_FILE = Path(__file__).with_name("bpe_simple_vocab_16e6.txt.gz")
 NUM_MERGES = 49152 - 256 - 2  # CLIP uses the first 48,894 merges of the file
 SPECIALS = ("<start_of_text>", "<end_of_text>")
@@ -85,7 +87,7 @@ class BPETokenizer:
         import regex
 
         if context_length < 2:
-            raise ValueError("context_length must be at least 2 (SOT and EOT)")
+            raise HistofmError(f"context_length must be at least 2 (SOT and EOT), got {context_length}; pass a longer context_length.")
         self.context_length = context_length
         self.pad_id = pad_id
         self.encoder, self.ranks = _load(str(vocab_path or VOCAB_FILE))
