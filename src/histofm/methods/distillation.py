@@ -3,10 +3,10 @@
 What is identical in those methods and not part of their idea: the settings they all
 have (:class:`DistillationConfig`, and :class:`MaskedDistillationConfig` for those that
 mask patches), reading presets and overrides (:func:`make_config`), building the
-student/teacher pair (:func:`build_student_teacher`), the multi-crop view transform
-(:func:`multicrop_transform`) and reading a multi-crop batch (:func:`split_crops`).
-Each method's step (what the teacher and the student see, which losses, the schedules
-and the EMA update) is written out in its own file.
+student/teacher pair (:func:`build_student_teacher`), and the multi-crop view transform
+(:func:`multicrop_transform`). Nothing here runs during a training step: each method's
+step (reading the batch, what the teacher and the student see, which losses, the
+schedules and the EMA update) is written out in its own file, so that file reads alone.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import torch
 from torch import nn
 
 from histofm.data.multicrop import MultiCropConfig, MultiCropTransform, scaled_multicrop_sizes
@@ -154,7 +153,7 @@ def build_student_teacher(
     return student, teacher
 
 
-# --------------------------------------------------------------------------- views and batches
+# --------------------------------------------------------------------------- views
 def multicrop_transform(cfg: DistillationConfig, img_size: int, patch_size: int) -> MultiCropTransform:
     """The multi-crop transform of a config at global size ``img_size`` (local crops: multiples of ``patch_size``)."""
     sizes = scaled_multicrop_sizes(img_size, patch_size)
@@ -166,22 +165,3 @@ def multicrop_transform(cfg: DistillationConfig, img_size: int, patch_size: int)
         **sizes,
     )
     return MultiCropTransform(config_replace(crops, cfg.augment))
-
-
-def split_crops(batch: Any, n_global: int) -> tuple[list[torch.Tensor], list[torch.Tensor], Any]:  # noqa: ANN401
-    """``(global crops, local crops, masks or None)`` from a batch.
-
-    Accepts a list of crop tensors, ``(crops, labels)`` as given by a labelled dataset, or a
-    dict ``{"crops": [...], "masks": (n_global * B, gh, gw)}`` with precomputed masks.
-    """
-    masks = None
-    if isinstance(batch, dict):
-        masks = batch.get("masks")
-        batch = batch["crops"]
-    elif isinstance(batch, (list, tuple)) and len(batch) == 2 and isinstance(batch[0], (list, tuple)):
-        batch = batch[0]  # (crops, labels)
-    if not isinstance(batch, (list, tuple)) or not all(isinstance(c, torch.Tensor) for c in batch):
-        raise HistofmError("A DINO-family batch must be a list of crop tensors (use the method's multi-crop transform).")
-    if len(batch) < n_global:
-        raise HistofmError(f"The batch has {len(batch)} crops but the method expects {n_global} global crops first.")
-    return list(batch[:n_global]), list(batch[n_global:]), masks

@@ -63,7 +63,7 @@ from histofm.layers.heads import class_and_patch_logits
 from histofm.methods.base import SSLMethod
 from histofm.methods.dinov2 import PRESETS as DINOV2_PRESETS
 from histofm.methods.dinov2 import DINOv2Config, dinov2_backbone_kwargs
-from histofm.methods.distillation import build_student_teacher, make_config, multicrop_transform, split_crops
+from histofm.methods.distillation import build_student_teacher, make_config, multicrop_transform
 from histofm.methods.losses import DINOLoss, IBOTPatchLoss, KDEUniformityLoss, KoLeoLoss, teacher_temperature
 from histofm.methods.mae import (
     MAEDecoder,
@@ -205,6 +205,27 @@ class PLUTOTransform:
         return self.crops(self.scale(img.convert("RGB")))
 
 
+# --------------------------------------------------------------------------- batch
+
+def split_crops(batch: Any, n_global: int) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor | None]:  # noqa: ANN401
+    """``(global crops, local crops, precomputed masks or None)`` of a batch.
+
+    A batch is a list of crop tensors (global crops first), ``(crops, labels)`` from a labelled
+    dataset, or ``{"crops": [...], "masks": (n_global * B, gh, gw)}``. The same few lines are in
+    each DINO-family method file so that each reads alone.
+    """
+    masks = None
+    if isinstance(batch, dict):
+        batch, masks = batch["crops"], batch.get("masks")
+    elif isinstance(batch, (list, tuple)) and len(batch) == 2 and isinstance(batch[0], (list, tuple)):
+        batch = batch[0]  # (crops, labels)
+    if not isinstance(batch, (list, tuple)) or not all(isinstance(c, torch.Tensor) for c in batch):
+        raise HistofmError("A DINO-family batch must be a list of crop tensors (use the method's multi-crop transform).")
+    if len(batch) < n_global:
+        raise HistofmError(f"The batch has {len(batch)} crops but the method expects {n_global} global crops first.")
+    return list(batch[:n_global]), list(batch[n_global:]), masks
+
+
 # --------------------------------------------------------------------------- method
 class PLUTO(SSLMethod):
     """DINOv2's terms + MAE + Fourier loss on a FlexiViT backbone with a per-step patch size.
@@ -335,7 +356,8 @@ class PLUTO(SSLMethod):
         s_bb, t_bb = self.student["backbone"], self.teacher["backbone"]
         if masks is None:  # block masks on the step's grid, half of the global crops masked
             grid = (g.shape[-2] // s_bb.patch_size, g.shape[-1] // s_bb.patch_size)
-            masks = BlockMaskCollator(grid, c.mask_probability, c.mask_ratio, min_aspect=c.mask_min_aspect)(g.shape[0])
+            collator = BlockMaskCollator(grid, c.mask_probability, c.mask_ratio, min_aspect=c.mask_min_aspect)
+            masks = collator(g.shape[0]).to(g.device)  # (G*B, gh, gw)
         flat = masks.reshape(g.shape[0], -1).to(device=g.device, dtype=torch.bool)  # (G*B, N)
         P = s_bb.num_prefix_tokens
         with torch.no_grad():  # the teacher sees the global crops, unmasked
