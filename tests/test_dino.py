@@ -12,7 +12,7 @@ from histofm import HistofmError
 from histofm.data import sample_path
 from histofm.data.multicrop import MultiCropConfig, MultiCropTransform, ect_crop_box, scaled_multicrop_sizes
 from histofm.layers.heads import DINOHead
-from histofm.methods.dino import DINOLoss, dino_cross_entropy
+from histofm.methods.losses import DINOLoss, dino_cross_entropy
 from histofm.methods.registry import build_method
 
 TINY = {"out_dim": 128, "hidden_dim": 64, "bottleneck_dim": 32, "backbone_kwargs": {"depth": 2, "embed_dim": 48, "num_heads": 3}}

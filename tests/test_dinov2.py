@@ -12,7 +12,8 @@ from PIL import Image
 
 from histofm import HistofmError
 from histofm.data import sample_path
-from histofm.methods.dinov2 import PRESETS, KDEUniformityLoss, KoLeoLoss, config_for, sinkhorn_knopp
+from histofm.methods.dinov2 import PRESETS, config_for
+from histofm.methods.losses import KDEUniformityLoss, KoLeoLoss, sinkhorn_knopp
 from histofm.methods.registry import build_method
 
 TINY = {"out_dim": 96, "patch_out_dim": 80, "hidden_dim": 64, "bottleneck_dim": 32, "n_local_crops": 2,

@@ -10,7 +10,7 @@ from lightly.loss import IBOTPatchLoss as LightlyIBOTPatchLoss
 from PIL import Image
 
 from histofm.data import sample_path
-from histofm.methods.ibot import IBOTPatchLoss, ibot_cross_entropy
+from histofm.methods.losses import IBOTPatchLoss, ibot_cross_entropy
 from histofm.methods.masking import BlockMaskCollator
 from histofm.methods.registry import build_method
 

@@ -99,13 +99,7 @@ def _cfg(**kw) -> TrainConfig:
 
 #: Bugs these tests found in files another engineer is restructuring (fixed after the merge). The marks are
 #: strict: once a bug is fixed the XPASS fails, and its line here must go.
-KNOWN_BUGS = {
-    ("bf16", "pluto"): pytest.mark.xfail(
-        strict=True, raises=NotImplementedError,
-        reason="pluto.resize_patches calls F.interpolate(bilinear, antialias=True) on the decoder's bf16 output; "
-               "CPU has no bf16 kernel for it (compute it in float32 under autocast(enabled=False))",
-    ),
-}
+KNOWN_BUGS: dict[tuple[str, str], pytest.MarkDecorator] = {}
 
 
 def _methods(test: str) -> list:
@@ -260,12 +254,6 @@ _FREEZERS = [n for n in list_methods() if "freeze_last_layer" in {f.name for f i
 
 
 @pytest.mark.parametrize("name", _FREEZERS)
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="dino.py: last_layer_frozen() reads max_steps, which is 0 until the engine's first on_step_end, so "
-           "step 0 is never frozen (ceil(freeze_last_layer * 0) = 0); the prototypes take a full Adam step "
-           "there and Adam's momentum keeps moving them through the 'frozen' steps that follow",
-)
 def test_prototypes_stay_put_while_frozen(name: str) -> None:
     """``freeze_last_layer=0.5`` of 4 steps: the prototypes (the heads' last layers) must not move in steps 0-1."""
     method, transform = _build(name, freeze_last_layer=0.5)

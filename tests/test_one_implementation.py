@@ -47,10 +47,6 @@ def test_each_job_is_defined_once() -> None:
 # (importer, imported) method pairs still waiting for their shared pieces to move out (the
 # DINO family is being recomposed from named loss modules, issue 17). This list only shrinks.
 METHOD_BORROWING_DEBT: set[tuple[str, str]] = {
-    ("histofm.methods.ibot", "histofm.methods.dino"),
-    ("histofm.methods.dinov2", "histofm.methods.dino"),
-    ("histofm.methods.dinov2", "histofm.methods.ibot"),
-    ("histofm.methods.pluto", "histofm.methods.dino"),
     ("histofm.methods.pluto", "histofm.methods.dinov2"),
 }
 

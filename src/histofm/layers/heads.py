@@ -1,4 +1,4 @@
-"""Projection heads: the DINO head (DINO, iBOT, DINOv2) and the MLP head of SimCLR and MoCo.
+"""Projection heads: the DINO head (DINO, iBOT, DINOv2, PLUTO) and the MLP head of SimCLR and MoCo.
 
 Caron et al. 2021, "Emerging Properties in Self-Supervised Vision Transformers",
 arXiv 2104.14294, Sec. 3.1: "The projection head consists of a 3-layer
@@ -12,12 +12,16 @@ normalization and a weight normalized fully connected layer with K dimensions"::
 With ``g`` fixed to 1 every row of the last layer is a unit vector, so the
 logits are cosine similarities between the bottleneck feature and ``K``
 learned prototypes; the temperatures of the loss then set their sharpness.
+:func:`class_and_patch_logits` applies a shared or a separate head to class and patch
+tokens (iBOT shares one head, DINOv2 separates them).
 
 :class:`ProjectionHead` is the plain MLP (Linear, BatchNorm, ReLU) of SimCLR (Chen et al.
 2020, arXiv 2002.05709) and MoCo v2/v3 (arXiv 2003.04297, 2104.02057).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -99,6 +103,19 @@ class DINOHead(nn.Module):
         return F.linear(z, weight)
 
 
+def prototypes_frozen(step: int, max_steps: int, fraction: float) -> bool:
+    """Whether the prototypes stay frozen at ``step``: the first ``ceil(fraction * max_steps)`` steps.
+
+    ``max_steps`` is 0 until the engine's first ``on_step_end`` tells the method the run's length;
+    before that (step 0) any ``fraction > 0`` freezes, as the whole first share of the run must.
+    While frozen the prototypes get a zero gradient; unlike the original DINO (which drops the
+    gradient), AdamW's weight decay still applies to them.
+    """
+    if max_steps <= 0:
+        return fraction > 0
+    return step < math.ceil(fraction * max_steps)
+
+
 class _ZeroGrad(torch.autograd.Function):
     """Identity whose gradient is zero: the prototypes stay put, yet DistributedDataParallel
     still sees their parameters used (a ``detach`` would leave them out of the graph)."""
@@ -110,6 +127,21 @@ class _ZeroGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(grad)
+
+
+def class_and_patch_logits(
+    branch: nn.ModuleDict, cls: torch.Tensor, patches: torch.Tensor, freeze_last_layer: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class logits ``(C, K)`` and patch logits ``(M, K')`` of a student or teacher ``branch`` (iBOT, DINOv2).
+
+    ``branch["head"]`` maps class tokens ``(C, D)``; ``branch["patch_head"]``, when present, maps
+    patch tokens ``(M, D)``. Without one the head is shared (iBOT's default) and runs ONCE on the
+    concatenated rows (batch-norm statistics then cover both kinds of token).
+    """
+    if "patch_head" in branch:
+        return branch["head"](cls, freeze_last_layer), branch["patch_head"](patches, freeze_last_layer)
+    out = branch["head"](torch.cat([cls, patches]), freeze_last_layer)  # (C + M, K)
+    return out[: cls.shape[0]], out[cls.shape[0] :]
 
 
 class ProjectionHead(nn.Module):

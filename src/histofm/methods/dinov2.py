@@ -3,19 +3,23 @@
 Oquab et al. 2023, "DINOv2: Learning Robust Visual Features without Supervision",
 arXiv 2304.07193. DINOv2 combines, on a student/teacher pair with EMA:
 
-* DINO's class-token loss over pairs of different crops (:mod:`histofm.methods.dino`);
+* DINO's class-token loss over pairs of different crops
+  (:class:`~histofm.methods.losses.DINOLoss`);
 * iBOT's masked patch-token loss on block-masked global crops, half of the global
-  crops masked with ratios in [0.1, 0.5] (:mod:`histofm.methods.ibot`), with a
-  separate patch head by default;
+  crops masked with ratios in [0.1, 0.5] (:class:`~histofm.methods.losses.IBOTPatchLoss`,
+  masks from :class:`~histofm.methods.masking.BlockMaskCollator`), with a separate
+  patch head by default;
 * the KoLeo regulariser (Sablayrolles et al. 2019, arXiv 1806.03198) on the
-  L2-normalised student class tokens of each global crop, weight 0.1::
+  L2-normalised student class tokens of each global crop, weight 0.1
+  (:class:`~histofm.methods.losses.KoLeoLoss`)::
 
       L_koleo = - (1 / n) sum_i log(d_{n,i}),   d_{n,i} = min_{j != i} || x_i - x_j ||
 
 * Sinkhorn-Knopp centering of the teacher (from SwAV, Caron et al. 2020,
   arXiv 2006.09882) instead of the running-mean center: the teacher's
   ``exp(t / tau_t)`` matrix is alternately normalised over prototypes and over
-  samples (3 iterations) so every prototype gets equal mass in the batch;
+  samples (3 iterations) so every prototype gets equal mass in the batch
+  (:func:`~histofm.methods.losses.sinkhorn_knopp`, inside both losses);
 * ViT backbones with LayerScale (1e-5), optionally register tokens (Darcet et al.
   2023, arXiv 2309.16588) and SwiGLU MLPs, and stochastic depth that skips the
   computation of dropped residual branches ("efficient stochastic depth", Sec. 5),
@@ -27,7 +31,8 @@ Virchow2 (Zimmermann et al. 2024, arXiv 2408.00738) keeps DINOv2 but (1) replace
 crop-and-resize by extended-context translation crops
 (:class:`~histofm.data.multicrop.MultiCropTransform` with ``crop="ect"``) so
 crops keep their magnification, and (2) replaces KoLeo by a kernel-density
-(KDE) uniformity regulariser on the class tokens::
+(KDE) uniformity regulariser on the class tokens
+(:class:`~histofm.methods.losses.KDEUniformityLoss`)::
 
       L_kde = (1 / n) sum_i log( (1 / (n - 1)) sum_{j != i} exp(kappa * cos(x_i, x_j)) )
 
@@ -40,110 +45,45 @@ PULLS points together; the sign here is the spreading one, and
 weight 0.05). ``method="virchow2"`` is this configuration, with 4 registers
 and SwiGLU as in the released model.
 
+The heads are :class:`~histofm.layers.heads.DINOHead`; the settings shared with DINO and
+iBOT, the student/teacher pair and the views come from :mod:`histofm.methods.distillation`.
+
 Presets (``overrides={"preset": "cpu_small"}``) adapt the recipe to a few
 CPU minutes on a few thousand tiles; see :data:`PRESETS` and ``docs/dinov2.md``.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from histofm.errors import HistofmError
-from histofm.methods.dino import dino_cross_entropy, make_config, multicrop_transform
-from histofm.methods.ibot import IBOT, IBOTConfig, ibot_cross_entropy
-from histofm.settings import check_config, setting
-from histofm.utils.distributed import is_distributed, world_size
-
-
-# ------------------------------------------------------------------- centering
-@torch.no_grad()
-def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iterations: int = 3) -> torch.Tensor:
-    """Balanced soft assignments ``(B, K)`` of teacher logits ``(B, K)`` (rows sum to 1).
-
-    ``Q = exp(t / tau)^T`` is normalised to total mass 1, then ``n_iterations`` times
-    each prototype's row is scaled to mass ``1 / K`` and each sample's column to mass
-    ``1 / B``; the result is rescaled so every sample's distribution sums to 1. Under
-    ``torchrun`` the sums run over all ranks. Computed in float32.
-    """
-    with torch.autocast(teacher_logits.device.type, enabled=False):
-        logits = teacher_logits.float() / teacher_temp
-        logits = logits - logits.max()  # a global shift cancels in the normalisation
-        q = torch.exp(logits).t()  # (K, B)
-        n_samples = q.shape[1] * world_size()
-        n_protos = q.shape[0]
-        total = q.sum()
-        if is_distributed():
-            torch.distributed.all_reduce(total)
-        q = q / total
-        for _ in range(n_iterations):
-            rows = q.sum(dim=1, keepdim=True)  # (K, 1)
-            if is_distributed():
-                torch.distributed.all_reduce(rows)
-            q = q / rows / n_protos
-            q = q / q.sum(dim=0, keepdim=True) / n_samples  # columns: one per sample
-        return (q * n_samples).t()  # (B, K)
-
-
-# ----------------------------------------------------------------- regularisers
-class KoLeoLoss(nn.Module):
-    """Kozachenko-Leonenko differential-entropy regulariser: ``-mean_i log min_j ||x_i - x_j||``.
-
-    Inputs are L2-normalised first. Pushes each point away from its nearest neighbour.
-    """
-
-    def __init__(self, eps: float = 1e-8) -> None:
-        super().__init__()
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] < 2:
-            raise HistofmError("KoLeo needs at least two samples per batch; increase the batch size.")
-        with torch.autocast(x.device.type, enabled=False):
-            x = F.normalize(x.float(), dim=-1, eps=self.eps)  # (n, D)
-            with torch.no_grad():
-                sim = x @ x.t()  # (n, n) cosine
-                sim.fill_diagonal_(-2.0)
-                nearest = sim.argmax(dim=1)  # (n,)
-            dist = (x - x[nearest]).norm(dim=-1)  # (n,)
-            return -torch.log(dist + self.eps).mean()
-
-
-class KDEUniformityLoss(nn.Module):
-    """Virchow2's kernel-density regulariser: mean log leave-one-out density (von Mises-Fisher kernel).
-
-    ``L = mean_i log mean_{j != i} exp(kappa cos(x_i, x_j))``; minimising it spreads the points.
-
-    Args:
-        kappa: kernel concentration (5.0).
-    """
-
-    def __init__(self, kappa: float = 5.0) -> None:
-        super().__init__()
-        self.kappa = kappa
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = x.shape[0]
-        if n < 2:
-            raise HistofmError("The KDE regulariser needs at least two samples per batch; increase the batch size.")
-        with torch.autocast(x.device.type, enabled=False):
-            x = F.normalize(x.float(), dim=-1, eps=1e-8)
-            logits = self.kappa * (x @ x.t())  # (n, n)
-            self_pairs = torch.eye(n, dtype=torch.bool, device=x.device)
-            log_density = torch.logsumexp(logits.masked_fill(self_pairs, float("-inf")), dim=1) - math.log(n - 1)
-            return log_density.mean()
+from histofm.layers.heads import class_and_patch_logits, prototypes_frozen
+from histofm.methods.base import SSLMethod
+from histofm.methods.distillation import (
+    MaskedDistillationConfig,
+    build_student_teacher,
+    make_config,
+    multicrop_transform,
+)
+from histofm.methods.losses import DINOLoss, IBOTPatchLoss, KDEUniformityLoss, KoLeoLoss, teacher_temperature
+from histofm.methods.masking import BlockMaskCollator
+from histofm.settings import setting
+from histofm.utils.ema import ema_update
+from histofm.utils.schedules import momentum_schedule
 
 
 # --------------------------------------------------------------------------- config
 @dataclass(frozen=True)
-class DINOv2Config(IBOTConfig):
-    """DINOv2 defaults (the ViT-L/g recipe, MODELS.md). Fields beyond :class:`~histofm.methods.ibot.IBOTConfig`:
+class DINOv2Config(MaskedDistillationConfig):
+    """DINOv2 defaults (the ViT-L/g recipe, MODELS.md).
+
+    Fields beyond :class:`~histofm.methods.distillation.MaskedDistillationConfig` (where the
+    heads, temperatures, teacher momentum, crops and masks are described):
 
     Attributes:
         centering: ``"sinkhorn"`` (Sinkhorn-Knopp, 3 iterations) or ``"centering"`` (running mean).
@@ -161,6 +101,8 @@ class DINOv2Config(IBOTConfig):
     patch_out_dim: int = setting(65536, range=">= 1")
     shared_head: bool = False
     n_local_crops: int = setting(8, range=">= 0")
+    global_scale: tuple[float, float] = setting((0.32, 1.0), range="(0, 1]", ordered=True)  # iBOT's crop scales
+    local_scale: tuple[float, float] = setting((0.05, 0.32), range="(0, 1]", ordered=True)
     momentum_teacher: float = setting(0.992, range="[0, 1]")
     drop_path_rate: float = setting(0.3, range="[0, 1)")
     centering: Literal["sinkhorn", "centering"] = "sinkhorn"
@@ -172,9 +114,6 @@ class DINOv2Config(IBOTConfig):
     layerscale: float | None = setting(1e-5, range="> 0")
     reg_tokens: int | None = setting(None, range=">= 0")
     mlp_layer: Literal["mlp", "swiglu"] | None = None
-
-    def __post_init__(self) -> None:
-        check_config(self)  # types, choices and ranges declared above
 
 
 #: Virchow2: DINOv2 with ECT crops, the KDE regulariser, 4 registers and SwiGLU.
@@ -212,14 +151,61 @@ PRESET_TRAIN: dict[str, dict[str, Any]] = {
 }
 
 
-# --------------------------------------------------------------------------- method
-class DINOv2(IBOT):
-    """DINO + iBOT + KoLeo/KDE with Sinkhorn-Knopp centering (see the module docstring)."""
+# --------------------------------------------------------------------------- batch
 
-    cfg: DINOv2Config
+def split_crops(batch: Any, n_global: int) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor | None]:  # noqa: ANN401
+    """``(global crops, local crops, precomputed masks or None)`` of a batch.
+
+    A batch is a list of crop tensors (global crops first), ``(crops, labels)`` from a labelled
+    dataset, or ``{"crops": [...], "masks": (n_global * B, gh, gw)}``. The same few lines are in
+    each DINO-family method file so that each reads alone.
+    """
+    masks = None
+    if isinstance(batch, dict):
+        batch, masks = batch["crops"], batch.get("masks")
+    elif isinstance(batch, (list, tuple)) and len(batch) == 2 and isinstance(batch[0], (list, tuple)):
+        batch = batch[0]  # (crops, labels)
+    if not isinstance(batch, (list, tuple)) or not all(isinstance(c, torch.Tensor) for c in batch):
+        raise HistofmError("A DINO-family batch must be a list of crop tensors (use the method's multi-crop transform).")
+    if len(batch) < n_global:
+        raise HistofmError(f"The batch has {len(batch)} crops but the method expects {n_global} global crops first.")
+    return list(batch[:n_global]), list(batch[n_global:]), masks
+
+
+# --------------------------------------------------------------------------- method
+def dinov2_backbone_kwargs(cfg: DINOv2Config, img_size: int) -> dict[str, Any]:
+    """``create_model`` arguments of the student backbone: mask token, LayerScale, registers, MLP (user's win)."""
+    kwargs = {"img_size": img_size, "drop_path_rate": cfg.drop_path_rate, **cfg.backbone_kwargs, "use_mask_token": True}
+    for key, value in (("init_values", cfg.layerscale), ("reg_tokens", cfg.reg_tokens), ("mlp_layer", cfg.mlp_layer)):
+        if value is not None:
+            kwargs.setdefault(key, value)
+    return kwargs
+
+
+class DINOv2(SSLMethod):
+    """DINO + iBOT + KoLeo/KDE with Sinkhorn-Knopp centering (see the module docstring).
+
+    Args:
+        arch: backbone name for :func:`histofm.create_model` (a ViT; built with a mask token).
+        cfg: the configuration (:data:`VIRCHOW2` for Virchow2).
+        img_size: global crop size (the backbone's native size).
+    """
+
+    step: torch.Tensor
+    max_steps: torch.Tensor
 
     def __init__(self, arch: str, cfg: DINOv2Config, img_size: int = 224) -> None:
-        super().__init__(arch, cfg, img_size=img_size)
+        super().__init__()
+        self.cfg = cfg
+        patch_head = None if cfg.shared_head else cfg.patch_out_dim
+        kwargs = dinov2_backbone_kwargs(cfg, img_size)
+        self.student, self.teacher = build_student_teacher("DINOv2", arch, cfg, kwargs, patch_out_dim=patch_head)
+        centering = dict(centering=cfg.centering, sinkhorn_iterations=cfg.sinkhorn_iterations)
+        self.dino_loss = DINOLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum, **centering)
+        patch_dim = cfg.out_dim if cfg.shared_head else cfg.patch_out_dim
+        self.ibot_loss = IBOTPatchLoss(patch_dim, cfg.student_temp, cfg.center_momentum, **centering)
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.register_buffer("max_steps", torch.zeros((), dtype=torch.long))
         student_bb = self.student["backbone"]
         if cfg.efficient_drop_path and hasattr(student_bb, "set_efficient_drop_path"):
             student_bb.set_efficient_drop_path(True)
@@ -229,32 +215,72 @@ class DINOv2(IBOT):
         elif cfg.regularizer == "kde":
             self.regularizer = KDEUniformityLoss(cfg.kde_kappa)
 
-    def backbone_kwargs(self, img_size: int) -> dict[str, Any]:
-        kwargs = super().backbone_kwargs(img_size)
+    @property
+    def backbone(self) -> nn.Module:  # type: ignore[override]
+        """The teacher backbone (what DINOv2 evaluates), or the student's with ``eval_teacher=False``."""
+        return self.teacher["backbone"] if self.cfg.eval_teacher else self.student["backbone"]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.student.parameters() if p.requires_grad]
+
+    def train(self, mode: bool = True) -> DINOv2:
+        super().train(mode)
+        self.teacher.eval()  # no dropout / drop path in the teacher
+        return self
+
+    # -------------------------------------------------------------- schedules
+    def teacher_temp(self) -> float:
+        """``tau_t`` at the current step (linear warm-up, then constant), for both losses."""
         c = self.cfg
-        for key, value in (("init_values", c.layerscale), ("reg_tokens", c.reg_tokens), ("mlp_layer", c.mlp_layer)):
-            if value is not None:
-                kwargs.setdefault(key, value)
-        return kwargs
+        return teacher_temperature(
+            int(self.step), int(self.max_steps), c.warmup_teacher_temp, c.teacher_temp, c.teacher_temp_warmup
+        )
+
+    def last_layer_frozen(self) -> bool:
+        return prototypes_frozen(int(self.step), int(self.max_steps), self.cfg.freeze_last_layer)
+
+    @torch.no_grad()
+    def on_step_end(self, step: int, max_steps: int) -> None:
+        """EMA update of the teacher (cosine momentum); remembers the step for the temperature schedule."""
+        momentum = momentum_schedule(step, max_steps, self.cfg.momentum_teacher, self.cfg.momentum_teacher_final)
+        ema_update(self.teacher, self.student, momentum)
+        self.step.fill_(step + 1)
+        self.max_steps.fill_(max_steps)
+
+    # -------------------------------------------------------------- forward
+    def make_masks(self, n: int, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
+        """Block masks ``(n, gh, gw)`` for ``n`` global crops: half of them masked, ratios spread over [0.1, 0.5]."""
+        c = self.cfg
+        return BlockMaskCollator(grid, c.mask_probability, c.mask_ratio, min_aspect=c.mask_min_aspect)(n).to(device)
 
     def forward(self, batch: Any) -> dict[str, torch.Tensor]:
-        teacher, student, masks, n_views, B = self.encode(batch)
-        c, G, temp = self.cfg, self.cfg.n_global_crops, self.teacher_temp()
-        t_cls, t_patch = teacher["cls_logits"], teacher["patch_logits"]
-        if c.centering == "sinkhorn":
-            cls_probs = sinkhorn_knopp(t_cls, temp, c.sinkhorn_iterations)  # (G*B, K)
-            patch_probs = sinkhorn_knopp(t_patch, temp, c.sinkhorn_iterations) if t_patch.shape[0] else t_patch
-        else:
-            cls_probs = self.dino_loss.teacher_probs(t_cls, temp)
-            patch_probs = self.ibot_loss.teacher_probs(t_patch, temp)
-            self.dino_loss.update_center(t_cls)
-            self.ibot_loss.update_center(t_patch)
-        dino = dino_cross_entropy(student["cls_logits"].view(n_views, B, -1), cls_probs.view(G, B, -1), c.student_temp)
-        ibot = ibot_cross_entropy(student["patch_logits"], patch_probs, masks, c.student_temp)
+        c = self.cfg
+        globals_, locals_, masks = split_crops(batch, c.n_global_crops)
+        G, B = len(globals_), globals_[0].shape[0]
+        n_views = G + len(locals_)
+        g = torch.cat(globals_)  # (G*B, 3, S, S)
+        s_bb, t_bb = self.student["backbone"], self.teacher["backbone"]
+        if masks is None:
+            masks = self.make_masks(g.shape[0], (g.shape[-2] // s_bb.patch_size, g.shape[-1] // s_bb.patch_size), g.device)
+        flat = masks.reshape(g.shape[0], -1).to(device=g.device, dtype=torch.bool)  # (G*B, N)
+        P = s_bb.num_prefix_tokens
+        with torch.no_grad():  # the teacher sees the global crops, unmasked
+            t_tok = t_bb.forward_features(g)  # (G*B, P+N, D)
+            t_cls, t_patch = class_and_patch_logits(self.teacher, t_tok[:, 0], t_tok[:, P:][flat])  # (G*B, K), (M, K')
+        s_tok = s_bb.forward_features(g, flat)  # (G*B, P+N, D), masked patches replaced by the mask token
+        s_cls_tokens = s_tok[:, 0]  # (G*B, D): what KoLeo / KDE spread out
+        cls = [s_cls_tokens]
+        if locals_:
+            cls.append(s_bb.forward_features(torch.cat(locals_))[:, 0])  # (L*B, D)
+        s_cls, s_patch = class_and_patch_logits(self.student, torch.cat(cls), s_tok[:, P:][flat], self.last_layer_frozen())
+
+        temp = self.teacher_temp()
+        dino = self.dino_loss(s_cls.view(n_views, B, -1), t_cls.view(G, B, -1), temp)
+        ibot = self.ibot_loss(s_patch, t_patch, masks, temp)
         loss = dino + c.patch_loss_weight * ibot
         out = {"dino_loss": dino.detach(), "ibot_loss": ibot.detach()}
         if self.regularizer is not None:
-            reg = sum(self.regularizer(x) for x in student["cls_tokens"].chunk(G))  # per global crop
+            reg = sum(self.regularizer(x) for x in s_cls_tokens.chunk(G))  # per global crop
             loss = loss + c.reg_weight * reg
             out[f"aux_{c.regularizer}"] = reg.detach()  # already inside "loss" (engine convention)
         out.update(loss=loss, teacher_temp=torch.tensor(temp), mask_ratio=masks.float().mean().detach())

@@ -19,8 +19,11 @@ shared by default. Masks are blocks (BEiT), drawn with
 :class:`~histofm.methods.masking.BlockMaskCollator`: each global crop is masked
 with probability 0.5 and a ratio in [0.1, 0.5].
 
-The patch center is updated with the teacher logits of the masked patches (as
-DINOv2 and lightly do; iBOT's own code averages all teacher patch tokens).
+The two terms are :class:`~histofm.methods.losses.DINOLoss` and
+:class:`~histofm.methods.losses.IBOTPatchLoss` (each with its own running-mean center;
+the patch center follows the masked patches' teacher logits, as DINOv2 and lightly do),
+the head :class:`~histofm.layers.heads.DINOHead`; settings, the student/teacher pair and
+the views come from :mod:`histofm.methods.distillation`.
 """
 
 from __future__ import annotations
@@ -32,159 +35,141 @@ from typing import Any
 import torch
 from torch import nn
 
-from histofm.methods.dino import (
-    DINO,
-    CenteredTeacher,
-    DINOConfig,
+from histofm.errors import HistofmError
+from histofm.layers.heads import class_and_patch_logits, prototypes_frozen
+from histofm.methods.base import SSLMethod
+from histofm.methods.distillation import (
+    MaskedDistillationConfig,
+    build_student_teacher,
     make_config,
     multicrop_transform,
-    split_crops,
 )
+from histofm.methods.losses import DINOLoss, IBOTPatchLoss, teacher_temperature
 from histofm.methods.masking import BlockMaskCollator
 from histofm.settings import setting
-
-
-# ----------------------------------------------------------------------------- loss
-def ibot_cross_entropy(
-    student_logits: torch.Tensor, teacher_probs: torch.Tensor, masks: torch.Tensor, student_temp: float
-) -> torch.Tensor:
-    """Masked-patch cross-entropy, averaged over masked patches per image, then over ALL images.
-
-    Args:
-        student_logits: ``(M, K)`` student logits of the masked patches (image-major order).
-        teacher_probs: ``(M, K)`` teacher targets of the same patches.
-        masks: ``(B, gh, gw)`` or ``(B, N)`` bool masks; ``M = masks.sum()``. Images without
-            a mask count in ``B`` (they contribute 0).
-        student_temp: ``tau_s``.
-    """
-    m = masks.reshape(masks.shape[0], -1)  # (B, N)
-    with torch.autocast(student_logits.device.type, enabled=False):
-        z = student_logits.float() / student_temp  # (M, K)
-        q = teacher_probs.float()
-        ce = torch.logsumexp(z, dim=-1) * q.sum(dim=-1) - (q * z).sum(dim=-1)  # (M,)
-        weight = (1.0 / m.sum(dim=1).clamp(min=1).float()).unsqueeze(1).expand_as(m)[m]  # (M,)
-        return (ce * weight).sum() / m.shape[0]
-
-
-class IBOTPatchLoss(CenteredTeacher):
-    """Centred teacher targets for masked patches and :func:`ibot_cross_entropy`.
-
-    Args: those of :class:`~histofm.methods.dino.CenteredTeacher` (``out_dim``: number of patch prototypes).
-    """
-
-    def forward(
-        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, masks: torch.Tensor, teacher_temp: float
-    ) -> torch.Tensor:
-        """Loss on masked patches ``(M, K)`` given masks ``(B, gh, gw)``; updates the center."""
-        t = teacher_logits.detach()
-        loss = ibot_cross_entropy(student_logits, self.teacher_probs(t, teacher_temp), masks, self.student_temp)
-        self.update_center(t)
-        return loss
+from histofm.utils.ema import ema_update
+from histofm.utils.schedules import momentum_schedule
 
 
 # --------------------------------------------------------------------------- config
 @dataclass(frozen=True)
-class IBOTConfig(DINOConfig):
-    """iBOT defaults (ViT-S/16 style). Fields beyond :class:`~histofm.methods.dino.DINOConfig`:
-
-    Attributes:
-        patch_out_dim: patch prototypes (equal to ``out_dim`` when the head is shared).
-        shared_head: one head for class and patch tokens (the paper's choice).
-        patch_loss_weight: weight of ``L_MIM`` (``lambda_2``).
-        mask_probability, mask_ratio: fraction of global crops masked and their ratio range.
-        mask_min_aspect: aspect range of the mask blocks.
-    """
+class IBOTConfig(MaskedDistillationConfig):
+    """iBOT defaults (ViT-S/16 style); every field is described in
+    :class:`~histofm.methods.distillation.MaskedDistillationConfig` and its parent."""
 
     out_dim: int = setting(8192, range=">= 1")
-    patch_out_dim: int = setting(8192, range=">= 1")
     n_local_crops: int = setting(10, range=">= 0")
     global_scale: tuple[float, float] = setting((0.32, 1.0), range="(0, 1]", ordered=True)
     local_scale: tuple[float, float] = setting((0.05, 0.32), range="(0, 1]", ordered=True)
-    shared_head: bool = True
-    patch_loss_weight: float = setting(1.0, range=">= 0")
-    mask_probability: float = setting(0.5, range="[0, 1]")
-    mask_ratio: tuple[float, float] = setting((0.1, 0.5), range="[0, 1)", ordered=True)
-    mask_min_aspect: float = setting(0.3, range="(0, 1]")
+
+
+# --------------------------------------------------------------------------- batch
+
+def split_crops(batch: Any, n_global: int) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor | None]:  # noqa: ANN401
+    """``(global crops, local crops, precomputed masks or None)`` of a batch.
+
+    A batch is a list of crop tensors (global crops first), ``(crops, labels)`` from a labelled
+    dataset, or ``{"crops": [...], "masks": (n_global * B, gh, gw)}``. The same few lines are in
+    each DINO-family method file so that each reads alone.
+    """
+    masks = None
+    if isinstance(batch, dict):
+        batch, masks = batch["crops"], batch.get("masks")
+    elif isinstance(batch, (list, tuple)) and len(batch) == 2 and isinstance(batch[0], (list, tuple)):
+        batch = batch[0]  # (crops, labels)
+    if not isinstance(batch, (list, tuple)) or not all(isinstance(c, torch.Tensor) for c in batch):
+        raise HistofmError("A DINO-family batch must be a list of crop tensors (use the method's multi-crop transform).")
+    if len(batch) < n_global:
+        raise HistofmError(f"The batch has {len(batch)} crops but the method expects {n_global} global crops first.")
+    return list(batch[:n_global]), list(batch[n_global:]), masks
 
 
 # --------------------------------------------------------------------------- method
-class IBOT(DINO):
-    """DINO plus masked patch-token distillation (see the module docstring)."""
+class IBOT(SSLMethod):
+    """DINO's class-token loss plus masked patch-token distillation (see the module docstring).
 
-    cfg: IBOTConfig
+    Args:
+        arch: backbone name for :func:`histofm.create_model` (a ViT; built with a mask token).
+        cfg: the configuration.
+        img_size: global crop size (the backbone's native size).
+    """
+
+    step: torch.Tensor
+    max_steps: torch.Tensor
 
     def __init__(self, arch: str, cfg: IBOTConfig, img_size: int = 224) -> None:
-        super().__init__(arch, cfg, img_size=img_size, use_mask_token=True)
+        super().__init__()
+        self.cfg = cfg
+        kwargs = {"img_size": img_size, "drop_path_rate": cfg.drop_path_rate, **cfg.backbone_kwargs,
+                  "use_mask_token": True}
+        patch_head = None if cfg.shared_head else cfg.patch_out_dim
+        self.student, self.teacher = build_student_teacher("IBOT", arch, cfg, kwargs, patch_out_dim=patch_head)
+        self.dino_loss = DINOLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum)
         patch_dim = cfg.out_dim if cfg.shared_head else cfg.patch_out_dim
         self.ibot_loss = IBOTPatchLoss(patch_dim, cfg.student_temp, cfg.center_momentum)
-        self._collators: dict[tuple[int, int], BlockMaskCollator] = {}
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.register_buffer("max_steps", torch.zeros((), dtype=torch.long))
 
-    def _add_heads(self, branch: nn.ModuleDict, in_dim: int) -> None:
-        if not self.cfg.shared_head:
-            c = self.cfg
-            from histofm.layers.heads import DINOHead
+    @property
+    def backbone(self) -> nn.Module:  # type: ignore[override]
+        """The teacher backbone (what iBOT evaluates), or the student's with ``eval_teacher=False``."""
+        return self.teacher["backbone"] if self.cfg.eval_teacher else self.student["backbone"]
 
-            branch["patch_head"] = DINOHead(
-                in_dim, c.patch_out_dim, c.hidden_dim, c.bottleneck_dim, c.head_layers, c.norm_last_layer,
-                c.head_batch_norm,
-            )
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.student.parameters() if p.requires_grad]
 
+    def train(self, mode: bool = True) -> IBOT:
+        super().train(mode)
+        self.teacher.eval()  # no dropout / drop path in the teacher
+        return self
+
+    # -------------------------------------------------------------- schedules
+    def teacher_temp(self) -> float:
+        """``tau_t`` at the current step (linear warm-up, then constant), for both losses."""
+        c = self.cfg
+        return teacher_temperature(
+            int(self.step), int(self.max_steps), c.warmup_teacher_temp, c.teacher_temp, c.teacher_temp_warmup
+        )
+
+    def last_layer_frozen(self) -> bool:
+        return prototypes_frozen(int(self.step), int(self.max_steps), self.cfg.freeze_last_layer)
+
+    @torch.no_grad()
+    def on_step_end(self, step: int, max_steps: int) -> None:
+        """EMA update of the teacher (cosine momentum); remembers the step for the temperature schedule."""
+        momentum = momentum_schedule(step, max_steps, self.cfg.momentum_teacher, self.cfg.momentum_teacher_final)
+        ema_update(self.teacher, self.student, momentum)
+        self.step.fill_(step + 1)
+        self.max_steps.fill_(max_steps)
+
+    # -------------------------------------------------------------- forward
     def make_masks(self, n: int, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
         """Block masks ``(n, gh, gw)`` for ``n`` global crops (DINOv2's stratified rule)."""
-        if grid not in self._collators:
-            c = self.cfg
-            self._collators[grid] = BlockMaskCollator(
-                grid, c.mask_probability, c.mask_ratio, min_aspect=c.mask_min_aspect
-            )
-        return self._collators[grid](n).to(device)
+        c = self.cfg
+        return BlockMaskCollator(grid, c.mask_probability, c.mask_ratio, min_aspect=c.mask_min_aspect)(n).to(device)
 
-    def heads(
-        self, branch: nn.ModuleDict, cls: torch.Tensor, patches: torch.Tensor, freeze: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Class logits ``(C, K)`` and patch logits ``(M, K')``; ONE head call when the head is shared."""
-        if "patch_head" in branch:
-            return branch["head"](cls, freeze), branch["patch_head"](patches, freeze)
-        out = branch["head"](torch.cat([cls, patches]), freeze)
-        return out[: cls.shape[0]], out[cls.shape[0] :]
-
-    def encode(
-        self, batch: Any, masks: torch.Tensor | None = None
-    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor, int, int]:
-        """Teacher and student outputs of a multi-crop batch.
-
-        Returns ``(teacher, student, masks, n_views, B)`` where both dicts hold ``cls_logits``
-        (views x B rows, global crops first), ``patch_logits`` (masked patches) and, for the
-        student, ``cls_tokens`` of the global crops (backbone output, before the head).
-        """
-        globals_, locals_, given = split_crops(batch, self.cfg.n_global_crops)
-        masks = given if masks is None else masks
+    def forward(self, batch: Any) -> dict[str, torch.Tensor]:
+        globals_, locals_, masks = split_crops(batch, self.cfg.n_global_crops)
+        G, B = len(globals_), globals_[0].shape[0]
+        n_views = G + len(locals_)
         g = torch.cat(globals_)  # (G*B, 3, S, S)
-        B, n_views = globals_[0].shape[0], len(globals_) + len(locals_)
         s_bb, t_bb = self.student["backbone"], self.teacher["backbone"]
-        grid = (g.shape[-2] // s_bb.patch_size, g.shape[-1] // s_bb.patch_size)
         if masks is None:
-            masks = self.make_masks(g.shape[0], grid, g.device)
+            masks = self.make_masks(g.shape[0], (g.shape[-2] // s_bb.patch_size, g.shape[-1] // s_bb.patch_size), g.device)
         flat = masks.reshape(g.shape[0], -1).to(device=g.device, dtype=torch.bool)  # (G*B, N)
         P = s_bb.num_prefix_tokens
-        with torch.no_grad():
-            t_tok = t_bb.forward_features(g)  # (G*B, P+N, D), unmasked
-            t_cls, t_patch = self.heads(self.teacher, t_tok[:, 0], t_tok[:, P:][flat])
-        s_tok = s_bb.forward_features(g, flat)  # (G*B, P+N, D), masked patches replaced
+        with torch.no_grad():  # the teacher sees the global crops, unmasked: the "online tokenizer"
+            t_tok = t_bb.forward_features(g)  # (G*B, P+N, D)
+            t_cls, t_patch = class_and_patch_logits(self.teacher, t_tok[:, 0], t_tok[:, P:][flat])  # (G*B, K), (M, K')
+        s_tok = s_bb.forward_features(g, flat)  # (G*B, P+N, D), masked patches replaced by the mask token
         cls = [s_tok[:, 0]]
         if locals_:
             cls.append(s_bb.forward_features(torch.cat(locals_))[:, 0])  # (L*B, D)
-        s_cls, s_patch = self.heads(self.student, torch.cat(cls), s_tok[:, P:][flat], self.last_layer_frozen())
-        teacher = {"cls_logits": t_cls, "patch_logits": t_patch}
-        student = {"cls_logits": s_cls, "patch_logits": s_patch, "cls_tokens": s_tok[:, 0]}
-        return teacher, student, masks, n_views, B
+        s_cls, s_patch = class_and_patch_logits(self.student, torch.cat(cls), s_tok[:, P:][flat], self.last_layer_frozen())
 
-    def forward(self, batch: Any) -> dict[str, torch.Tensor]:
-        teacher, student, masks, n_views, B = self.encode(batch)
-        G, temp = self.cfg.n_global_crops, self.teacher_temp()
-        cls_loss = self.dino_loss(
-            student["cls_logits"].view(n_views, B, -1), teacher["cls_logits"].view(G, B, -1), temp
-        )
-        patch_loss = self.ibot_loss(student["patch_logits"], teacher["patch_logits"], masks, temp)
+        temp = self.teacher_temp()
+        cls_loss = self.dino_loss(s_cls.view(n_views, B, -1), t_cls.view(G, B, -1), temp)
+        patch_loss = self.ibot_loss(s_patch, t_patch, masks, temp)
         loss = cls_loss + self.cfg.patch_loss_weight * patch_loss
         return {
             "loss": loss, "dino_loss": cls_loss.detach(), "ibot_loss": patch_loss.detach(),
@@ -197,4 +182,3 @@ def build(name: str, arch: str, *, img_size: int, overrides: dict[str, Any]) -> 
     cfg = make_config(IBOTConfig, overrides)
     method = IBOT(arch, cfg, img_size=img_size)
     return method, multicrop_transform(cfg, img_size, method.student["backbone"].patch_size)
-

@@ -7,7 +7,9 @@ of :mod:`histofm.zoo.pluto`): one set of weights reads an image with 8, 16 or
 objective sums four terms on a student/teacher pair:
 
 * DINO's class-token loss and iBOT's masked patch-token loss, with KoLeo and
-  Sinkhorn-Knopp centering: DINOv2, reused from :mod:`histofm.methods.dinov2`;
+  Sinkhorn-Knopp centering: DINOv2's terms (:class:`~histofm.methods.losses.DINOLoss`,
+  :class:`~histofm.methods.losses.IBOTPatchLoss`, :class:`~histofm.methods.losses.KoLeoLoss`),
+  with DINOv2's settings (:class:`~histofm.methods.dinov2.DINOv2Config`);
 * an MAE reconstruction loss (:mod:`histofm.methods.mae`): the student encodes
   25 % of the patches of each global crop and a shallow decoder predicts the
   normalised pixels of the others;
@@ -57,9 +59,13 @@ from PIL import Image
 from torch import nn
 
 from histofm.errors import HistofmError
-from histofm.methods.dino import make_config, multicrop_transform, split_crops
+from histofm.layers.heads import class_and_patch_logits, prototypes_frozen
+from histofm.methods.base import SSLMethod
 from histofm.methods.dinov2 import PRESETS as DINOV2_PRESETS
-from histofm.methods.dinov2 import DINOv2, DINOv2Config
+from histofm.methods.dinov2 import DINOv2Config, dinov2_backbone_kwargs
+from histofm.methods.distillation import build_student_teacher, make_config, multicrop_transform
+from histofm.methods.losses import DINOLoss, IBOTPatchLoss, KDEUniformityLoss, KoLeoLoss, teacher_temperature
+from histofm.methods.masking import BlockMaskCollator
 from histofm.methods.patches import (
     MAEDecoder,
     denormalize_patches,
@@ -77,6 +83,8 @@ from histofm.methods.pictures import (
     run_step_callbacks,
 )
 from histofm.settings import setting
+from histofm.utils.ema import ema_update
+from histofm.utils.schedules import momentum_schedule
 
 
 @dataclass(frozen=True)
@@ -150,8 +158,9 @@ def resize_patches(patches: torch.Tensor, src: int, dst: int, channels: int = 3)
         return patches
     B, N, _ = patches.shape
     x = patches.reshape(B * N, src, src, channels).permute(0, 3, 1, 2)  # (BN, C, s, s)
-    x = F.interpolate(x, size=(dst, dst), mode="bilinear", antialias=True, align_corners=False)
-    return x.permute(0, 2, 3, 1).reshape(B, N, dst * dst * channels)
+    with torch.autocast(x.device.type, enabled=False):  # CPU has no bf16 antialiased bilinear kernel
+        y = F.interpolate(x.float(), size=(dst, dst), mode="bilinear", antialias=True, align_corners=False)
+    return y.to(x.dtype).permute(0, 2, 3, 1).reshape(B, N, dst * dst * channels)
 
 
 # --------------------------------------------------------------------------- multi-scale tiles
@@ -199,9 +208,30 @@ class PLUTOTransform:
         return self.crops(self.scale(img.convert("RGB")))
 
 
+# --------------------------------------------------------------------------- batch
+
+def split_crops(batch: Any, n_global: int) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor | None]:  # noqa: ANN401
+    """``(global crops, local crops, precomputed masks or None)`` of a batch.
+
+    A batch is a list of crop tensors (global crops first), ``(crops, labels)`` from a labelled
+    dataset, or ``{"crops": [...], "masks": (n_global * B, gh, gw)}``. The same few lines are in
+    each DINO-family method file so that each reads alone.
+    """
+    masks = None
+    if isinstance(batch, dict):
+        batch, masks = batch["crops"], batch.get("masks")
+    elif isinstance(batch, (list, tuple)) and len(batch) == 2 and isinstance(batch[0], (list, tuple)):
+        batch = batch[0]  # (crops, labels)
+    if not isinstance(batch, (list, tuple)) or not all(isinstance(c, torch.Tensor) for c in batch):
+        raise HistofmError("A DINO-family batch must be a list of crop tensors (use the method's multi-crop transform).")
+    if len(batch) < n_global:
+        raise HistofmError(f"The batch has {len(batch)} crops but the method expects {n_global} global crops first.")
+    return list(batch[:n_global]), list(batch[n_global:]), masks
+
+
 # --------------------------------------------------------------------------- method
-class PLUTO(DINOv2):
-    """DINOv2 + MAE + Fourier loss on a FlexiViT backbone with a per-step patch size.
+class PLUTO(SSLMethod):
+    """DINOv2's terms + MAE + Fourier loss on a FlexiViT backbone with a per-step patch size.
 
     Args:
         arch: a FlexiViT (``"pluto"``; small variants through ``backbone_kwargs``).
@@ -210,10 +240,31 @@ class PLUTO(DINOv2):
     """
 
     cfg: PLUTOConfig
+    step: torch.Tensor
+    max_steps: torch.Tensor
 
     def __init__(self, arch: str, cfg: PLUTOConfig, img_size: int = 224) -> None:
-        super().__init__(arch, cfg, img_size=img_size)
+        super().__init__()
+        self.cfg = cfg
+        # The student/teacher pair and the DINOv2 terms (see histofm.methods.dinov2).
+        patch_head = None if cfg.shared_head else cfg.patch_out_dim
+        kwargs = dinov2_backbone_kwargs(cfg, img_size)
+        self.student, self.teacher = build_student_teacher("PLUTO", arch, cfg, kwargs, patch_out_dim=patch_head)
+        centering = dict(centering=cfg.centering, sinkhorn_iterations=cfg.sinkhorn_iterations)
+        self.dino_loss = DINOLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum, **centering)
+        patch_dim = cfg.out_dim if cfg.shared_head else cfg.patch_out_dim
+        self.ibot_loss = IBOTPatchLoss(patch_dim, cfg.student_temp, cfg.center_momentum, **centering)
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.register_buffer("max_steps", torch.zeros((), dtype=torch.long))
         bb = self.student["backbone"]
+        if cfg.efficient_drop_path and hasattr(bb, "set_efficient_drop_path"):
+            bb.set_efficient_drop_path(True)
+        self.regularizer: nn.Module | None = None
+        if cfg.regularizer == "koleo":
+            self.regularizer = KoLeoLoss()
+        elif cfg.regularizer == "kde":
+            self.regularizer = KDEUniformityLoss(cfg.kde_kappa)
+        # PLUTO's own parts: a FlexiViT and an MAE decoder.
         if not hasattr(bb, "set_patch_size"):
             raise HistofmError(f"PLUTO needs a FlexiViT backbone with a run-time patch size (e.g. 'pluto'); {arch!r} is not one.")
         bad = [p for p in cfg.patch_sizes if img_size % p]
@@ -235,8 +286,29 @@ class PLUTO(DINOv2):
         self.register_buffer("img_std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
         self.step_callbacks: list[Callable[[nn.Module, int], Any]] = []
 
+    @property
+    def backbone(self) -> nn.Module:  # type: ignore[override]
+        """The teacher backbone (what PLUTO evaluates), or the student's with ``eval_teacher=False``."""
+        return self.teacher["backbone"] if self.cfg.eval_teacher else self.student["backbone"]
+
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return super().trainable_parameters() + [p for p in self.mae_decoder.parameters() if p.requires_grad]
+        return [p for m in (self.student, self.mae_decoder) for p in m.parameters() if p.requires_grad]
+
+    def train(self, mode: bool = True) -> PLUTO:
+        super().train(mode)
+        self.teacher.eval()  # no dropout / drop path in the teacher
+        return self
+
+    # ---------------------------------------------------------------- schedules
+    def teacher_temp(self) -> float:
+        """``tau_t`` at the current step (linear warm-up, then constant), for both distillation losses."""
+        c = self.cfg
+        return teacher_temperature(
+            int(self.step), int(self.max_steps), c.warmup_teacher_temp, c.teacher_temp, c.teacher_temp_warmup
+        )
+
+    def last_layer_frozen(self) -> bool:
+        return prototypes_frozen(int(self.step), int(self.max_steps), self.cfg.freeze_last_layer)
 
     # ---------------------------------------------------------------- patch size
     def patch_size_for_step(self, step: int, sizes: Sequence[int] | None = None) -> int:
@@ -275,9 +347,48 @@ class PLUTO(DINOv2):
         fourier = fourier_amplitude_loss(pred, spec_target, mask, patch_size, self.in_chans)
         return rec, fourier
 
+    # ---------------------------------------------------------------- DINOv2 terms
+    def dinov2_losses(
+        self, globals_: list[torch.Tensor], locals_: list[torch.Tensor], masks: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        """DINOv2's step at the current patch size: class-token, masked patch-token and KoLeo/KDE terms."""
+        c = self.cfg
+        G, B = len(globals_), globals_[0].shape[0]
+        n_views = G + len(locals_)
+        g = torch.cat(globals_)  # (G*B, 3, S, S)
+        s_bb, t_bb = self.student["backbone"], self.teacher["backbone"]
+        if masks is None:  # block masks on the step's grid, half of the global crops masked
+            grid = (g.shape[-2] // s_bb.patch_size, g.shape[-1] // s_bb.patch_size)
+            collator = BlockMaskCollator(grid, c.mask_probability, c.mask_ratio, min_aspect=c.mask_min_aspect)
+            masks = collator(g.shape[0]).to(g.device)  # (G*B, gh, gw)
+        flat = masks.reshape(g.shape[0], -1).to(device=g.device, dtype=torch.bool)  # (G*B, N)
+        P = s_bb.num_prefix_tokens
+        with torch.no_grad():  # the teacher sees the global crops, unmasked
+            t_tok = t_bb.forward_features(g)  # (G*B, P+N, D)
+            t_cls, t_patch = class_and_patch_logits(self.teacher, t_tok[:, 0], t_tok[:, P:][flat])
+        s_tok = s_bb.forward_features(g, flat)  # (G*B, P+N, D), masked patches replaced by the mask token
+        s_cls_tokens = s_tok[:, 0]  # (G*B, D)
+        cls = [s_cls_tokens]
+        if locals_:
+            cls.append(s_bb.forward_features(torch.cat(locals_))[:, 0])  # (L*B, D)
+        freeze = self.last_layer_frozen()
+        s_cls, s_patch = class_and_patch_logits(self.student, torch.cat(cls), s_tok[:, P:][flat], freeze)
+
+        temp = self.teacher_temp()
+        dino = self.dino_loss(s_cls.view(n_views, B, -1), t_cls.view(G, B, -1), temp)
+        ibot = self.ibot_loss(s_patch, t_patch, masks, temp)
+        loss = dino + c.patch_loss_weight * ibot
+        out = {"dino_loss": dino.detach(), "ibot_loss": ibot.detach()}
+        if self.regularizer is not None:
+            reg = sum(self.regularizer(x) for x in s_cls_tokens.chunk(G))  # per global crop
+            loss = loss + c.reg_weight * reg
+            out[f"aux_{c.regularizer}"] = reg.detach()  # already inside "loss" (engine convention)
+        out.update(loss=loss, teacher_temp=torch.tensor(temp), mask_ratio=masks.float().mean().detach())
+        return out
+
     # ---------------------------------------------------------------- forward
     def forward(self, batch: Any) -> dict[str, torch.Tensor]:
-        globals_, locals_, _ = split_crops(batch, self.cfg.n_global_crops)
+        globals_, locals_, masks = split_crops(batch, self.cfg.n_global_crops)
         sides = {int(s) for c in globals_ + locals_ for s in c.shape[-2:]}
         usable = [p for p in self.cfg.patch_sizes if all(s % p == 0 for s in sides)]
         if not usable:
@@ -287,7 +398,7 @@ class PLUTO(DINOv2):
             )
         p = self.patch_size_for_step(int(self.step), usable)
         self.set_patch_size(p)
-        out = super().forward(batch)  # DINOv2 at patch size p (iBOT masks follow the grid)
+        out = self.dinov2_losses(globals_, locals_, masks)  # at patch size p (iBOT masks follow the grid)
         rec, fourier = self.mae_losses(torch.cat(globals_), p)
         c = self.cfg
         out["loss"] = out["loss"] + c.mae_weight * rec + c.fourier_weight * fourier
@@ -296,8 +407,11 @@ class PLUTO(DINOv2):
 
     @torch.no_grad()
     def on_step_end(self, step: int, max_steps: int) -> None:
-        """EMA teacher and schedules (DINOv2), back to the base patch size, then the step callbacks."""
-        super().on_step_end(step, max_steps)
+        """EMA teacher and schedules (as DINOv2), back to the base patch size, then the step callbacks."""
+        momentum = momentum_schedule(step, max_steps, self.cfg.momentum_teacher, self.cfg.momentum_teacher_final)
+        ema_update(self.teacher, self.student, momentum)
+        self.step.fill_(step + 1)
+        self.max_steps.fill_(max_steps)
         self.set_patch_size(self.student["backbone"].base_patch_size)  # embed() and exports: a fixed size
         run_step_callbacks(self, step)
 
