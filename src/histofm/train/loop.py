@@ -284,7 +284,13 @@ def fit(
         dist_utils.barrier()
 
     def full_weights() -> dict[str, torch.Tensor]:
-        return _full_states(method, optimizer, fsdp)[0] if fsdp else method.state_dict()
+        """The weights to keep as the best so far; under FSDP a collective after which EVERY rank holds them
+        in full (no cpu_offload, which would leave other ranks empty), so each can load them back at the end."""
+        if not fsdp:
+            return method.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(method, options=StateDictOptions(full_state_dict=True))
 
     progress = TrainProgress(enabled=cfg.progress and main, total=stop_step, start=start_step, label=label,
                              metric=cfg.best_metric)
