@@ -10,7 +10,9 @@ only MIL's part of it:
 * :class:`BagSamples`, :class:`TileSubset` and :class:`BagCollate`: bags as a map-style
   dataset, a random subset of tiles per bag and epoch (under the engine's per-sample
   seed), and padding of bags of different sizes into one batch with a mask;
-* :func:`validation_loss`, :func:`predict_logits` and :func:`predict`.
+* :func:`validation_loss`, :func:`predict_logits` and :func:`predict`;
+* :func:`fit`, a deprecated plain loop kept only for ``histofm.eval.mil_task`` (floor 8 cannot
+  import the engine); it goes when that task moves up a floor.
 
 Losses: class-weighted cross-entropy (``w_c = n / (C n_c)``, from the training
 part) for classification; discrete-time NLL or Cox for survival; plus the
