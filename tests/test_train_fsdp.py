@@ -10,6 +10,7 @@ resume on one (that sharded run also has its blocks compiled: FSDP2 with
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -131,3 +132,31 @@ def test_torchrun_pretrain_with_fsdp_matches_one_process(tmp_path) -> None:
     la, lb = ([r["loss"] for r in read_log(tmp_path / d / "log.jsonl")] for d in ("one", "two"))
     assert len(la) == 3 and la[-1] != la[0]
     torch.testing.assert_close(torch.tensor(lb), torch.tensor(la), rtol=1e-5, atol=1e-6)
+
+
+def _best_worker(rank: int, world: int, port: int, root: str) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    def full(method) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone()
+                for k, v in get_model_state_dict(method, options=StateDictOptions(full_state_dict=True)).items()}
+
+    with gloo_rank(rank, world, port):
+        method, transform = _method()
+        scores, seen = iter([3.0, 1.0, 2.0, 2.5, 2.7, 2.8]), []
+
+        def evaluate() -> dict[str, float]:  # scripted: the second evaluation is the best
+            seen.append(full(method))
+            return {"score": next(scores)}
+
+        cfg = _cfg(os.path.join(root, "best")).replace(steps=6, eval_every=1, best_metric="score", patience=2)
+        hist = fit(method, _data(), cfg, transform=transform, evaluate=evaluate)
+        assert len(hist) == 4 and hist[-1]["best_step"] == 1  # two evaluations without improvement: stopped
+        final = full(method)  # every rank loaded the best weights back, shards included
+        assert all(torch.equal(final[k], seen[1][k]) for k in final)
+
+
+def test_fsdp_keeps_and_restores_the_best_weights_on_every_rank(tmp_path) -> None:
+    mp.spawn(_best_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    meta = json.loads((tmp_path / "best" / "backbone.json").read_text())
+    assert meta["stopped_early"] and meta["best_step"] == 1 and meta["steps"] == 4

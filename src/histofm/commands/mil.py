@@ -52,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--aggregator", default="abmil", help="aggregator name (see `histofm mil list`)")
     t.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                    help="aggregator option (hidden_dim=128, gated=false) or training setting (loss=cox, patience=5, "
-                   "val_fraction=0.2, n_bins=4, class_weight=false, n_boot=1000); repeatable")
+                   "val_fraction=0.2, n_bins=4, class_weight=false, n_boot=1000, precision=bf16); repeatable")
     t.add_argument("--task", choices=("classification", "survival"), default="classification",
                    help="slide labels (column label) or follow-up times and events")
     t.add_argument("--time-col", default="time", help="follow-up time column of --labels (survival)")
@@ -135,12 +135,13 @@ def run_train(args: argparse.Namespace) -> int:
 
     from histofm.checks import check_device, check_out_dir
     from histofm.mil import build_aggregator, list_aggregators
-    from histofm.mil.cv import cross_validate, output_dim
+    from histofm.mil.cv import output_dim
     from histofm.mil.data import BagDataset, read_labels_csv
     from histofm.mil.options import FLAG_OPTIONS, TRAIN_OPTIONS, check_settings
     from histofm.mil.provenance import common_provenance
     from histofm.mil.survival import check_loss
     from histofm.mil.train import MILTrainConfig
+    from histofm.train.mil import cross_validate
     from histofm.utils import default_device
 
     if args.slide_embeddings is not None:
