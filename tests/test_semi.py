@@ -19,7 +19,7 @@ from histofm.learning import build_semi_method
 from histofm.learning.fixmatch import fixmatch_unlabelled_loss
 from histofm.learning.meanteacher import MeanTeacher, MeanTeacherConfig, consistency_mse, sigmoid_rampup
 from histofm.learning.pseudolabel import pseudo_label_weight
-from histofm.learning.semi import Classifier, FitConfig, SemiData, SmallConvNet, evaluate, fit
+from histofm.learning.semi import Classifier, SemiData, SmallConvNet, evaluate
 from histofm.learning.tasks import render_synthetic_nuclei, synthetic_nuclei_task
 from histofm.learning.views import (
     ViewConfig,
@@ -31,6 +31,7 @@ from histofm.learning.views import (
     strong_view,
     weak_view,
 )
+from histofm.train.semi import fit_semi, semi_config
 from histofm.utils import seed_everything
 
 
@@ -165,7 +166,7 @@ def task():
 def _train(task, method: str, steps: int, seed: int = 0, mu: int = 3, **cfg) -> tuple[dict[str, float], list[dict[str, float]]]:
     seed_everything(seed)
     m = build_semi_method(method, Classifier(SmallConvNet(16, 1), 3), seed=seed, **cfg)
-    hist = fit(m, task.data, FitConfig(steps=steps, batch_size=16, mu=mu, lr=0.1, seed=seed))
+    hist = fit_semi(m, task.data, semi_config(steps=steps, batch_size=16, lr=0.1, seed=seed, device="cpu"), mu=mu)
     return evaluate(m, task.x_test, task.y_test), hist
 
 
@@ -320,10 +321,12 @@ def test_library_bad_input() -> None:
 
 
 def test_fit_stops_on_a_diverging_loss() -> None:
+    # The engine's non-finite guard: steps with a NaN loss are skipped, and max_nonfinite in a row stop the run.
     x = torch.randint(0, 255, (8, 3, 8, 8), dtype=torch.uint8)
     m = build_semi_method("supervised", Classifier(SmallConvNet(4, 1), 2))
-    with pytest.raises(HistofmError, match="lower the learning rate"):
-        fit(m, SemiData(x, torch.tensor([0, 1] * 4), x), FitConfig(steps=50, batch_size=4, lr=1e12, cosine=False))
+    cfg = semi_config(steps=50, batch_size=4, lr=1e12, min_lr=1e12, device="cpu")
+    with pytest.warns(UserWarning, match="non-finite"), pytest.raises(HistofmError, match="lower the learning rate"):
+        fit_semi(m, SemiData(x, torch.tensor([0, 1] * 4), x), cfg)
 
 
 def test_classifier_normalises_inside() -> None:
