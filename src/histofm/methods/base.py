@@ -1,8 +1,9 @@
 """The contract between a self-supervised method and the training engine.
 
-A method is an ``nn.Module`` that turns a batch into a dict of losses. It never
-moves tensors between devices, scales losses, calls ``backward`` or steps an
-optimiser: that is ``histofm.train``'s job. Per-step schedules that belong to
+A method is an :class:`~histofm.utils.objective.Objective` (the engine's
+training-unit contract) whose ``backbone`` is what pretraining produces. It
+never moves tensors between devices, scales losses, calls ``backward`` or steps
+an optimiser: that is ``histofm.train``'s job. Per-step schedules that belong to
 the method (EMA momentum of a teacher, teacher temperature, queue updates) are
 applied in :meth:`SSLMethod.on_step_end`, which the engine calls after each
 optimiser step with the global step and the total number of steps.
@@ -15,27 +16,27 @@ from typing import Any
 import torch
 from torch import nn
 
+from histofm.utils.objective import Objective
 
-class SSLMethod(nn.Module):
+
+class SSLMethod(Objective):
     """Base class of every pretraining method (SimCLR, MoCo, CLIP, DINO, iBOT, DINOv2, MAE ...).
 
     Subclasses set ``self.backbone`` (the encoder that is saved and evaluated) and
     implement :meth:`forward`, returning a dict with at least ``"loss"`` (a scalar
-    to minimise); every other scalar entry is logged as is.
+    to minimise); every other scalar entry is logged as is. The engine exports the
+    backbone as ``backbone.safetensors`` + ``backbone.json`` at the end of a run.
     """
 
     backbone: nn.Module
+    export_name = "backbone"
 
-    def forward(self, batch: Any) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
+    def forward(self, batch: Any) -> dict[str, torch.Tensor]:  # noqa: ANN401  # pragma: no cover - abstract
         raise NotImplementedError
 
-    @torch.no_grad()
-    def on_step_end(self, step: int, max_steps: int) -> None:
-        """Called by the engine after each optimiser step (EMA, schedules). Default: nothing."""
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """Parameters the optimiser updates (teachers and other EMA copies excluded)."""
-        return [p for p in self.parameters() if p.requires_grad]
+    def exported_module(self) -> nn.Module:
+        """The backbone (what pretraining is for)."""
+        return self.backbone
 
     @torch.no_grad()
     def embed(self, x: torch.Tensor) -> torch.Tensor:

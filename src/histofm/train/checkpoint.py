@@ -83,16 +83,18 @@ def export_backbone(
     out_dir: Path,
     extra: dict[str, Any] | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
+    name: str = "backbone",
 ) -> Path:
-    """Save ``backbone.safetensors`` and ``backbone.json`` in ``out_dir``; returns the weights path.
+    """Save ``<name>.safetensors`` and ``<name>.json`` in ``out_dir``; returns the weights path.
 
     ``state_dict``: the tensors to write when ``backbone.state_dict()`` would give shards (FSDP).
+    ``name``: the file stem (an objective's ``export_name``; ``backbone`` for pretraining).
     """
     from safetensors.torch import save_file
 
     source = backbone.state_dict() if state_dict is None else state_dict
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in source.items()}
-    weights = out_dir / "backbone.safetensors"
+    weights = out_dir / f"{name}.safetensors"
     with atomic_path(weights) as tmp:
         mode = tmp.stat().st_mode
         save_file(tensors, str(tmp), metadata={"format": "pt"})
@@ -102,7 +104,7 @@ def export_backbone(
         "overrides": _jsonable(getattr(backbone, "histofm_overrides", {})),
         **(extra or {}),
     }
-    with atomic_path(out_dir / "backbone.json") as tmp:
+    with atomic_path(out_dir / f"{name}.json") as tmp:
         tmp.write_text(json.dumps(meta, indent=2) + "\n")
     return weights
 

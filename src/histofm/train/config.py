@@ -57,10 +57,17 @@ class TrainConfig:
         find_unused_parameters: passed to DistributedDataParallel.
         sync_batchnorm: under multi-GPU data parallelism, convert BatchNorm layers to SyncBatchNorm
             (CPU/gloo has no SyncBatchNorm: there each rank normalises its own slice).
+        eval_every: with an ``evaluate`` callable given to ``fit``, evaluate every N steps and after the
+            last step (0: after the last step only); its metrics join that step's log record.
+        best_metric: a metric of the evaluation to keep the best weights by; they are loaded back at
+            the end of the run (``None``: the last weights are kept).
+        best_mode: ``"min"`` (lower is better, losses) or ``"max"`` (accuracies).
+        patience: stop after this many evaluations in a row without a better ``best_metric``
+            (0: never stop early; needs ``best_metric``).
     """
 
     steps: int = setting(1000, range=">= 1")
-    batch_size: int = setting(64, range=">= 2")
+    batch_size: int = setting(64, range=">= 1")
     lr: float = setting(5e-4, range=">= 0")
     min_lr: float = setting(1e-6, range=">= 0")
     warmup_steps: int = setting(0, range=">= 0")
@@ -89,6 +96,10 @@ class TrainConfig:
     grad_checkpointing: bool = False
     find_unused_parameters: bool = False
     sync_batchnorm: bool = True
+    eval_every: int = setting(0, range=">= 0")
+    best_metric: str | None = None
+    best_mode: Literal["min", "max"] = "min"
+    patience: int = setting(0, range=">= 0")
 
     def __post_init__(self) -> None:
         check_config(self)  # types and ranges declared above
@@ -96,6 +107,8 @@ class TrainConfig:
             raise SettingError("warmup_steps", f"must be at most steps={self.steps}, got {self.warmup_steps}")
         if self.resume and self.out_dir is None:
             raise HistofmError("resume=True needs out_dir (where the checkpoint is).")
+        if self.patience > 0 and self.best_metric is None:
+            raise SettingError("patience", "needs best_metric (the evaluation metric to wait for)")
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with some fields changed; an unknown field raises :class:`HistofmError`."""

@@ -1,4 +1,4 @@
-"""Run logs: a JSONL file (one record per logged step), TensorBoard when installed, a loss-curve PNG."""
+"""Run logs: a JSONL file (one record per logged step), TensorBoard when installed, a loss-curve PNG, the progress bar."""
 
 from __future__ import annotations
 
@@ -101,3 +101,36 @@ def plot_loss_curve(history: list[dict[str, Any]], path: Path, title: str = "") 
 
 def _finite(x: Any) -> bool:  # noqa: ANN401
     return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+class TrainProgress:
+    """A rich progress bar showing the step, the loss and the time left (no-op when disabled)."""
+
+    def __init__(self, *, enabled: bool, total: int, start: int, label: str = "pretrain", metric: str | None = None) -> None:
+        self._p, self._metric, self._last = None, metric, None
+        if not enabled:
+            return
+        from rich.markup import escape
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._p = Progress(
+            TextColumn(f"[bold]{escape(label)}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(), transient=False,
+        )
+        self._p.start()
+        self._task = self._p.add_task("train", total=total, completed=start, info="")
+
+    def update(self, completed: int, record: dict[str, Any]) -> None:
+        if self._p is not None:
+            info = f"loss {record.get('loss', float('nan')):.4f}"
+            if "rankme" in record:
+                info += f"  rankme {record['rankme']:.1f}"
+            if self._metric is not None and isinstance(record.get(self._metric), float):
+                self._last = record[self._metric]
+            if self._last is not None:
+                info += f"  {self._metric} {self._last:.4f}"
+            self._p.update(self._task, completed=completed, info=info)
+
+    def close(self) -> None:
+        if self._p is not None:
+            self._p.stop()

@@ -1,17 +1,20 @@
-"""The training loop: the one place that moves tensors, scales, steps and saves.
+"""The one engine: the only place that moves tensors, scales, steps and saves.
 
-``fit(method, data, cfg)`` runs ``cfg.steps`` optimiser steps of an
-:class:`~histofm.methods.base.SSLMethod`. One step, written out::
+``fit(objective, data, cfg)`` runs ``cfg.steps`` optimiser steps of an
+:class:`~histofm.utils.objective.Objective`: a self-supervised method
+(:class:`~histofm.methods.base.SSLMethod`), a semi-supervised objective or a MIL
+slide objective. One step, written out::
 
     batch  = next(loader) -> device
     lr, wd = cosine schedules of the step (after linear warm-up)
     with autocast(bf16 | fp16 | off):
-        out = method(batch)                  # dict; out["loss"] is minimised
+        out = objective(batch)               # dict; out["loss"] is minimised
     if loss is not finite: skip the step (stop after max_nonfinite in a row)
     backward (fp16: through the loss scaler), clip the gradient norm, optimiser step
-    method.on_step_end(step, steps)          # EMA teachers, queues, temperature schedules
+    objective.on_step_end(step, steps)       # EMA teachers, queues, temperature schedules
+    every eval_every steps: metrics = evaluate()   # logged; best weights kept, early stopping
 
-Conventions for methods:
+Conventions for objectives:
 
 * ``out["loss"]`` is the total to minimise. Keys starting with ``aux_`` (for
   example ``aux_koleo``, ``aux_moe_balance``) are auxiliary terms that the method
@@ -22,10 +25,18 @@ Conventions for methods:
   global step (0-based, the step just taken) and ``cfg.steps``; use the helpers of
   :mod:`histofm.utils.schedules` and :func:`histofm.utils.ema.ema_update`.
 
+Evaluation and early stopping: given ``evaluate`` (a callable returning a dict of
+metrics, run in eval mode without gradients and without touching the training random
+state), the engine calls it every ``cfg.eval_every`` steps and after the last step, and
+adds the metrics to that step's record. With ``cfg.best_metric`` it keeps the weights of
+the best evaluation (:mod:`histofm.train.best`), stops after ``cfg.patience`` evaluations
+without improvement, and loads the best weights back at the end.
+
 Outputs in ``cfg.out_dir``: ``checkpoint.pt`` (every ``ckpt_every`` steps and at
-the end; ``resume=True`` continues from it exactly), ``log.jsonl``,
-``loss_curve.png``, ``backbone.safetensors`` + ``backbone.json``, and
-``config.json``. Under ``torchrun`` the method is wrapped in
+the end; ``resume=True`` continues from it exactly: weights, optimiser, scaler,
+random states of every rank, data position, history, best weights and patience
+count), ``log.jsonl``, ``loss_curve.png``, the objective's exported module
+(``backbone.safetensors`` + ``backbone.json`` for a method) and ``config.json``. Under ``torchrun`` the method is wrapped in
 DistributedDataParallel (``parallel="ddp"``) or sharded with FSDP2
 (``parallel="fsdp"``, :func:`histofm.accel.shard_fsdp`), every rank reads its
 slice of each global batch, and only rank 0 writes files. Checkpoints always hold
@@ -51,7 +62,7 @@ from torch.utils.data import DataLoader, default_collate
 from histofm import accel
 from histofm.errors import HistofmError
 from histofm.layers.moe import add_aux_losses
-from histofm.methods.base import SSLMethod
+from histofm.train.best import BestWeights
 from histofm.train.checkpoint import (
     CHECKPOINT_NAME,
     capture_rng,
@@ -61,20 +72,13 @@ from histofm.train.checkpoint import (
     save_training_state,
 )
 from histofm.train.config import TrainConfig
-from histofm.train.data import (
-    SampleTrace,
-    SeededViews,
-    StepBatchSampler,
-    first_image,
-    is_step_stream,
-    seeded,
-    to_device,
-)
-from histofm.train.logs import RunLogger, plot_loss_curve
-from histofm.train.monitor import collapse_stats
+from histofm.train.data import SampleTrace, SeededViews, StepBatchSampler, is_step_stream, to_device
+from histofm.train.logs import RunLogger, TrainProgress, plot_loss_curve
+from histofm.train.monitor import first_image_batch, monitor_batch, monitor_step, stream_monitor_batch
 from histofm.train.optim import build_optimizer
 from histofm.utils import atomic_path, default_device, seed_everything
 from histofm.utils import distributed as dist_utils
+from histofm.utils.objective import Objective, has_embed
 from histofm.utils.schedules import cosine_schedule
 
 History = list[dict[str, Any]]
@@ -99,17 +103,21 @@ def resolve_device(name: str) -> torch.device:
 
 
 def fit(
-    method: SSLMethod,
+    method: Objective,
     data: Any,  # noqa: ANN401
     cfg: TrainConfig,
     *,
     transform: Callable[[Any], Any] | None = None,
     monitor_images: torch.Tensor | None = None,
+    collate: Callable[[list[Any]], Any] | None = None,
+    evaluate: Callable[[], dict[str, float]] | None = None,
+    label: str = "pretrain",
 ) -> History:
     """Train ``method`` for ``cfg.steps`` optimiser steps and return the per-step history.
 
     Args:
-        method: the SSL method (its ``backbone`` is what gets exported).
+        method: the objective to train (an SSL method, a semi-supervised or a MIL objective);
+            its :meth:`~histofm.utils.objective.Objective.exported_module` is saved at the end.
         data: a map-style dataset (items: PIL images, tensors, or ``(image, *rest)`` tuples), a
             step stream (an ``IterableDataset`` with ``plan_steps``, e.g.
             :class:`histofm.data.shards.ShardStream`; protocol in :mod:`histofm.train.data`), or a
@@ -119,15 +127,23 @@ def fit(
         transform: per-sample view transform applied to each dataset item (the one returned by
             the method's ``build``); ignored with a ``DataLoader``.
         monitor_images: images ``(N, 3, H, W)`` for the collapse watch; by default the first view
-            of ``cfg.monitor_samples`` fixed samples.
+            of ``cfg.monitor_samples`` fixed samples. Objectives without ``embed`` are not watched.
+        collate: how a map-style dataset's samples become a batch (default: torch's
+            ``default_collate``; MIL pads bags of different sizes).
+        evaluate: returns metrics (``{"val_loss": ...}``), called every ``cfg.eval_every`` steps and
+            after the last one, in eval mode, without gradients, the training RNG untouched; under
+            ``torchrun`` rank 0's metrics count.
+        label: the progress bar's label.
 
     Returns:
         One dict per step: ``step`` (0-based), ``loss``, every other scalar the method returned,
-        ``lr``, ``wd``, ``grad_norm``, ``skipped``, and ``embed_std``/``rankme`` on monitored steps.
-        After a resume the history includes the steps before the interruption.
+        ``lr``, ``wd``, ``grad_norm``, ``skipped``, ``embed_std``/``rankme`` on monitored steps, and
+        the evaluation's metrics (with ``best_step``, ``best_<metric>``) on evaluated steps.
+        After a resume the history includes the steps before the interruption. A run stopped
+        early has fewer than ``cfg.steps`` records.
     """
-    if not isinstance(method, SSLMethod):
-        raise HistofmError(f"fit() needs an SSLMethod, got {type(method).__name__}.")
+    if not isinstance(method, Objective):
+        raise HistofmError(f"fit() needs an Objective (an SSLMethod, a semi-supervised or MIL objective), got {type(method).__name__}.")
     distributed = dist_utils.init_from_env(resolve_device(cfg.device).type)
     rank, world = dist_utils.rank(), dist_utils.world_size()
     device = resolve_device(cfg.device)
@@ -144,6 +160,9 @@ def fit(
         warnings.warn("parallel='fsdp' needs several processes (torchrun); training on this one", stacklevel=2)
     if cfg.grad_checkpointing and not accel.grad_checkpointing(method):
         warnings.warn("grad_checkpointing=True but no backbone of this method supports it", stacklevel=2)
+    if cfg.best_metric is not None and evaluate is None:
+        raise HistofmError(f"best_metric={cfg.best_metric!r} needs an evaluate callable passed to fit(); "
+                           "pass one or set best_metric to None.")
     if fsdp:
         accel.shard_fsdp(method)  # parameters become shards: build the optimiser after this
     if cfg.compile:
@@ -156,6 +175,7 @@ def fit(
 
     # ---------------------------------------------------------------- resume
     start_step, history, streak = 0, [], 0
+    best = BestWeights(cfg.best_metric, cfg.best_mode, cfg.patience)
     ckpt_path = out_dir / CHECKPOINT_NAME if out_dir is not None else None
     state = None
     if cfg.resume and ckpt_path is not None and ckpt_path.is_file():
@@ -165,6 +185,8 @@ def fit(
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         start_step, history, streak = int(state["step"]), list(state["history"]), int(state.get("nonfinite_streak", 0))
+        if state.get("best") is not None:
+            best.load_state_dict(state["best"])
     elif cfg.resume and main:
         print(f"histofm: no checkpoint in {out_dir}; starting from step 0.")
     if out_dir is not None and main:
@@ -172,6 +194,9 @@ def fit(
             tmp.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
     stop_step = min(cfg.steps, cfg.stop_after) if cfg.stop_after is not None else cfg.steps
+    if best.stopped:  # the checkpoint of a run that stopped early: nothing left to train
+        stop_step = start_step
+    watch = cfg.monitor_every > 0 and has_embed(method)
 
     # ------------------------------------------------------------------ data
     streaming = is_step_stream(data)
@@ -186,12 +211,12 @@ def fit(
         sampler = None
         loader = DataLoader(data, batch_size=None, num_workers=cfg.num_workers,
                             pin_memory=device.type == "cuda", persistent_workers=False)
-        if monitor_images is None and cfg.monitor_every > 0:
-            monitor_images = _stream_monitor_batch(data, transform, cfg)
+        if monitor_images is None and watch:
+            monitor_images = stream_monitor_batch(data, transform, cfg)
     elif isinstance(data, DataLoader):
         loader, sampler = data, None
-        if monitor_images is None:
-            monitor_images = _first_image_batch(next(iter(data)), cfg.monitor_samples)
+        if monitor_images is None and watch:
+            monitor_images = first_image_batch(next(iter(data)), cfg.monitor_samples)
     else:
         if not hasattr(data, "__len__") or not hasattr(data, "__getitem__"):
             raise HistofmError("fit() needs a map-style dataset (with __len__ and __getitem__) or a DataLoader.")
@@ -203,11 +228,11 @@ def fit(
             raise HistofmError("The dataset yields PIL images: pass the method's view transform (transform=...).")
         views = SeededViews(data, transform, cfg.seed)
         loader = DataLoader(
-            views, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=default_collate,
+            views, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate or default_collate,
             pin_memory=device.type == "cuda", persistent_workers=False,
         )
-        if monitor_images is None and cfg.monitor_every > 0:
-            monitor_images = _monitor_batch(views, len(data), cfg)
+        if monitor_images is None and watch:
+            monitor_images = monitor_batch(views, len(data), cfg)
 
     # The loader's iterator draws a base seed from the global RNG: create it before seeding.
     it = _cycle(loader) if sampler is None and not streaming else iter(loader)
@@ -247,6 +272,7 @@ def fit(
                     "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                     "rng": rngs,
                     "nonfinite_streak": streak,
+                    "best": best.state_dict() if best.metric is not None else None,
                     "world_size": world,
                     "config": cfg.to_dict(),
                     "history": history,
@@ -254,10 +280,15 @@ def fit(
             )
         dist_utils.barrier()
 
-    progress = _Progress(enabled=cfg.progress and main, total=stop_step, start=start_step)
+    def full_weights() -> dict[str, torch.Tensor]:
+        return _full_states(method, optimizer, fsdp)[0] if fsdp else method.state_dict()
+
+    progress = TrainProgress(enabled=cfg.progress and main, total=stop_step, start=start_step, label=label,
+                             metric=cfg.best_metric)
     trace = SampleTrace(rank)
     method.train()
     t_last, n_last = time.perf_counter(), 0
+    end_step = start_step  # the steps done when the loop ends (early stopping ends it before stop_step)
     try:
         for step in range(start_step, stop_step):
             batch = next(it)
@@ -302,13 +333,20 @@ def fit(
 
             record = {"step": step, **_scalars(out), "lr": lr, "wd": wd, "grad_norm": grad_norm, "skipped": not finite}
             # Under FSDP every rank takes part in the monitor's forward (its parameters are sharded).
-            if cfg.monitor_every > 0 and monitor_images is not None and (main or fsdp) and (
+            if watch and monitor_images is not None and (main or fsdp) and (
                 step % cfg.monitor_every == 0 or step == cfg.steps - 1
             ):
-                record.update(_monitor(method, monitor_images, device, autocast_dtype))
+                record.update(monitor_step(method, monitor_images, device, autocast_dtype))
+            evaluated = evaluate is not None and (
+                step == cfg.steps - 1 or (cfg.eval_every > 0 and (step + 1) % cfg.eval_every == 0)
+            )
+            if evaluated:
+                metrics = _evaluate(method, evaluate, device, autocast_dtype)
+                record.update(metrics)
+                record.update(best.update(step, metrics, full_weights))
             history.append(record)
             n_last += 1
-            if main and (step % cfg.log_every == 0 or step == stop_step - 1):
+            if main and (step % cfg.log_every == 0 or step == stop_step - 1 or evaluated or best.stopped):
                 now = time.perf_counter()
                 per_step = (now - t_last) / n_last
                 logger.log({**record, "sec_per_step": per_step, "samples_per_sec": cfg.batch_size / max(per_step, 1e-9)})
@@ -325,7 +363,9 @@ def fit(
                     f"The loss was not finite for {streak} step{'s' if streak > 1 else ''} in a row (up to step {step}, "
                     f"max_nonfinite={cfg.max_nonfinite}){where}; lower the learning rate or use fp32, then resume."
                 )
-            done = step + 1
+            end_step = done = step + 1
+            if best.stopped:
+                break
             if ckpt_path is not None and cfg.ckpt_every > 0 and done % cfg.ckpt_every == 0 and done < stop_step:
                 save(done)
     finally:
@@ -333,11 +373,17 @@ def fit(
         logger.close()
         trace.close()
 
-    if stop_step > start_step and not _any_step_taken(history):
-        raise _never_finite(stop_step)
-    if ckpt_path is not None and stop_step > start_step:
-        save(stop_step)
-    _export(method, out_dir, main, fsdp, {"steps": stop_step, "finished": stop_step >= cfg.steps})
+    if end_step > start_step and not _any_step_taken(history):
+        raise _never_finite(end_step)
+    if ckpt_path is not None and end_step > start_step:
+        save(end_step)  # the last weights (the best ones travel beside them)
+    if best.weights is not None:
+        _load_weights(method, best.weights, fsdp)
+    extra: dict[str, Any] = {"steps": end_step, "finished": end_step >= cfg.steps or best.stopped}
+    if best.metric is not None:
+        extra.update({"best_metric": best.metric, "best_value": best.value, "best_step": best.step,
+                      "stopped_early": best.stopped})
+    _export(method, out_dir, main, fsdp, extra)
     if main and out_dir is not None:
         if history:
             plot_loss_curve(history, out_dir / "loss_curve.png", title=f"{type(method).__name__}: training loss")
@@ -345,7 +391,7 @@ def fit(
 
 
 # ------------------------------------------------------------------------ helpers
-def _full_states(method: SSLMethod, optimizer: torch.optim.Optimizer, fsdp: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+def _full_states(method: Objective, optimizer: torch.optim.Optimizer, fsdp: bool) -> tuple[dict[str, Any], dict[str, Any]]:
     """Method and optimiser states with full tensors, the optimiser's keyed by parameter name.
 
     Under FSDP this is a collective (every rank must call it; rank 0 receives the tensors).
@@ -360,7 +406,7 @@ def _full_states(method: SSLMethod, optimizer: torch.optim.Optimizer, fsdp: bool
     return get_model_state_dict(method, options=opts), get_optimizer_state_dict(method, optimizer, options=opts)
 
 
-def _load_states(method: SSLMethod, optimizer: torch.optim.Optimizer, state: dict[str, Any], fsdp: bool) -> None:
+def _load_states(method: Objective, optimizer: torch.optim.Optimizer, state: dict[str, Any], fsdp: bool) -> None:
     """Inverse of :func:`_full_states`; every rank loads the full tensors and keeps its shard."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
@@ -392,22 +438,48 @@ def _never_finite(steps: int) -> HistofmError:
     )
 
 
-def _export(method: SSLMethod, out_dir: Path | None, main: bool, fsdp: bool, extra: dict[str, Any]) -> None:
-    """Write the backbone on rank 0 (under FSDP every rank first helps gather the shards).
+def _load_weights(method: Objective, weights: dict[str, torch.Tensor], fsdp: bool) -> None:
+    """Load full (unsharded) weights into ``method``, e.g. the best ones kept by :class:`BestWeights`."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(method, weights, options=StateDictOptions(full_state_dict=True) if fsdp else None)
+
+
+@torch.no_grad()
+def _evaluate(
+    method: Objective, evaluate: Callable[[], dict[str, float]], device: torch.device, dtype: torch.dtype | None
+) -> dict[str, float]:
+    """Run ``evaluate`` in eval mode under the training precision, leaving the training RNG as it was."""
+    was_training = method.training
+    method.eval()
+    try:
+        with torch.random.fork_rng(devices=[]), torch.autocast(
+            device.type, dtype=dtype or torch.float32, enabled=dtype is not None
+        ):
+            metrics = {k: float(v) for k, v in evaluate().items()}
+    finally:
+        method.train(was_training)
+    return dist_utils.all_gather_object(metrics)[0]  # every rank follows rank 0's decision
+
+
+def _export(method: Objective, out_dir: Path | None, main: bool, fsdp: bool, extra: dict[str, Any]) -> None:
+    """Write the objective's exported module on rank 0 (under FSDP every rank first helps gather the shards).
 
     Raises:
-        HistofmError: a weight is not finite (such a backbone is never written).
+        HistofmError: a weight is not finite (such a module is never written).
     """
-    if out_dir is None:
+    module = method.exported_module()
+    if out_dir is None or module is None:
         return
-    tensors = accel.full_state_dict(method.backbone) if fsdp else None
+    name = method.export_name
+    tensors = accel.full_state_dict(module) if fsdp else None
     if main:
-        state = tensors if tensors is not None else method.backbone.state_dict()
+        state = tensors if tensors is not None else module.state_dict()
         bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
         if bad is not None:
-            raise HistofmError(f"The backbone's weight {bad} is not finite after training; nothing was exported "
+            raise HistofmError(f"The {name}'s weight {bad} is not finite after training; nothing was exported "
                                "(lower the learning rate or use fp32).")
-        export_backbone(method.backbone, out_dir, extra, state_dict=tensors)
+        export_backbone(module, out_dir, extra, state_dict=tensors, name=name)
 
 
 def _check_resume_config(saved: dict[str, Any], cfg: TrainConfig) -> None:
@@ -455,84 +527,3 @@ def _cycle(loader: DataLoader) -> Any:  # noqa: ANN401
         epoch += 1
 
 
-def _monitor_batch(views: SeededViews, n: int, cfg: TrainConfig) -> torch.Tensor | None:
-    g = torch.Generator().manual_seed(cfg.seed + 7919)
-    idx = torch.randperm(n, generator=g)[: min(cfg.monitor_samples, n)]
-    imgs = []
-    with seeded(cfg.seed):  # never touches the training random state
-        for i in idx.tolist():
-            img = first_image(views[(i, -1)])
-            if img is None:
-                return None
-            imgs.append(img)
-    if len({tuple(t.shape) for t in imgs}) != 1:
-        return None
-    return torch.stack(imgs)  # (N, C, H, W)
-
-
-def _stream_monitor_batch(data: Any, transform: Callable[[Any], Any] | None, cfg: TrainConfig) -> torch.Tensor | None:  # noqa: ANN401
-    """The collapse watch's images from a step stream's first samples (its ``preview``)."""
-    preview = getattr(data, "preview", None)
-    if preview is None or transform is None:
-        return None
-    imgs = []
-    with seeded(cfg.seed):
-        for item in preview(cfg.monitor_samples):
-            img = first_image(transform(item))
-            if img is None:
-                return None
-            imgs.append(img)
-    if not imgs or len({tuple(t.shape) for t in imgs}) != 1:
-        return None
-    return torch.stack(imgs)  # (N, C, H, W)
-
-
-def _first_image_batch(batch: Any, limit: int) -> torch.Tensor | None:  # noqa: ANN401
-    if isinstance(batch, torch.Tensor):
-        return batch[:limit] if batch.ndim == 4 else None
-    if isinstance(batch, (list, tuple)):
-        for b in batch:
-            t = _first_image_batch(b, limit)
-            if t is not None:
-                return t
-    return None
-
-
-@torch.no_grad()
-def _monitor(method: SSLMethod, images: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> dict[str, float]:
-    was_training = method.training
-    method.eval()
-    try:
-        with accel.unsharded(method), torch.random.fork_rng(devices=[]), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            z = torch.cat([method.embed(images[i : i + 256].to(device)) for i in range(0, len(images), 256)])
-    finally:
-        method.train(was_training)
-    return collapse_stats(z.float())
-
-
-class _Progress:
-    """A rich progress bar showing the step, the loss and the time left (no-op when disabled)."""
-
-    def __init__(self, *, enabled: bool, total: int, start: int) -> None:
-        self._p = None
-        if not enabled:
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self._p = Progress(
-            TextColumn("[bold]pretrain"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-            TimeRemainingColumn(), transient=False,
-        )
-        self._p.start()
-        self._task = self._p.add_task("train", total=total, completed=start, info="")
-
-    def update(self, completed: int, record: dict[str, Any]) -> None:
-        if self._p is not None:
-            info = f"loss {record.get('loss', float('nan')):.4f}"
-            if "rankme" in record:
-                info += f"  rankme {record['rankme']:.1f}"
-            self._p.update(self._task, completed=completed, info=info)
-
-    def close(self) -> None:
-        if self._p is not None:
-            self._p.stop()
