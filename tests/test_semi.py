@@ -324,7 +324,7 @@ def test_fit_stops_on_a_diverging_loss() -> None:
     # The engine's non-finite guard: steps with a NaN loss are skipped, and max_nonfinite in a row stop the run.
     x = torch.randint(0, 255, (8, 3, 8, 8), dtype=torch.uint8)
     m = build_semi_method("supervised", Classifier(SmallConvNet(4, 1), 2))
-    cfg = semi_config(steps=50, batch_size=4, lr=1e12, min_lr=1e12, device="cpu")
+    cfg = semi_config(steps=50, batch_size=4, lr=1e12, device="cpu")
     with pytest.warns(UserWarning, match="non-finite"), pytest.raises(HistofmError, match="lower the learning rate"):
         fit_semi(m, SemiData(x, torch.tensor([0, 1] * 4), x), cfg)
 

@@ -80,6 +80,7 @@ def test_resume_after_an_interruption_equals_the_uninterrupted_run(tmp_path, dat
     resumed = _method(name, seed=1)  # another initialisation: everything must come from the checkpoint
     h_res = fit_semi(resumed, data, _cfg(tmp_path / "cut", resume=True), mu=2, recalibrate_bn=False)
     assert [h["loss"] for h in h_res] == [h["loss"] for h in h_full]  # per-step losses, bit for bit
+    assert h_full[3]["lr"] == pytest.approx(0.05 * 0.7730104534)  # FixMatch's lr * cos(7 pi k / 16 K) at k = 3 of 6
     sd_full, sd_res = full.state_dict(), resumed.state_dict()
     assert sd_full.keys() == sd_res.keys()
     for k in sd_full:  # parameters, BatchNorm statistics, the teacher and the ramped weights alike

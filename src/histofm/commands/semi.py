@@ -4,9 +4,9 @@
 
 Training runs through the one engine (:func:`histofm.train.semi.fit_semi`), which
 writes ``checkpoint.pt`` (``--resume`` continues a killed run exactly), ``log.jsonl``,
-``loss_curve.png`` and ``config.json``. Then this command writes ``model.safetensors``
-+ ``model.json`` (classifier and how to rebuild it), ``predictions.csv`` (every image:
-prediction, confidence, class probabilities), ``metrics.json`` and ``loss.png``.
+``loss_curve.png``, ``config.json`` and ``model.safetensors`` + ``model.json`` (the
+classifier and how to rebuild it). Then this command writes ``predictions.csv``
+(every image: prediction, confidence, class probabilities), ``metrics.json`` and ``loss.png``.
 """
 
 from __future__ import annotations
@@ -132,7 +132,8 @@ def run(args: argparse.Namespace) -> int:
                           device=str(device), precision=args.precision, out_dir=str(out), resume=args.resume,
                           progress=not args.no_progress)
     start = time.perf_counter()
-    history = fit_semi(method, data, fit_cfg, mu=args.mu)
+    record = {**model_record, "classes": list(folder.classes), "img_size": args.img_size, "method": args.method}
+    history = fit_semi(method, data, fit_cfg, mu=args.mu, record=record)  # writes model.safetensors + model.json
     seconds = time.perf_counter() - start
     metrics: dict[str, Any] = {
         "method": args.method, "model": args.model, "img_size": args.img_size, "steps": args.steps,
@@ -145,8 +146,6 @@ def run(args: argparse.Namespace) -> int:
                                     labels_flag="--test-labels")
         metrics["test"] = evaluate(method, test.x_l, test.y_l, device=device)
         metrics["n_test"] = len(test.x_l)
-    _save_model(method, out, {**model_record, "classes": list(folder.classes), "img_size": args.img_size,
-                              "method": args.method})
     _save_predictions(method, folder, out / "predictions.csv", device)
     _save_json(metrics, out / "metrics.json")
     _save_curves(history, out / "loss.png")
@@ -168,18 +167,6 @@ def _save_json(obj: Any, path: Path) -> None:
 
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2))
-
-
-def _save_model(method: Any, out: Path, record: dict[str, Any]) -> None:
-    from safetensors.torch import save_file
-
-    from histofm.utils import atomic_path
-
-    model = method.deployed()  # Mean Teacher's teacher; the classifier for the others
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(out / "model.safetensors") as tmp:
-        save_file(state, str(tmp))
-    _save_json(record, out / "model.json")
 
 
 def _save_predictions(method: Any, folder: Any, path: Path, device: torch.device) -> None:

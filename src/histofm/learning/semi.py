@@ -34,7 +34,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from histofm.errors import HistofmError
 from histofm.learning.views import ViewConfig, strong_view, weak_view
-from histofm.methods.base import SSLMethod
+from histofm.utils.objective import Objective
 
 
 class SmallConvNet(nn.Module):
@@ -102,8 +102,12 @@ class Classifier(nn.Module):
         return self.head(self.forward_features(x))  # (B, C)
 
 
-class SemiMethod(SSLMethod):
+class SemiMethod(Objective):
     """Base of the semi-supervised methods: holds the classifier and makes the views' random stream.
+
+    An :class:`~histofm.utils.objective.Objective`: the engine trains it. It exports nothing
+    itself (``exported_module`` is ``None``): the deployed classifier is saved after
+    :func:`recalibrate_batchnorm`, by :func:`histofm.train.semi.fit_semi`'s caller.
 
     A batch is ``{"x_l": (B,3,H,W), "y_l": (B,), "x_u": (muB,3,H,W)}`` with images as
     ``uint8`` or as floats in ``[0, 1]``; an optional ``"y_u"`` (true labels of the
@@ -117,7 +121,6 @@ class SemiMethod(SSLMethod):
     def __init__(self, classifier: Classifier, seed: int = 0) -> None:
         super().__init__()
         self.classifier = classifier
-        self.backbone = classifier.backbone
         self._seed = seed
         self._generators: dict[str, torch.Generator] = {}
 

@@ -19,12 +19,9 @@ check that the deployed weights are finite::
     history = fit_semi(method, SemiData(x_l, y_l, x_u), semi_config(steps=1000, out_dir="run/"), mu=4)
     evaluate(method, x_test, y_test)
 
-The defaults of :func:`semi_config` follow FixMatch's optimiser (SGD with momentum
-0.9, lr 0.03, weight decay 5e-4 on weights only, no gradient clipping) on the
-engine's schedule, a half cosine, fitted to FixMatch's (see :data:`SEMI_DEFAULTS`
-and :data:`MIN_LR_FRACTION`). Two differences from the paper remain: the engine's
-SGD uses classical momentum, not Nesterov's, and its cosine is not FixMatch's
-``cos(7 pi k / 16 K)``.
+The defaults of :func:`semi_config` are FixMatch's optimiser: SGD with Nesterov
+momentum 0.9, lr 0.03, weight decay 5e-4 on weights only, no gradient clipping,
+and FixMatch's schedule ``lr * cos(7 pi k / 16 K)`` (see :data:`SEMI_DEFAULTS`).
 """
 
 from __future__ import annotations
@@ -37,32 +34,27 @@ import torch
 
 from histofm.errors import HistofmError
 from histofm.learning.semi import SemiData, SemiMethod, SemiSteps, recalibrate_batchnorm
+from histofm.train.checkpoint import export_backbone
 from histofm.train.config import TrainConfig
 from histofm.train.loop import History, fit, resolve_device
 from histofm.utils import atomic_path
+from histofm.utils import distributed as dist_utils
 
-# The engine's settings that differ from its pretraining defaults (FixMatch's optimiser).
+# The engine's settings that differ from its pretraining defaults: FixMatch's optimiser.
 SEMI_DEFAULTS: dict[str, Any] = {
-    "steps": 500, "batch_size": 32, "optimizer": "sgd", "lr": 0.03, "weight_decay": 5e-4, "grad_clip": None,
-    "monitor_every": 0, "ckpt_every": 100, "progress": False, "tensorboard": False,
+    "steps": 500, "batch_size": 32, "optimizer": "sgd", "nesterov": True, "lr": 0.03, "lr_schedule": "fixmatch",
+    "weight_decay": 5e-4, "grad_clip": None, "monitor_every": 0, "ckpt_every": 100, "progress": False,
+    "tensorboard": False,
 }
-# FixMatch's schedule is lr * cos(7 pi k / 16 K). Of the engine's half cosines from lr to min_lr,
-# the one closest to it (least squares over the run; mean lr 0.70 vs 0.71, largest gap 0.2 lr at the end)
-# ends at min_lr = 0.39 lr: the default unless min_lr is given.
-MIN_LR_FRACTION = 0.39
 
 
 def semi_config(**changes: Any) -> TrainConfig:
     """The engine's :class:`~histofm.train.config.TrainConfig` with :data:`SEMI_DEFAULTS`, then ``changes``.
 
     ``batch_size`` is the number of LABELLED images per step (``B``); ``mu`` is passed to
-    :func:`fit_semi`. ``min_lr`` defaults to :data:`MIN_LR_FRACTION` of ``lr``. A misspelt
-    key raises :class:`HistofmError`.
+    :func:`fit_semi`. A misspelt key raises :class:`HistofmError`.
     """
-    merged = {**SEMI_DEFAULTS, **changes}
-    if "min_lr" not in changes and isinstance(merged["lr"], (int, float)):
-        merged["min_lr"] = MIN_LR_FRACTION * merged["lr"]
-    return TrainConfig().replace(**merged)
+    return TrainConfig().replace(**{**SEMI_DEFAULTS, **changes})
 
 
 def fit_semi(
@@ -72,6 +64,7 @@ def fit_semi(
     *,
     mu: int = 4,
     recalibrate_bn: bool = True,
+    record: dict[str, Any] | None = None,
 ) -> History:
     """Train ``method`` on ``data`` through the engine; returns the engine's per-step history.
 
@@ -80,11 +73,14 @@ def fit_semi(
         data: labelled and unlabelled ``uint8`` images.
         cfg: the engine's configuration (default: :func:`semi_config`); with ``out_dir`` the
             engine writes ``checkpoint.pt``, ``log.jsonl``, ``loss_curve.png`` and ``config.json``
-            there, and ``resume=True`` continues an interrupted run exactly.
+            there (``resume=True`` continues an interrupted run exactly), and this function the
+            deployed classifier, after recalibration, as ``model.safetensors`` + ``model.json``.
         mu: unlabelled images per labelled one (``mu * batch_size`` per step); keep it when resuming.
         recalibrate_bn: after training, recompute the deployed model's BatchNorm statistics on the
             un-augmented training images (running statistics follow augmented batches of moving
             weights; evaluated as they are, they made models predict mostly one class).
+        record: extra entries of ``model.json`` (how to rebuild the classifier: the CLI's model
+            name, classes, image size).
 
     Raises:
         HistofmError: the loss stayed non-finite (the engine's guard) or a deployed weight is not
@@ -94,7 +90,7 @@ def fit_semi(
     steps = SemiSteps(data, mu)  # checks mu
     if cfg.out_dir is not None:
         _keep_mu(Path(cfg.out_dir), mu, cfg.resume)
-    history = fit(method, steps, cfg)
+    history = fit(method, steps, cfg, label="semi")
     device = resolve_device(cfg.device)
     if recalibrate_bn:
         recalibrate_batchnorm(method.deployed(), torch.cat([data.x_l, data.x_u]), device)
@@ -103,6 +99,10 @@ def fit_semi(
     if bad is not None:  # never hand back (and save) a model with NaN weights
         raise HistofmError(f"The model's weight {bad} is not finite after training; lower the learning rate (--lr).")
     method.eval()
+    if cfg.out_dir is not None and dist_utils.rank() == 0:
+        finished = len(history) >= cfg.steps
+        export_backbone(method.deployed(), Path(cfg.out_dir), {"mu": mu, "steps": len(history), "finished": finished,
+                                                               **(record or {})}, name="model")
     return history
 
 
@@ -119,4 +119,4 @@ def _keep_mu(out_dir: Path, mu: int, resume: bool) -> None:
         tmp.write_text(json.dumps({"mu": mu}) + "\n")
 
 
-__all__ = ["MIN_LR_FRACTION", "SEMI_DEFAULTS", "fit_semi", "semi_config"]
+__all__ = ["SEMI_DEFAULTS", "fit_semi", "semi_config"]
