@@ -127,3 +127,35 @@ def test_cli_resume_after_a_stop_equals_an_uninterrupted_run(tmp_path, capsys, m
     assert (tmp_path / "cut" / "predictions.csv").read_text() == (tmp_path / "full" / "predictions.csv").read_text()
     for name in ("log.jsonl", "config.json", "loss_curve.png", "metrics.json", "loss.png"):
         assert (tmp_path / "cut" / name).is_file(), name
+
+
+def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    from gloo import gloo_rank
+
+    with gloo_rank(rank, world, port):
+        g = torch.Generator().manual_seed(0)
+        y = torch.arange(24) % 3
+        x = render_synthetic_nuclei(y, 12, g)
+        method = _method("fixmatch")
+        fit_semi(method, SemiData(x[:6], y[:6], x[6:]), _cfg(out_dir, steps=3), mu=2)
+        torch.save(method.state_dict(), f"{out_dir}/rank{rank}.pt")
+
+
+def test_two_gloo_ranks_split_each_step_and_stay_in_sync(tmp_path, data, monkeypatch) -> None:
+    """Under DDP each rank trains on its half of every step's labelled and unlabelled images; weights stay equal."""
+    import torch.multiprocessing as mp
+
+    from gloo import free_port
+
+    monkeypatch.setenv("HISTOFM_SAMPLE_TRACE", str(tmp_path / "trace"))
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    states = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])  # DDP kept the replicas equal
+    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "log.jsonl").is_file()  # written by rank 0
+    traces = [dict(line.split("\t") for line in (tmp_path / "trace" / f"samples.rank{r}.txt").read_text().splitlines())
+              for r in range(2)]
+    one = SemiSteps(SemiData(data.x_l, data.y_l, data.x_u), mu=2)
+    one.plan_steps(seed=3, global_batch=4, stop_step=3)
+    for step, (_, keys) in enumerate(one):
+        halves = [traces[r][str(step)].split() for r in range(2)]
+        assert halves[0][:2] + halves[1][:2] == keys[:4] and halves[0][2:] + halves[1][2:] == keys[4:]

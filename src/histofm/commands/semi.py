@@ -51,8 +51,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=500, help="optimiser steps")
     p.add_argument("--batch-size", type=int, default=32, help="labelled images per step")
     p.add_argument("--mu", type=int, default=4, help="unlabelled images per labelled one in a step")
-    p.add_argument("--lr", type=float, default=0.03, help="peak learning rate (SGD with momentum, cosine schedule)")
-    p.add_argument("--threshold", type=float, help="confidence threshold (default: FixMatch 0.95, pseudo-label 0.0)")
+    p.add_argument("--lr", type=float, default=0.03,
+                   help="peak learning rate (SGD with Nesterov momentum, FixMatch's cosine schedule)")
+    p.add_argument("--threshold", type=float, help="confidence threshold of fixmatch and pseudolabel (default: 0.95)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--device", help="cpu, cuda, ... (default: the best available)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="mixed precision")
