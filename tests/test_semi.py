@@ -175,14 +175,18 @@ def test_task_has_ten_percent_labels_stratified(task) -> None:
     assert torch.bincount(task.data.y_l).tolist() == [10, 10, 10]
 
 
-def test_fixmatch_beats_supervised_with_the_same_strong_views_on_average_over_seeds() -> None:
+def test_fixmatch_keeps_up_with_supervised_with_the_same_strong_views_on_average_over_seeds() -> None:
     # 30 labelled + 270 unlabelled generated H&E nucleus tiles (3 classes), 600 test tiles, seeds 0-4.
     # The baseline gets everything FixMatch gets except the unlabelled tiles: the same network, steps,
     # batch, optimiser and the same strong views (most of FixMatch's gain over a weak-view baseline
-    # comes from the strong views themselves, docs/semi-supervised.md). Measured gain of the mean over
-    # seeds 0-7: per seed +0.013 +0.057 +0.108 +0.053 -0.010 +0.027 +0.133 +0.040 (mean +0.053,
-    # std 0.047), so the mean of 5 seeds has a standard error of about 0.021 and the bound is
-    # +0.053 - 2 x 0.021 = +0.01. Seeds 0-4 are the first five, not chosen; they gave +0.044.
+    # comes from the strong views themselves, docs/semi-supervised.md). Measured gain of FixMatch over
+    # it (benchmarks/semi_fixmatch.py --rows supervised+strong "fixmatch t=0.8" --baseline
+    # supervised+strong): through the engine, seeds 0-15, mean +0.010, std 0.032; with the previous
+    # loop (the same optimiser, other random draws), seeds 0-15, mean +0.030, std 0.049; pooled, +0.020
+    # with a standard error of 0.007. So the gain is real but small at 300 steps, and a mean of five
+    # seeds (standard error about 0.016) cannot show it: the bound is mean - 2 standard errors = -0.02,
+    # i.e. FixMatch must not fall behind the strong baseline beyond noise, and must use the unlabelled
+    # tiles, mostly rightly. Seeds 0-4 are the first five, not chosen; they gave +0.031.
     seeds = range(5)
     sup, fm, mask_rate, pseudo_acc = [], [], [], []
     for seed in seeds:
@@ -198,7 +202,7 @@ def test_fixmatch_beats_supervised_with_the_same_strong_views_on_average_over_se
           f"(mean {np.mean(fm):.3f}), gain {gain:+.3f}; last 30 steps: {np.mean(mask_rate):.2f} of unlabelled "
           f"images confident, {np.mean(pseudo_acc):.2f} of those right")
     assert np.mean(mask_rate) > 0.5 and np.mean(pseudo_acc) > 0.8  # unlabelled images used, mostly rightly
-    assert gain > 0.01, (sup, fm)
+    assert gain > -0.02, (sup, fm)
 
 
 @pytest.mark.parametrize("method", ["meanteacher", "pseudolabel"])
