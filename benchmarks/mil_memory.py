@@ -80,9 +80,9 @@ def child(root: Path, k: int, mode: str, epochs: int) -> None:
                    "--epochs", str(epochs), "--device", "cpu", *settings, "--out", str(out)])
         assert rc == 0
     else:
-        from histofm.mil.cv import cross_validate
         from histofm.mil.data import BagDataset, read_labels_csv
         from histofm.mil.train import MILTrainConfig
+        from histofm.train.mil import cross_validate
 
         table = read_labels_csv(labels)
         lazy = BagDataset.from_table(root / "features", table.slide_ids)

@@ -1,7 +1,9 @@
 """Kill -9 during `histofm mil train`, then rerun: it resumes per fold and ends bit-identical to a clean run.
 
-Kill points are exact, not timing luck: a small wrapper around the CLI makes the Nth ``torch.save``
-(one per epoch: the fold's training state) write half its bytes, touch a marker and stall; the test
+Training runs through the engine (:func:`histofm.train.fit`), whose checkpoint of the fold
+(``fold_K/checkpoint.pt``) is what a rerun resumes from. Kill points are exact, not timing luck: a
+small wrapper around the CLI makes the Nth ``torch.save`` (one per epoch: the engine's checkpoint)
+write half its bytes, touch a marker and stall; the test
 SIGKILLs the process then. N is drawn from a seeded generator over the run's epochs, once inside the
 first fold and once inside the second (after the first fold's model is final). Between kills a rerun
 with other settings is refused without touching the folder. The last rerun (``--resume``) finishes;
@@ -84,7 +86,7 @@ def _kill_at_save(args: list[str], stall_at: int, marker: Path) -> None:
 
 
 def _snapshot(out: Path) -> dict[str, bytes]:
-    return {f.name: f.read_bytes() for f in out.iterdir()}
+    return {str(f.relative_to(out)): f.read_bytes() for f in sorted(out.rglob("*")) if f.is_file()}
 
 
 def test_kill_and_resume_is_bit_identical(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -108,8 +110,9 @@ def test_kill_and_resume_is_bit_identical(tmp_path: Path, capsys: pytest.Capture
     _kill_at_save(_args(feats, labels, out), first, marker)
     names = {f.name for f in out.iterdir()}
     assert "progress.json" in names and "config.json" not in names and "run.json" not in names
-    assert "fold_0.state.pt" in names and not (out / "fold_0.safetensors").exists()
-    assert [n for n in names if n.startswith(".fold_0.state.pt.") and n.endswith(".tmp")]  # the torn write
+    fold0 = {f.name for f in (out / "fold_0").iterdir()}
+    assert "checkpoint.pt" in fold0 and not (out / "fold_0.safetensors").exists()
+    assert [n for n in fold0 if n.startswith(".checkpoint.pt.") and n.endswith(".tmp")]  # the torn write
 
     before = _snapshot(out)  # other settings: refused, nothing touched
     assert main(_args(feats, labels, out, "--lr", "1e-3")) == 2
@@ -127,7 +130,7 @@ def test_kill_and_resume_is_bit_identical(tmp_path: Path, capsys: pytest.Capture
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert _outputs(out) == expected
-    assert not [f.name for f in out.iterdir() if f.name.startswith(".") or f.name.endswith(".state.pt")]
+    assert not [f.name for f in out.rglob("*") if f.name.startswith(".") or f.name == "checkpoint.pt"]
     assert not (out / "progress.json").exists()
 
     # A rerun with new settings into the finished folder, killed: old config.json, no finished run.

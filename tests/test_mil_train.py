@@ -203,7 +203,8 @@ def test_run_folder_reuse_never_mixes_runs(dataset: tuple[Path, Path], tmp_path:
     assert main([*base, "--folds", "2", "--aggregator", "mean", "--set", "hidden_dim=8"]) == 0
     models, cfg = load_trained(out)
     assert len(models) == 2 and cfg["aggregator"] == "mean"
-    assert sorted(p.name for p in out.glob("fold_*")) == ["fold_0.safetensors", "fold_1.safetensors"]
+    assert sorted(p.name for p in out.glob("fold_*")) == ["fold_0", "fold_0.safetensors", "fold_1", "fold_1.safetensors"]
+    assert not list(out.glob("fold_*/checkpoint.pt"))  # the engine's checkpoints go when their fold is done
     (out / "run.json").unlink()  # as a run killed before it finished leaves it
     with pytest.raises(HistofmError, match="no finished run"):
         load_trained(out)

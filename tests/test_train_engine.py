@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from histofm.errors import HistofmError
+from histofm.methods.base import SSLMethod
 from histofm.train import TrainConfig, fit
 from histofm.utils.objective import Objective
 
@@ -96,6 +97,16 @@ def test_engine_settings_fail_in_one_sentence(tmp_path) -> None:
     obj = Memorise()
     data = [(torch.randn(6), torch.randn(())) for _ in range(8)]
     cfg = TrainConfig(steps=2, batch_size=4, progress=False, best_metric="val_loss")
+    class Contrast(SSLMethod):  # a self-supervised method compares the samples of a batch
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = nn.Linear(6, 4)
+
+        def forward(self, batch):
+            return {"loss": self.backbone(batch[0]).std(0).mean()}
+
+    with pytest.raises(HistofmError, match="batch_size=1 is too small for Contrast, which needs at least 2"):
+        fit(Contrast(), data, cfg.replace(best_metric=None, batch_size=1))
     with pytest.raises(HistofmError, match="needs an evaluate callable"):
         fit(obj, data, cfg)
     with pytest.raises(HistofmError, match="best_metric='val_loss' is not among the evaluation's metrics"):

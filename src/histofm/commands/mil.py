@@ -135,12 +135,13 @@ def run_train(args: argparse.Namespace) -> int:
 
     from histofm.checks import check_device, check_out_dir
     from histofm.mil import build_aggregator, list_aggregators
-    from histofm.mil.cv import cross_validate, output_dim
+    from histofm.mil.cv import output_dim
     from histofm.mil.data import BagDataset, read_labels_csv
     from histofm.mil.options import FLAG_OPTIONS, TRAIN_OPTIONS, check_settings
     from histofm.mil.provenance import common_provenance
     from histofm.mil.survival import check_loss
     from histofm.mil.train import MILTrainConfig
+    from histofm.train.mil import cross_validate
     from histofm.utils import default_device
 
     if args.slide_embeddings is not None:

@@ -30,6 +30,7 @@ class SSLMethod(Objective):
 
     backbone: nn.Module
     export_name = "backbone"
+    min_batch_size = 2  # views of one sample are compared with the other samples of the batch
 
     def forward(self, batch: Any) -> dict[str, torch.Tensor]:  # noqa: ANN401  # pragma: no cover - abstract
         raise NotImplementedError

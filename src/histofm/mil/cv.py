@@ -1,21 +1,16 @@
-"""Patient-grouped cross-validation of a slide-level model, with a validation split inside each fold.
+"""Patient-grouped cross-validation of a slide-level model: folds, a validation split, summaries.
 
-:func:`cross_validate` splits the slides into folds stratified by label (by event
-for survival) and grouped by patient (scikit-learn's ``StratifiedGroupKFold``), so
-no patient has slides on both sides of a split. Inside each fold's training part a
-further stratified, patient-grouped split holds out ``val_fraction`` of the
-patients for early stopping. It writes, atomically, into ``out_dir``:
+:func:`make_folds` splits the slides into folds stratified by label (by event for
+survival) and grouped by patient (scikit-learn's ``StratifiedGroupKFold``), so no
+patient has slides on both sides of a split. Inside each fold's training part
+:func:`validation_split` holds out ``val_fraction`` of the patients (again stratified
+and grouped) for early stopping. :func:`summarise_fold` scores a fold's test slides and
+:func:`write_results` writes ``predictions.csv`` and ``metrics.json`` (each metric with a
+95% bootstrap interval over slides, per fold and pooled out-of-fold, and the mean +/- sd
+over folds).
 
-* ``progress.json`` and ``fold_K.state.pt`` while it runs, so a killed run resumes
-  (both removed when it finishes);
-* ``fold_K.safetensors``: each fold's model (the best validation epoch);
-* ``log.jsonl``: one record per fold and epoch (training and validation loss);
-* ``predictions.csv``: every slide once, scored by the fold model that held it out;
-* ``metrics.json``: per fold and pooled out-of-fold, each metric with a 95% bootstrap
-  interval over slides, and the mean +/- sd over folds;
-* ``config.json``: aggregator, options, classes, settings, the features' provenance,
-  written only when every fold is done;
-* ``run.json``: the manifest of this run's models, written last (see :mod:`histofm.mil.run`).
+The loop over folds trains through the engine, so it lives a floor up, in
+:func:`histofm.train.mil.cross_validate`.
 """
 
 from __future__ import annotations
@@ -25,7 +20,6 @@ import hashlib
 import json
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -40,21 +34,10 @@ from histofm.eval.metrics import (
     classification_metrics,
     concordance_index,
 )
-from histofm.mil.base import build_aggregator
 from histofm.mil.data import SlideTable
-from histofm.mil.run import (
-    abandon_run,
-    begin_run,
-    finish_run,
-    fold_done,
-    load_state,
-    save_state,
-    save_weights,
-    sha256,
-)
-from histofm.mil.survival import check_loss, discretize, risk_from_logits, survival_curve, time_bins
-from histofm.mil.train import MILTrainConfig, Targets, fit, predict_logits, subset
-from histofm.utils import atomic_path, seed_everything
+from histofm.mil.survival import discretize, risk_from_logits, survival_curve, time_bins
+from histofm.mil.train import MILTrainConfig, Targets
+from histofm.utils import atomic_path
 
 CLASSIFICATION_METRICS = ("balanced_accuracy", "macro_f1", "auroc")
 SURVIVAL_METRICS = ("c_index",)
@@ -134,7 +117,8 @@ def survival_summary(times: np.ndarray, events: np.ndarray, risk: np.ndarray, n_
     return _with_interval({"c_index": c}, [times, events, risk], {"c_index": concordance_index}, n_boot, seed)
 
 
-def _fold_targets(table: SlideTable, config: MILTrainConfig, tr: np.ndarray) -> tuple[Targets, np.ndarray | None]:
+def fold_targets(table: SlideTable, config: MILTrainConfig, tr: np.ndarray) -> tuple[Targets, np.ndarray | None]:
+    """Targets of every slide for fold training part ``tr`` and (survival NLL) the time-bin edges drawn from it."""
     if table.task == "classification":
         return Targets.classes(table.labels), None
     assert table.times is not None and table.events is not None
@@ -160,123 +144,40 @@ def data_fingerprint(table: SlideTable, bags: Sequence[torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def cross_validate(
-    bags: Sequence[torch.Tensor],
-    table: SlideTable,
-    config: MILTrainConfig,
-    folds: int,
-    out_dir: str | Path,
-    device: str | torch.device = "cpu",
-    progress: bool = False,
-    provenance: dict[str, Any] | None = None,
-    overwrite: bool = False,
-) -> dict[str, Any]:
-    """Train and test one model per fold; write models, log, predictions, metrics and the manifest.
-
-    A folder holding an unfinished run with the same settings and data is resumed: finished
-    folds are kept, the current fold continues from its last epoch (see :mod:`histofm.mil.run`);
-    the result is bit-identical to an uninterrupted run. Other settings are refused unless
-    ``overwrite``.
+def summarise_fold(table: SlideTable, config: MILTrainConfig, k: int, te: np.ndarray, logits: np.ndarray,
+                   *, n_train: int, n_val: int) -> dict[str, Any]:
+    """Metrics of fold ``k`` on its test slides ``te`` from its logits ``(len(te), C)``, with the CSV rows.
 
     Returns:
-        ``{"folds": [per-fold metrics], "pooled": {...}, "mean": {...}, "sd": {...}}``.
-
-    Raises:
-        HistofmError: on non-finite losses or predictions; then no metrics are written and the
-            unfinished run is forgotten.
+        ``{"metrics": {...}, "rows": [...], "index": te, "scores": probabilities or risks}``.
     """
-    out = Path(out_dir)
+    rows = []
+    if table.task == "survival":
+        assert table.times is not None and table.events is not None
+        risk = risk_from_logits(torch.from_numpy(logits), config.loss).numpy()
+        m = survival_summary(table.times[te], table.events[te], risk, config.n_boot, config.seed)
+        curves = survival_curve(torch.from_numpy(logits)).numpy() if config.loss == "nll" else None
+        for j, i in enumerate(te):
+            extra = [] if curves is None else [f"{v:.6f}" for v in curves[j]]
+            rows.append([table.slide_ids[i], table.patients[i], k, f"{table.times[i]:g}",
+                         int(table.events[i]), f"{risk[j]:.6f}", *extra])
+        scores = risk
+    else:
+        probs = torch.softmax(torch.from_numpy(logits), -1).numpy()
+        m = classification_summary(table.labels[te], probs, config.n_boot, config.seed)
+        for j, i in enumerate(te):
+            rows.append([table.slide_ids[i], table.patients[i], k, table.class_names[table.labels[i]],
+                         table.class_names[int(probs[j].argmax())], *[f"{p:.6f}" for p in probs[j]]])
+        scores = probs
+    m.update(fold=k, n_train=n_train, n_val=n_val, n_test=len(te))
+    return {"metrics": m, "rows": rows, "index": te, "scores": scores}
+
+
+def write_results(out: Path, table: SlideTable, config: MILTrainConfig, folds: list[dict[str, Any]],
+                  out_dim: int) -> dict[str, Any]:
+    """Write ``predictions.csv`` and ``metrics.json`` from the folds' :func:`summarise_fold` results; returns the summary."""
     survival = table.task == "survival"
-    if survival:
-        check_loss(config.loss, config.batch_size)
-    in_dim = int(getattr(bags, "dim", 0) or bags[0].shape[1])
-    out_dim = output_dim(table, config)
-    splits = make_folds(table.labels, table.patients, folds, config.seed,
-                        None if survival else table.class_names)
-    run_config = {
-        "aggregator": config.model, "model_kwargs": config.model_kwargs, "in_dim": in_dim, "out_dim": out_dim,
-        "task": table.task, "class_names": table.class_names, "folds": folds, "train": asdict(config),
-        "provenance": provenance or {}, "data_sha256": data_fingerprint(table, bags),
-    }
-    run_id, done = begin_run(out, run_config, overwrite=overwrite)
-    try:
-        return _run_folds(bags, table, config, splits, out, run_id, run_config, done, in_dim, out_dim, device, progress)
-    except HistofmError:
-        abandon_run(out)  # a deterministic failure (NaN) would only repeat on resume
-        raise
-
-
-def _run_folds(
-    bags: Sequence[torch.Tensor], table: SlideTable, config: MILTrainConfig,
-    splits: list[tuple[np.ndarray, np.ndarray]], out: Path, run_id: str, run_config: dict[str, Any],
-    done: list[dict[str, Any]], in_dim: int, out_dim: int, device: str | torch.device, progress: bool,
-) -> dict[str, Any]:
-    survival = table.task == "survival"
-    done_by_fold = {int(d["fold"]): d for d in done
-                    if (out / d["file"]).is_file() and sha256(out / d["file"]) == d.get("sha256")}
-    log_lines: list[str] = []
-
-    def write_log() -> None:
-        with atomic_path(out / "log.jsonl") as tmp:
-            tmp.write_text("".join(line + "\n" for line in log_lines))
-
     keys = SURVIVAL_METRICS if survival else CLASSIFICATION_METRICS
-    fold_metrics, rows, fold_docs = [], [], []
-    oof_index, oof_probs, oof_risk = [], [], []
-    for k, (tr, te) in enumerate(splits):
-        seed_everything(config.seed + k)
-        target, edges = _fold_targets(table, config, tr)
-        fit_idx, val_idx = validation_split(tr, table.labels, table.patients, config.val_fraction, config.seed + k)
-        name = f"fold_{k}.safetensors"
-        if k in done_by_fold:  # finished before a kill: its logits and log records were kept
-            logits = np.asarray(done_by_fold[k]["logits"], dtype=np.float64).reshape(len(te), out_dim)
-            log_lines.extend(json.dumps(r) for r in done_by_fold[k]["log"])
-        else:
-            model = build_aggregator(config.model, in_dim, out_dim, **config.model_kwargs)
-            state = load_state(out, k)
-            fold_log = [] if state is None else [{"fold": k, **r} for r in state["records"]]
-            log_lines.extend(json.dumps(r) for r in fold_log)
-
-            def log(record: dict[str, Any], k: int = k, fold_log: list[dict[str, Any]] = fold_log) -> None:
-                fold_log.append({"fold": k, **record})
-                log_lines.append(json.dumps(fold_log[-1]))
-                write_log()
-
-            fit(model, subset(bags, fit_idx), target[fit_idx], config, device, progress,
-                val_bags=subset(bags, val_idx), val_labels=target[val_idx], log=log, state=state,
-                save_state=lambda st, k=k: save_state(out, k, st))
-            logits, _ = predict_logits(model, subset(bags, te), device, scores=False)
-            if not np.isfinite(logits).all():
-                raise HistofmError(
-                    f"The fold {k} model of {config.model} gives NaN or infinite outputs on its test slides "
-                    f"(e.g. {table.slide_ids[te[int(np.argwhere(~np.isfinite(logits))[0, 0])]]!r}); "
-                    f"lower --lr (now {config.lr:g}) and train again."
-                )
-            save_weights(out / name, model.state_dict())
-            fold_done(out, {"fold": k, "file": name, "logits": logits.tolist(), "log": fold_log})
-        write_log()
-        if survival:
-            assert table.times is not None and table.events is not None
-            risk = risk_from_logits(torch.from_numpy(logits), config.loss).numpy()
-            m = survival_summary(table.times[te], table.events[te], risk, config.n_boot, config.seed)
-            oof_risk.append(risk)
-            curves = survival_curve(torch.from_numpy(logits)).numpy() if config.loss == "nll" else None
-            for j, i in enumerate(te):
-                extra = [] if curves is None else [f"{v:.6f}" for v in curves[j]]
-                rows.append([table.slide_ids[i], table.patients[i], k, f"{table.times[i]:g}",
-                             int(table.events[i]), f"{risk[j]:.6f}", *extra])
-        else:
-            probs = torch.softmax(torch.from_numpy(logits), -1).numpy()
-            m = classification_summary(table.labels[te], probs, config.n_boot, config.seed)
-            oof_probs.append(probs)
-            for j, i in enumerate(te):
-                rows.append([table.slide_ids[i], table.patients[i], k, table.class_names[table.labels[i]],
-                             table.class_names[int(probs[j].argmax())], *[f"{p:.6f}" for p in probs[j]]])
-        oof_index.append(te)
-        m.update(fold=k, n_train=len(fit_idx), n_val=len(val_idx), n_test=len(te))
-        fold_metrics.append(m)
-        fold_docs.append({"fold": k, "file": name, "test_slides": [table.slide_ids[i] for i in te],
-                          "bin_edges": None if edges is None else [float(e) for e in edges]})
     header = ["slide_id", "patient_id", "fold"]
     if survival:
         header += ["time", "event", "risk"] + ([f"surv_bin{b}" for b in range(out_dim)] if config.loss == "nll" else [])
@@ -285,14 +186,16 @@ def _run_folds(
     with atomic_path(out / "predictions.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(header)
-        w.writerows(rows)
-    idx = np.concatenate(oof_index)
+        w.writerows([row for fold in folds for row in fold["rows"]])
+    idx = np.concatenate([fold["index"] for fold in folds])
+    scores = np.concatenate([fold["scores"] for fold in folds])
     if survival:
         assert table.times is not None and table.events is not None
         # Pooling risks of different fold models assumes they share a scale; the per-fold values do not.
-        pooled = survival_summary(table.times[idx], table.events[idx], np.concatenate(oof_risk), config.n_boot, config.seed)
+        pooled = survival_summary(table.times[idx], table.events[idx], scores, config.n_boot, config.seed)
     else:
-        pooled = classification_summary(table.labels[idx], np.concatenate(oof_probs), config.n_boot, config.seed)
+        pooled = classification_summary(table.labels[idx], scores, config.n_boot, config.seed)
+    fold_metrics = [fold["metrics"] for fold in folds]
     summary = {
         "folds": fold_metrics,
         "pooled": pooled,
@@ -302,5 +205,4 @@ def _run_folds(
     }
     with atomic_path(out / "metrics.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=2))
-    finish_run(out, run_id, run_config, fold_docs)
     return summary

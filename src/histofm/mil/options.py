@@ -143,6 +143,7 @@ TRAIN_OPTIONS: dict[str, Option] = {
     "patience": Option("int", 0, 1_000_000),
     "class_weight": Option("bool"),
     "n_boot": Option("int", 0, 100_000),
+    "precision": Option("choice", choices=("fp32", "bf16", "fp16")),
 }
 
 # Flags of `mil train` that are not --set keys.

@@ -4,8 +4,9 @@ Files of a run folder, in the order a run writes them:
 
 * ``progress.json`` first: the run id, this run's settings and, as each fold finishes,
   that fold's model file, its SHA-256, its test logits and its log records;
-* ``fold_K.state.pt`` after every epoch of fold K (model, optimiser, epoch, early-stopping
-  state, random-number-generator states), so a killed run resumes mid-fold;
+* ``fold_K/``: the training engine's folder of fold K; its ``checkpoint.pt`` (written after
+  every epoch: weights, optimiser, best weights, patience count, random states, position in
+  the data) lets a killed run resume mid-fold and is deleted when the fold is done;
 * ``fold_K.safetensors``: each fold's final model;
 * at the end ``config.json`` and last ``run.json``, the manifest: the run id and for each
   fold its model file, its hash, the slides it held out and (survival NLL) its time bins.
@@ -25,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -64,26 +66,16 @@ def save_weights(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
     return path
 
 
-def state_path(out_dir: Path, fold: int) -> Path:
-    return out_dir / f"fold_{fold}.state.pt"
+def fold_dir(out_dir: Path, fold: int) -> Path:
+    """The training engine's folder of fold ``fold`` (checkpoint while it trains, its per-step log)."""
+    return out_dir / f"fold_{fold}"
 
 
-def save_state(out_dir: Path, fold: int, state: dict[str, Any]) -> None:
-    """The training state of fold ``fold`` after an epoch, written atomically."""
-    with atomic_path(state_path(out_dir, fold)) as tmp:
-        torch.save(state, tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-
-
-def load_state(out_dir: Path, fold: int) -> dict[str, Any] | None:
-    """The saved training state of ``fold`` or ``None``; a damaged one is ignored (the fold restarts)."""
-    p = state_path(out_dir, fold)
-    if not p.is_file():
-        return None
-    try:
-        return torch.load(p, map_location="cpu", weights_only=True)
-    except Exception:  # a file torn by something other than our atomic write: start the fold again
-        return None
+def _drop_checkpoint(folder: Path) -> None:
+    """Delete an engine checkpoint and the temporary files a killed write of it left."""
+    (folder / "checkpoint.pt").unlink(missing_ok=True)
+    for p in folder.glob(".checkpoint.pt.*.tmp"):
+        p.unlink()
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
@@ -125,7 +117,7 @@ def begin_run(out_dir: Path, config: dict[str, Any], overwrite: bool = False) ->
 
 
 def fold_done(out_dir: Path, fold_doc: dict[str, Any]) -> None:
-    """Record a finished fold in ``progress.json`` (its model file is already complete) and drop its state."""
+    """Record a finished fold in ``progress.json`` (its model file is already complete) and drop its checkpoint."""
     progress = out_dir / PROGRESS
     doc = json.loads(progress.read_text(encoding="utf-8"))
     doc["folds_done"] = [f for f in doc["folds_done"] if f["fold"] != fold_doc["fold"]] + [
@@ -133,14 +125,15 @@ def fold_done(out_dir: Path, fold_doc: dict[str, Any]) -> None:
     ]
     with atomic_path(progress) as tmp:
         tmp.write_text(json.dumps(doc))
-    state_path(out_dir, int(fold_doc["fold"])).unlink(missing_ok=True)
+    _drop_checkpoint(fold_dir(out_dir, int(fold_doc["fold"])))
 
 
 def abandon_run(out_dir: Path) -> None:
-    """Forget an unfinished run: its ``progress.json`` and per-epoch states (a rerun starts afresh)."""
+    """Forget an unfinished run: its ``progress.json`` and the folds' checkpoints (a rerun starts afresh)."""
     (out_dir / PROGRESS).unlink(missing_ok=True)
-    for p in out_dir.glob("fold_*.state.pt"):
-        p.unlink()
+    for d in out_dir.glob("fold_*"):
+        if d.is_dir():
+            _drop_checkpoint(d)
 
 
 def finish_run(out_dir: Path, run_id: str, config: dict[str, Any], folds: list[dict[str, Any]]) -> Path:
@@ -160,6 +153,10 @@ def finish_run(out_dir: Path, run_id: str, config: dict[str, Any], folds: list[d
     for stale in out_dir.glob("fold_*.safetensors"):
         if stale.name not in keep:
             stale.unlink()
+    keep_dirs = {fold_dir(out_dir, int(f["fold"])).name for f in folds}
+    for stale in out_dir.glob("fold_*"):
+        if stale.is_dir() and stale.name not in keep_dirs and stale.name.split("_")[-1].isdigit():
+            shutil.rmtree(stale)
     abandon_run(out_dir)
     return out_dir / MANIFEST
 

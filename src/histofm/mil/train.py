@@ -1,13 +1,16 @@
-"""Weakly supervised slide-level training: fit with early stopping, predict, and the loss of each task.
+"""Weakly supervised slide-level training: what is MIL's, for the one engine to train.
 
 A slide is a bag of tile embeddings ``(N, D)`` with one target: a class
 (classification) or a follow-up time and event (survival, see
-:mod:`histofm.mil.survival`). :func:`fit` trains an aggregator on a sequence of
-bags (a list of tensors, or a :class:`~histofm.mil.data.BagDataset` that reads
-each bag from disk when it is needed); given validation bags, it keeps the
-weights of the epoch with the lowest validation loss and stops after
-``patience`` epochs without improvement. Cross-validation over patient-grouped
-folds is in :mod:`histofm.mil.cv`.
+:mod:`histofm.mil.survival`). Training runs through the engine
+(:func:`histofm.train.fit`, driven by :mod:`histofm.train.mil`); this file holds
+only MIL's part of it:
+
+* :class:`MILObjective`: the aggregator and the slide loss, the engine's training unit;
+* :class:`BagSamples`, :class:`TileSubset` and :class:`BagCollate`: bags as a map-style
+  dataset, a random subset of tiles per bag and epoch (under the engine's per-sample
+  seed), and padding of bags of different sizes into one batch with a mask;
+* :func:`validation_loss`, :func:`predict_logits` and :func:`predict`.
 
 Losses: class-weighted cross-entropy (``w_c = n / (C n_c)``, from the training
 part) for classification; discrete-time NLL or Cox for survival; plus the
@@ -25,12 +28,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
 
 from histofm.errors import HistofmError
 from histofm.mil.base import MILAggregator
 from histofm.mil.data import Subset
 from histofm.mil.survival import cox_loss, nll_loss
 from histofm.utils import seed_everything
+from histofm.utils.objective import Objective
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,7 @@ class MILTrainConfig:
         patience: epochs without a lower validation loss before stopping (0: never stop early).
         class_weight: weight classes by inverse frequency in the loss (classification).
         n_boot: bootstrap resamples of each metric's interval (0: no interval).
+        precision: ``"fp32"``, ``"bf16"`` (autocast, fine on CPU) or ``"fp16"`` (CUDA, loss scaling).
     """
 
     model: str = "abmil"
@@ -74,6 +81,7 @@ class MILTrainConfig:
     patience: int = 5
     class_weight: bool = True
     n_boot: int = 1000
+    precision: str = "fp32"
 
 
 @dataclass(frozen=True)
@@ -129,6 +137,81 @@ def pad_bags(bags: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return x, mask
 
 
+def class_weights(target: Targets, num_classes: int, config: MILTrainConfig) -> torch.Tensor | None:
+    """Inverse-frequency class weights ``(C,)`` of the training labels, or ``None`` (survival, or switched off)."""
+    if config.task != "classification" or not config.class_weight:
+        return None
+    counts = torch.bincount(target.labels, minlength=num_classes).float()  # type: ignore[arg-type]
+    return counts.sum() / (num_classes * counts.clamp_min(1))
+
+
+class MILObjective(Objective):
+    """An aggregator and its slide loss: the unit the engine trains.
+
+    ``forward`` takes the batch of :class:`BagCollate` (``x (B, N, D)``, ``mask (B, N)`` and the
+    targets) and returns ``loss`` (slide loss plus the aggregator's ``aux_loss``), ``slide_loss``
+    and ``aux_loss``. The class weights are a buffer, so they follow the device and the checkpoint.
+    """
+
+    export_name = "aggregator"
+
+    def __init__(self, aggregator: MILAggregator, config: MILTrainConfig, class_weight: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.aggregator, self.config = aggregator, config
+        self.register_buffer("class_weight", class_weight.float() if class_weight is not None else None)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        target = Targets(batch.get("labels"), batch.get("bins"), batch.get("times"), batch.get("events"))
+        out = self.aggregator(batch["x"], batch["mask"], labels=target.labels)  # logits (B, C)
+        loss = slide_loss(out.logits.float(), target, self.config, self.class_weight)
+        result = {"slide_loss": loss.detach()}
+        if out.aux_loss is not None:
+            result["aux_loss"] = out.aux_loss.detach()
+            loss = loss + out.aux_loss
+        return {"loss": loss, **result}
+
+    def exported_module(self) -> nn.Module:
+        return self.aggregator
+
+
+class BagSamples(Dataset):
+    """Bags as a map-style dataset: item ``i`` is ``(bag (N_i, D) float32, i)``; the index finds the target."""
+
+    def __init__(self, bags: Sequence[torch.Tensor]) -> None:
+        self.bags = bags
+
+    def __len__(self) -> int:
+        return len(self.bags)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.bags[i].to(dtype=torch.float32), i
+
+
+class TileSubset:
+    """At most ``max_tiles`` random tiles of a bag (drawn from the engine's per-sample seed, so resumable)."""
+
+    def __init__(self, max_tiles: int) -> None:
+        self.max_tiles = max_tiles
+
+    def __call__(self, bag: torch.Tensor) -> torch.Tensor:
+        if bag.shape[0] <= self.max_tiles:
+            return bag
+        return bag[torch.randperm(bag.shape[0])[: self.max_tiles]]
+
+
+class BagCollate:
+    """``[(bag, index), ...]`` -> ``{"x": (B, max N, D), "mask": (B, max N), <targets of the indices>}``."""
+
+    def __init__(self, target: Targets) -> None:
+        self.target = target
+
+    def __call__(self, items: list[tuple[torch.Tensor, int]]) -> dict[str, torch.Tensor]:
+        x, mask = pad_bags([bag for bag, _ in items])
+        t = self.target[[i for _, i in items]]
+        fields = {"labels": t.labels, "bins": t.bins, "times": t.times, "events": t.events}
+        return {"x": x, "mask": mask, **{k: v for k, v in fields.items() if v is not None}}
+
+
 def _progress(total: int, description: str, enabled: bool) -> Any:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -163,59 +246,33 @@ def fit(
     val_bags: Sequence[torch.Tensor] | None = None,
     val_labels: Sequence[int] | np.ndarray | torch.Tensor | Targets | None = None,
     log: Callable[[dict[str, Any]], None] | None = None,
-    state: dict[str, Any] | None = None,
-    save_state: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[float]:
-    """Train ``model`` on bags ``(N_i, D)``; returns the mean training loss of each epoch run.
+    """DEPRECATED in-memory loop, kept only for floor-8 callers; use :func:`histofm.train.mil.fit_bags`.
 
-    With ``val_bags``, the validation loss is computed after each epoch, the weights of
-    the best epoch are restored at the end, and training stops after ``config.patience``
-    epochs without improvement. ``log`` receives one record per epoch.
-
-    ``save_state`` receives, after every epoch, everything needed to go on exactly as
-    if never stopped (model, optimiser, epoch, early-stopping state, random-number
-    generator states and the epoch records); passing such a dict back as ``state``
-    resumes there, giving bit-identical weights on the same device and thread count.
+    ``histofm.eval.mil_task`` (floor 8) cannot import the engine (floor 9), so until it moves
+    up a floor it trains with this plain loop: AdamW, shuffled batches, early stopping on the
+    validation loss, no resume, fp32. Everything else (``mil train``, the Python API in
+    :mod:`histofm.train.mil`) runs through the engine. Returns the mean training loss per epoch.
 
     Raises:
-        HistofmError: when a training or validation loss is NaN or infinite (diverging
-            training, ``--lr`` too high); nothing is saved for such a run.
+        HistofmError: when a training or validation loss is NaN or infinite.
     """
     target = _as_targets(labels)
     if len(bags) != len(target) or not len(bags):
         raise HistofmError(f"fit() needs one label per bag and at least one bag, got {len(bags)} bags and {len(target)} labels.")
     seed_everything(config.seed)
-    class_weight = None
-    if config.task == "classification":
-        counts = torch.bincount(target.labels, minlength=model.num_classes).float()  # type: ignore[arg-type]
-        if config.class_weight:
-            class_weight = (counts.sum() / (model.num_classes * counts.clamp_min(1))).to(device)  # inverse frequency
+    class_weight = class_weights(target, model.num_classes, config)
+    class_weight = None if class_weight is None else class_weight.to(device)
     val_target = None if val_labels is None else _as_targets(val_labels)
     use_val = val_bags is not None and val_target is not None and len(val_bags) > 0
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     gen = torch.Generator().manual_seed(config.seed)
     history: list[float] = []
-    records: list[dict[str, Any]] = []
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None
-    start, stopped = 0, False
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        if "cuda_rng" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        history, records = list(state["history"]), list(state["records"])
-        if state["best_model"] is not None:
-            best = (float(state["best_val"]), int(state["best_epoch"]), state["best_model"])
-        start, stopped = int(state["epoch"]), bool(state["stopped"])
     bar, task = _progress(config.epochs, f"training {config.model}", progress)
     with bar:
-        bar.update(task, completed=start)
-        for epoch in range(start, config.epochs):
-            if stopped:
-                break
+        for epoch in range(config.epochs):
             order = torch.randperm(len(bags), generator=gen).tolist()
             total, steps = 0.0, 0
             for s in range(0, len(order), config.batch_size):
@@ -245,6 +302,7 @@ def fit(
                 steps += 1
             history.append(total / steps)
             record: dict[str, Any] = {"epoch": epoch, "train_loss": history[-1], "val_loss": None}
+            stopped = False
             if use_val:
                 val = validation_loss(model, val_bags, val_target, config, class_weight, device)  # type: ignore[arg-type]
                 if not np.isfinite(val):
@@ -258,19 +316,11 @@ def fit(
                     best = (val, epoch, copy.deepcopy({k: v.detach().clone() for k, v in model.state_dict().items()}))
                 stopped = config.patience > 0 and epoch - best[1] >= config.patience
                 record["best_epoch"] = best[1]
-            records.append(record)
             if log is not None:
                 log(record)
-            if save_state is not None:
-                save_state({
-                    "model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-                    "stopped": stopped, "history": history, "records": records,
-                    "best_val": None if best is None else best[0], "best_epoch": None if best is None else best[1],
-                    "best_model": None if best is None else best[2],
-                    "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                    **({"cuda_rng": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}),
-                })
             bar.update(task, advance=1, info=f"loss {history[-1]:.4f}")
+            if stopped:
+                break
     if best is not None:
         model.load_state_dict(best[2])
     model.eval()

@@ -160,6 +160,9 @@ def fit(
         warnings.warn("parallel='fsdp' needs several processes (torchrun); training on this one", stacklevel=2)
     if cfg.grad_checkpointing and not accel.grad_checkpointing(method):
         warnings.warn("grad_checkpointing=True but no backbone of this method supports it", stacklevel=2)
+    if cfg.batch_size < method.min_batch_size:
+        raise HistofmError(f"batch_size={cfg.batch_size} is too small for {type(method).__name__}, which needs at "
+                           f"least {method.min_batch_size} samples per step; raise batch_size.")
     if cfg.best_metric is not None and evaluate is None:
         raise HistofmError(f"best_metric={cfg.best_metric!r} needs an evaluate callable passed to fit(); "
                            "pass one or set best_metric to None.")

@@ -36,9 +36,12 @@ class Objective(nn.Module):
 
     Attributes:
         export_name: file stem of the exported module (``backbone`` -> ``backbone.safetensors``).
+        min_batch_size: the smallest global batch the objective makes sense with (2 for
+            self-supervised methods, which compare samples; 1 for MIL, one slide per step).
     """
 
     export_name: str = "model"
+    min_batch_size: int = 1
 
     def forward(self, batch: Any) -> dict[str, torch.Tensor]:  # noqa: ANN401  # pragma: no cover - abstract
         raise NotImplementedError
