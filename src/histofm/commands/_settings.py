@@ -198,7 +198,7 @@ class SemiInputs:
     img_size: int = setting(32, range="[8, 4096]")
     threshold: float | None = setting(None, range="[0, 1]")
     steps: int = setting(500, range=">= 1")
-    batch_size: int = setting(32, range="[2, 65536]")
+    batch_size: int = setting(32, range="[1, 65536]")
     mu: int = setting(4, range="[1, 1024]")
     lr: float = setting(0.03, range="> 0")
     seed: int = setting(0, range="[0, 4294967295]")
