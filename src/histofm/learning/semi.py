@@ -106,8 +106,8 @@ class SemiMethod(Objective):
     """Base of the semi-supervised methods: holds the classifier and makes the views' random stream.
 
     An :class:`~histofm.utils.objective.Objective`: the engine trains it. It exports nothing
-    itself (``exported_module`` is ``None``): the deployed classifier is saved after
-    :func:`recalibrate_batchnorm`, by :func:`histofm.train.semi.fit_semi`'s caller.
+    through the engine (``exported_module`` is ``None``): :func:`histofm.train.semi.fit_semi`
+    saves the deployed classifier after :func:`recalibrate_batchnorm`.
 
     A batch is ``{"x_l": (B,3,H,W), "y_l": (B,), "x_u": (muB,3,H,W)}`` with images as
     ``uint8`` or as floats in ``[0, 1]``; an optional ``"y_u"`` (true labels of the
@@ -127,8 +127,9 @@ class SemiMethod(Objective):
     def generator(self, batch: dict[str, torch.Tensor]) -> torch.Generator:
         """The random stream of this step's views, on the batch's device.
 
-        Seeded by ``batch["view_seed"]`` when the batch has one; otherwise the method's own
-        stream (seeded once with ``seed``, then advancing), for batches made by hand.
+        Seeded by ``batch["view_seed"]`` when the batch has one (through the engine: derived
+        from the run's seed and the step); otherwise the method's own stream (seeded once with
+        the method's ``seed``, then advancing), for batches made by hand.
         """
         device = batch["x_l"].device
         if "view_seed" in batch:
