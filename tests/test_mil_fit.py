@@ -44,6 +44,8 @@ def test_early_stopping_restores_the_best_epoch(tmp_path: Path) -> None:
     # the engine's files: a per-step log with the validation loss at each epoch's end, the aggregator
     steps = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert len([r for r in steps if "val_loss" in r]) == len(log) and (tmp_path / "aggregator.safetensors").is_file()
+    meta = json.loads((tmp_path / "aggregator.json").read_text())
+    assert meta["aggregator_class"] == type(model).__name__ and meta["in_dim"] == 8 and meta["best_step"] // 6 == best["epoch"]
 
 
 def test_a_killed_fit_resumes_exactly(tmp_path: Path) -> None:

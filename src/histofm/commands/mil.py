@@ -52,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--aggregator", default="abmil", help="aggregator name (see `histofm mil list`)")
     t.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                    help="aggregator option (hidden_dim=128, gated=false) or training setting (loss=cox, patience=5, "
-                   "val_fraction=0.2, n_bins=4, class_weight=false, n_boot=1000); repeatable")
+                   "val_fraction=0.2, n_bins=4, class_weight=false, n_boot=1000, precision=bf16); repeatable")
     t.add_argument("--task", choices=("classification", "survival"), default="classification",
                    help="slide labels (column label) or follow-up times and events")
     t.add_argument("--time-col", default="time", help="follow-up time column of --labels (survival)")

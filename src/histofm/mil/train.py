@@ -173,6 +173,11 @@ class MILObjective(Objective):
     def exported_module(self) -> nn.Module:
         return self.aggregator
 
+    def export_info(self) -> dict[str, Any]:
+        """The aggregator's class, input width, outputs and task (``mil train`` also keeps the options in config.json)."""
+        return {"aggregator_class": type(self.aggregator).__name__, "in_dim": self.aggregator.in_dim,
+                "num_classes": self.aggregator.num_classes, "task": self.config.task}
+
 
 class BagSamples(Dataset):
     """Bags as a map-style dataset: item ``i`` is ``(bag (N_i, D) float32, i)``; the index finds the target."""

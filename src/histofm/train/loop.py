@@ -483,7 +483,7 @@ def _export(method: Objective, out_dir: Path | None, main: bool, fsdp: bool, ext
         if bad is not None:
             raise HistofmError(f"The {name}'s weight {bad} is not finite after training; nothing was exported "
                                "(lower the learning rate or use fp32).")
-        export_backbone(module, out_dir, extra, state_dict=tensors, name=name)
+        export_backbone(module, out_dir, {**method.export_info(), **extra}, state_dict=tensors, name=name)
 
 
 def _check_resume_config(saved: dict[str, Any], cfg: TrainConfig) -> None:

@@ -3,9 +3,10 @@
 MIL's own parts live on floor 8 (:mod:`histofm.mil.train`: the objective, bag collate,
 prediction; :mod:`histofm.mil.cv`: folds, validation split, summaries). This module wires
 them to :func:`histofm.train.fit`, which gives MIL what pretraining has: exact resume
-after a kill, bf16/fp16, gradient clipping, the non-finite guard (a step whose loss is NaN
-or infinite is skipped with a warning; ``max_nonfinite`` in a row stop the run in one
-sentence), ``log.jsonl`` and the progress bar.
+after a kill, bf16/fp16 (``MILTrainConfig.precision``), the non-finite guard (a step whose
+loss is NaN or infinite is skipped with a warning; ``max_nonfinite`` in a row stop the run
+in one sentence), ``log.jsonl``, ``loss_curve.png`` and the progress bar. The learning rate
+is constant (``min_lr = lr``) and gradients are not clipped, as MIL trained before.
 
 An epoch is ``len(bags) // batch_size`` engine steps over a fresh permutation of the bags
 (a remainder smaller than a batch waits for a later epoch). After every epoch the engine

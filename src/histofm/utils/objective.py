@@ -18,7 +18,8 @@ The contract, in full:
 * :meth:`Objective.on_step_end`: per-step schedules (EMA momentum, temperatures, queues),
   called after each optimiser step with the global step (0-based) and the total steps.
 * :meth:`Objective.exported_module`: the module written at the end of a run as
-  ``<export_name>.safetensors`` (the backbone for SSL); ``None`` writes nothing.
+  ``<export_name>.safetensors`` (the backbone for SSL); ``None`` writes nothing;
+  :meth:`Objective.export_info` adds facts to ``<export_name>.json``.
 * :meth:`Objective.embed` (optional): pooled embeddings ``(B, D)`` for the collapse watch;
   objectives that do not override it are not monitored.
 """
@@ -57,6 +58,10 @@ class Objective(nn.Module):
     def exported_module(self) -> nn.Module | None:
         """The module the engine saves at the end of a run (default: nothing)."""
         return None
+
+    def export_info(self) -> dict[str, Any]:
+        """JSON-friendly facts written beside the exported module (``<export_name>.json``). Default: none."""
+        return {}
 
     @torch.no_grad()
     def embed(self, x: torch.Tensor) -> torch.Tensor:
