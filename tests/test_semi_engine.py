@@ -127,6 +127,9 @@ def test_cli_resume_after_a_stop_equals_an_uninterrupted_run(tmp_path, capsys, m
     assert (tmp_path / "cut" / "predictions.csv").read_text() == (tmp_path / "full" / "predictions.csv").read_text()
     for name in ("log.jsonl", "config.json", "loss_curve.png", "metrics.json", "loss.png"):
         assert (tmp_path / "cut" / name).is_file(), name
+    record = json.loads((tmp_path / "cut" / "model.json").read_text())
+    assert record["objective"] == "MeanTeacher" and record["num_classes"] == 3 and record["steps"] == 5
+    assert record["finished"] and record["mu"] == 2 and record["classes"] == ["lymphocyte", "spindle", "tumour"]
 
 
 def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:

@@ -159,6 +159,10 @@ class SemiMethod(Objective):
         """The classifier that :meth:`predict` uses and that is saved."""
         return self.classifier
 
+    def export_info(self) -> dict[str, Any]:
+        """Facts written into ``model.json`` beside the deployed classifier."""
+        return {"objective": type(self).__name__, "num_classes": self.deployed().num_classes}
+
     @staticmethod
     @torch.no_grad()
     def pseudo_label_accuracy(logits: torch.Tensor, y: torch.Tensor, threshold: float) -> torch.Tensor:

@@ -101,8 +101,8 @@ def fit_semi(
     method.eval()
     if cfg.out_dir is not None and dist_utils.rank() == 0:
         finished = len(history) >= cfg.steps
-        export_backbone(method.deployed(), Path(cfg.out_dir), {"mu": mu, "steps": len(history), "finished": finished,
-                                                               **(record or {})}, name="model")
+        info = {**method.export_info(), "mu": mu, "steps": len(history), "finished": finished, **(record or {})}
+        export_backbone(method.deployed(), Path(cfg.out_dir), info, name="model")
     return history
 
 
