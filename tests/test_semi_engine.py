@@ -1,4 +1,4 @@
-"""Semi-supervised training through the one engine: step batches, exact resume, bf16, log.jsonl, CLI resume."""
+"""Semi-supervised training through the one engine: step batches, exact resume (also after kill -9), bf16, DDP."""
 
 from __future__ import annotations
 
@@ -107,28 +107,54 @@ def test_one_bf16_step_learns_and_stays_finite(tmp_path, data) -> None:
     assert all(bool(torch.isfinite(v).all()) for v in m.deployed().state_dict().values() if v.is_floating_point())
 
 
-def test_cli_resume_after_a_stop_equals_an_uninterrupted_run(tmp_path, capsys, monkeypatch) -> None:
+# The CLI, SIGKILLed right after its Nth checkpoint write, before the rename: argv = [n, *cli_args].
+KILLED_CLI = """
+import os, signal, sys
+import torch
+n, real_save, calls = int(sys.argv[1]), torch.save, [0]
+def save(obj, f, *args, **kwargs):
+    real_save(obj, f, *args, **kwargs)
+    calls[0] += 1
+    if calls[0] == n:
+        os.kill(os.getpid(), signal.SIGKILL)
+torch.save = save
+from histofm.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_cli_resume_after_kill_9_equals_an_uninterrupted_run(tmp_path, capsys) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
     from histofm.cli import main
-    from histofm.train import semi as train_semi
     from test_semi import _write_folder
 
     _write_folder(tmp_path)
     args = ["semi", "--method", "meanteacher", "--data", str(tmp_path / "tiles"), "--labels",
-            str(tmp_path / "labels.csv"), "--steps", "5", "--img-size", "16", "--width", "4", "--batch-size", "4",
-            "--mu", "2", "--device", "cpu", "--no-progress"]
+            str(tmp_path / "labels.csv"), "--steps", "6", "--ckpt-every", "2", "--img-size", "16", "--width", "4",
+            "--batch-size", "4", "--mu", "2", "--device", "cpu", "--no-progress"]
     assert main([*args, "--out", str(tmp_path / "full")]) == 0, capsys.readouterr().err
-    with monkeypatch.context() as mp:  # as if the first run had been killed after step 2
-        mp.setitem(train_semi.SEMI_DEFAULTS, "stop_after", 2)
-        assert main([*args, "--out", str(tmp_path / "cut")]) == 0
-    assert (tmp_path / "cut" / "checkpoint.pt").is_file()
+    # Killed while writing the step-4 checkpoint (after the bytes, before the rename): step 2's is what survives.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", KILLED_CLI, "2", *args, "--out", str(tmp_path / "cut")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert not (tmp_path / "cut" / "model.safetensors").exists()
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["step"] == 2
     assert main([*args, "--out", str(tmp_path / "cut"), "--resume"]) == 0
     full, res = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
     assert full.keys() == res.keys() and all(torch.equal(full[k], res[k]) for k in full)
     assert (tmp_path / "cut" / "predictions.csv").read_text() == (tmp_path / "full" / "predictions.csv").read_text()
-    for name in ("log.jsonl", "config.json", "loss_curve.png", "metrics.json", "loss.png"):
+    logs = [[{k: v for k, v in json.loads(line).items() if k not in ("sec_per_step", "samples_per_sec")}
+             for line in (tmp_path / run / "log.jsonl").read_text().splitlines()] for run in ("full", "cut")]
+    assert logs[1] == logs[0]  # the killed-and-resumed run's log reads like the clean run's
+    for name in ("config.json", "loss_curve.png", "metrics.json", "loss.png"):
         assert (tmp_path / "cut" / name).is_file(), name
     record = json.loads((tmp_path / "cut" / "model.json").read_text())
-    assert record["objective"] == "MeanTeacher" and record["num_classes"] == 3 and record["steps"] == 5
+    assert record["objective"] == "MeanTeacher" and record["num_classes"] == 3 and record["steps"] == 6
     assert record["finished"] and record["mu"] == 2 and record["classes"] == ["lymphocyte", "spindle", "tumour"]
 
 

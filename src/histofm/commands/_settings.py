@@ -202,6 +202,7 @@ class SemiInputs:
     mu: int = setting(4, range="[1, 1024]")
     lr: float = setting(0.03, range="> 0")
     seed: int = setting(0, range="[0, 4294967295]")
+    ckpt_every: int = setting(100, range=">= 0")
 
 
 def check_semi_args(args: argparse.Namespace) -> None:
@@ -216,7 +217,7 @@ def check_semi_args(args: argparse.Namespace) -> None:
 
     try:
         coerce_fields(SemiInputs, {k: getattr(args, k) for k in ("width", "img_size", "threshold", "steps",
-                                                                 "batch_size", "mu", "lr", "seed")})
+                                                                 "batch_size", "mu", "lr", "seed", "ckpt_every")})
     except SettingError as e:
         raise flag_error(e) from None
     check_device(args.device)

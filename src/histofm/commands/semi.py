@@ -58,6 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="cpu, cuda, ... (default: the best available)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="mixed precision")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt (same flags as the first run)")
+    p.add_argument("--ckpt-every", type=int, default=100, help="write OUT/checkpoint.pt every N steps (0: at the end only)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--check", action="store_true", help="check the flags and paths and exit (nothing is read or written)")
     p.set_defaults(func=run)
@@ -131,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     out: Path = args.out
     fit_cfg = semi_config(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                           device=str(device), precision=args.precision, out_dir=str(out), resume=args.resume,
-                          progress=not args.no_progress)
+                          ckpt_every=args.ckpt_every, progress=not args.no_progress)
     start = time.perf_counter()
     record = {**model_record, "classes": list(folder.classes), "img_size": args.img_size, "method": args.method}
     history = fit_semi(method, data, fit_cfg, mu=args.mu, record=record)  # writes model.safetensors + model.json
