@@ -224,7 +224,8 @@ def test_short_run_with_all_steps_non_finite_exports_nothing(tmp_path) -> None:
 
 def test_semi_fit_refuses_nan_loss_and_nan_weights() -> None:
     from histofm.learning import build_semi_method
-    from histofm.learning.semi import Classifier, FitConfig, SemiData, SmallConvNet, fit
+    from histofm.learning.semi import Classifier, SemiData, SmallConvNet
+    from histofm.train.semi import fit_semi, semi_config
 
     g = torch.Generator().manual_seed(0)
     data = SemiData(torch.randint(0, 255, (4, 3, 16, 16), generator=g, dtype=torch.uint8), torch.tensor([0, 1, 0, 1]),
@@ -233,9 +234,9 @@ def test_semi_fit_refuses_nan_loss_and_nan_weights() -> None:
     with torch.no_grad():
         next(method.deployed().parameters()).fill_(float("nan"))
     with pytest.raises(HistofmError, match="not finite|lower the learning rate"):
-        fit(method, data, FitConfig(steps=1, batch_size=2, mu=1, recalibrate_bn=False))
-    with pytest.raises(SettingError, match="lr must be > 0"):
-        FitConfig(lr=-1)
+        fit_semi(method, data, semi_config(steps=1, batch_size=2, device="cpu"), mu=1, recalibrate_bn=False)
+    with pytest.raises(SettingError, match="lr must be >= 0"):
+        semi_config(lr=-1)
 
 
 def test_semi_flags_checked_before_reading(tmp_path, capsys) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 from histofm.checks import check_device, check_out_dir
 from histofm.errors import HistofmError
-from histofm.settings import SettingError, coerce, coerce_fields, setting, shown
+from histofm.settings import SettingError, coerce_fields, setting, shown
 
 # Flags of `histofm pretrain` that set a TrainConfig field or a top-level setting.
 _TRAIN_FLAGS = {"steps": "--steps", "batch_size": "--batch-size", "lr": "--lr", "precision": "--precision",
@@ -192,11 +192,17 @@ def _check_patch_multiples(s: dict[str, Any], method_args: dict[str, Any], probe
 # --------------------------------------------------------------------------- semi
 @dataclasses.dataclass(frozen=True)
 class SemiInputs:
-    """``histofm semi``'s flags that are not :class:`~histofm.learning.semi.FitConfig` fields."""
+    """``histofm semi``'s numeric flags, declared once (the engine's settings are checked again by it)."""
 
     width: int = setting(32, range="[1, 1024]")
     img_size: int = setting(32, range="[8, 4096]")
     threshold: float | None = setting(None, range="[0, 1]")
+    steps: int = setting(500, range=">= 1")
+    batch_size: int = setting(32, range="[1, 65536]")
+    mu: int = setting(4, range="[1, 1024]")
+    lr: float = setting(0.03, range="> 0")
+    seed: int = setting(0, range="[0, 4294967295]")
+    ckpt_every: int = setting(100, range=">= 0")
 
 
 def check_semi_args(args: argparse.Namespace) -> None:
@@ -205,16 +211,13 @@ def check_semi_args(args: argparse.Namespace) -> None:
     Raises:
         HistofmError: ``--FLAG VALUE: why``.
     """
-    from histofm.learning.semi import FitConfig
-
     def flag_error(e: SettingError) -> HistofmError:
         name = e.key.split(".")[0]
         return HistofmError(f"--{name.replace('_', '-')} {getattr(args, name, '')}: {e}")
 
     try:
-        coerce_fields(SemiInputs, {k: getattr(args, k) for k in ("width", "img_size", "threshold")})
-        FitConfig(**{k: coerce(int if k != "lr" else float, getattr(args, k), k)
-                     for k in ("steps", "batch_size", "mu", "lr", "seed")})
+        coerce_fields(SemiInputs, {k: getattr(args, k) for k in ("width", "img_size", "threshold", "steps",
+                                                                 "batch_size", "mu", "lr", "seed", "ckpt_every")})
     except SettingError as e:
         raise flag_error(e) from None
     check_device(args.device)

@@ -2,9 +2,11 @@
 
     histofm semi --method fixmatch --data tiles/ --labels labels.csv --out run/ --steps 1000
 
-Writes ``model.safetensors`` + ``model.json`` (classifier and how to rebuild it),
-``predictions.csv`` (every image: prediction, confidence, class probabilities),
-``metrics.json`` and ``loss.png``.
+Training runs through the one engine (:func:`histofm.train.semi.fit_semi`), which
+writes ``checkpoint.pt`` (``--resume`` continues a killed run exactly), ``log.jsonl``,
+``loss_curve.png``, ``config.json`` and ``model.safetensors`` + ``model.json`` (the
+classifier and how to rebuild it). Then this command writes ``predictions.csv``
+(every image: prediction, confidence, class probabilities), ``metrics.json`` and ``loss.png``.
 """
 
 from __future__ import annotations
@@ -49,10 +51,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=500, help="optimiser steps")
     p.add_argument("--batch-size", type=int, default=32, help="labelled images per step")
     p.add_argument("--mu", type=int, default=4, help="unlabelled images per labelled one in a step")
-    p.add_argument("--lr", type=float, default=0.03, help="learning rate (SGD with Nesterov momentum)")
-    p.add_argument("--threshold", type=float, help="confidence threshold (default: FixMatch 0.95, pseudo-label 0.0)")
+    p.add_argument("--lr", type=float, default=0.03,
+                   help="peak learning rate (SGD with Nesterov momentum, FixMatch's cosine schedule)")
+    p.add_argument("--threshold", type=float, help="confidence threshold of fixmatch and pseudolabel (default: 0.95)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--device", help="cpu, cuda, ... (default: the best available)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="mixed precision")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt (same flags as the first run)")
+    p.add_argument("--ckpt-every", type=int, default=100, help="write OUT/checkpoint.pt every N steps (0: at the end only)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--check", action="store_true", help="check the flags and paths and exit (nothing is read or written)")
     p.set_defaults(func=run)
@@ -93,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
     from histofm.commands._settings import check_semi_args
     from histofm.learning import build_semi_method
     from histofm.learning.folder import load_labelled_folder, read_label_csv
-    from histofm.learning.semi import FitConfig, SemiData, evaluate, fit
+    from histofm.learning.semi import SemiData, evaluate
+    from histofm.train.semi import fit_semi, semi_config
     from histofm.utils import default_device, seed_everything
 
     check_semi_args(args)  # every flag's declared type and range (histofm.settings), before any file is read
@@ -122,13 +129,14 @@ def run(args: argparse.Namespace) -> int:
         cfg_overrides["threshold"] = args.threshold
     method = build_semi_method(args.method, clf, seed=args.seed, **cfg_overrides)
     data = SemiData(folder.x_l, folder.y_l, folder.x_u, classes=folder.classes)
-    fit_cfg = FitConfig(steps=args.steps, batch_size=args.batch_size, mu=args.mu, lr=args.lr, seed=args.seed)
-    start = time.perf_counter()
-    history = fit(method, data, fit_cfg, device=device, progress=not args.no_progress)
-    seconds = time.perf_counter() - start
-
     out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
+    fit_cfg = semi_config(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                          device=str(device), precision=args.precision, out_dir=str(out), resume=args.resume,
+                          ckpt_every=args.ckpt_every, progress=not args.no_progress)
+    start = time.perf_counter()
+    record = {**model_record, "classes": list(folder.classes), "img_size": args.img_size, "method": args.method}
+    history = fit_semi(method, data, fit_cfg, mu=args.mu, record=record)  # writes model.safetensors + model.json
+    seconds = time.perf_counter() - start
     metrics: dict[str, Any] = {
         "method": args.method, "model": args.model, "img_size": args.img_size, "steps": args.steps,
         "batch_size": args.batch_size, "mu": args.mu, "lr": args.lr, "seed": args.seed, "seconds": round(seconds, 2),
@@ -140,8 +148,6 @@ def run(args: argparse.Namespace) -> int:
                                     labels_flag="--test-labels")
         metrics["test"] = evaluate(method, test.x_l, test.y_l, device=device)
         metrics["n_test"] = len(test.x_l)
-    _save_model(method, out, {**model_record, "classes": list(folder.classes), "img_size": args.img_size,
-                              "method": args.method})
     _save_predictions(method, folder, out / "predictions.csv", device)
     _save_json(metrics, out / "metrics.json")
     _save_curves(history, out / "loss.png")
@@ -151,10 +157,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tail_mean(history: list[dict[str, float]], frac: float = 0.1) -> dict[str, float]:
+def _tail_mean(history: list[dict[str, Any]], frac: float = 0.1) -> dict[str, float]:
     tail = history[-max(1, int(len(history) * frac)):]
-    keys = sorted({k for h in tail for k in h})
-    return {k: round(sum(h.get(k, 0.0) for h in tail) / len(tail), 5) for k in keys}
+    keys = sorted({k for h in tail for k, v in h.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+                  - {"step"})
+    return {k: round(sum(float(h.get(k, 0.0)) for h in tail) / len(tail), 5) for k in keys}
 
 
 def _save_json(obj: Any, path: Path) -> None:
@@ -162,18 +169,6 @@ def _save_json(obj: Any, path: Path) -> None:
 
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2))
-
-
-def _save_model(method: Any, out: Path, record: dict[str, Any]) -> None:
-    from safetensors.torch import save_file
-
-    from histofm.utils import atomic_path
-
-    model = method.deployed()  # Mean Teacher's teacher; the classifier for the others
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(out / "model.safetensors") as tmp:
-        save_file(state, str(tmp))
-    _save_json(record, out / "model.json")
 
 
 def _save_predictions(method: Any, folder: Any, path: Path, device: torch.device) -> None:

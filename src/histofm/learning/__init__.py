@@ -2,7 +2,8 @@
 
 Semi-supervised (few labels, many unlabelled tiles): :mod:`~histofm.learning.fixmatch`,
 :mod:`~histofm.learning.meanteacher`, :mod:`~histofm.learning.pseudolabel`, the shared
-loop in :mod:`~histofm.learning.semi`. Unsupervised (no labels): k-means, prototypes,
+pieces (classifier, step batches, evaluation) in :mod:`~histofm.learning.semi`; they train
+through the one engine (:func:`histofm.train.semi.fit_semi`). Unsupervised (no labels): k-means, prototypes,
 NMI/ARI in :mod:`~histofm.learning.unsupervised`; tissue-phenotype maps of a slide in
 :mod:`~histofm.learning.cluster_map`.
 """

@@ -80,7 +80,7 @@ class FixMatch(SemiMethod):
     """FixMatch around a classifier ``(B, 3, H, W) in [0, 1] -> (B, C)`` logits.
 
     ``forward(batch)`` takes ``{"x_l": (B,3,H,W), "y_l": (B,), "x_u": (muB,3,H,W)}``
-    (raw images in ``[0, 1]``; the views are made here, on the batch's device)
+    (raw images, ``uint8`` or in ``[0, 1]``; the views are made here, on the batch's device)
     and returns ``{"loss", "loss_s", "loss_u", "mask_rate", "pseudo_acc"?}``.
     """
 
@@ -89,12 +89,12 @@ class FixMatch(SemiMethod):
         self.cfg = cfg
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        g = self.generator(batch["x_l"].device)
-        x_l, y_l, x_u = batch["x_l"], batch["y_l"], batch["x_u"]
-        b = x_l.shape[0]
+        g = self.generator(batch)
+        x_l, y_l, x_u = self.images(batch)
+        b, views = x_l.shape[0], self.cfg.views
         with torch.no_grad():  # the pseudo-label needs no gradient: a separate forward saves its backward
-            logits_uw = self.classifier(weak_view(x_u, self.cfg.views, g))  # (muB, C)
-        logits = self.classifier(torch.cat([weak_view(x_l, self.cfg.views, g), strong_view(x_u, self.cfg.views, g)]))
+            logits_uw = self.classifier(self.view(weak_view, x_u, views, g))  # (muB, C)
+        logits = self.classifier(torch.cat([self.view(weak_view, x_l, views, g), self.view(strong_view, x_u, views, g)]))
         logits_l, logits_us = logits[:b], logits[b:]
         loss_s = F.cross_entropy(logits_l.float(), y_l)
         loss_u, mask_rate = fixmatch_unlabelled_loss(logits_uw, logits_us, self.cfg.threshold, self.cfg.temperature)

@@ -95,22 +95,23 @@ class MeanTeacher(SemiMethod):
         self.teacher = copy.deepcopy(classifier)
         for p in self.teacher.parameters():
             p.requires_grad_(False)
-        self._weight = sigmoid_rampup(0, 1) * cfg.consistency
-        self._momentum = cfg.ema_rampup
+        # Schedule state set in on_step_end; buffers, so that the engine's checkpoint keeps them.
+        self.register_buffer("weight", torch.tensor(sigmoid_rampup(0, 1) * cfg.consistency))
+        self.register_buffer("momentum", torch.tensor(cfg.ema_rampup))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        g = self.generator(batch["x_l"].device)
-        x_l, y_l, x_u = batch["x_l"], batch["y_l"], batch["x_u"]
+        g = self.generator(batch)
+        x_l, y_l, x_u = self.images(batch)
         b = x_l.shape[0]
         x = torch.cat([x_l, x_u])  # consistency on every image, labelled ones included
         student_view = strong_view if self.cfg.strong_student else weak_view
-        logits_s = self.classifier(student_view(x, self.cfg.views, g))  # (B + muB, C)
+        logits_s = self.classifier(self.view(student_view, x, self.cfg.views, g))  # (B + muB, C)
         with torch.no_grad():
-            logits_t = self.teacher(weak_view(x, self.cfg.views, g))
+            logits_t = self.teacher(self.view(weak_view, x, self.cfg.views, g))
         loss_s = F.cross_entropy(logits_s[:b].float(), y_l)
         loss_c = consistency_mse(logits_s, logits_t)
-        out = {"loss": loss_s + self._weight * loss_c, "loss_s": loss_s.detach(), "loss_c": loss_c.detach(),
-               "weight": torch.tensor(self._weight), "ema": torch.tensor(self._momentum)}
+        out = {"loss": loss_s + self.weight * loss_c, "loss_s": loss_s.detach(), "loss_c": loss_c.detach(),
+               "weight": self.weight.clone(), "ema": self.momentum.clone()}
         if "y_u" in batch:
             out["pseudo_acc"] = self.pseudo_label_accuracy(logits_t[b:], batch["y_u"], 0.0)
         return out
@@ -118,12 +119,13 @@ class MeanTeacher(SemiMethod):
     @torch.no_grad()
     def on_step_end(self, step: int, max_steps: int) -> None:
         ramp = self.cfg.rampup_frac * max_steps
-        self._momentum = self.cfg.ema_rampup if step + 1 < ramp else self.cfg.ema
+        momentum = self.cfg.ema_rampup if step + 1 < ramp else self.cfg.ema
         # Early on, average with 1 - 1/(step + 2) (a plain running mean) so the teacher forgets its random init.
-        a = min(self._momentum, 1.0 - 1.0 / (step + 2))
+        a = min(momentum, 1.0 - 1.0 / (step + 2))
         for pt, ps in zip(self.teacher.parameters(), self.classifier.parameters()):
             pt.mul_(a).add_(ps.detach(), alpha=1 - a)
-        self._weight = self.cfg.consistency * sigmoid_rampup(step + 1, ramp)
+        self.momentum.fill_(momentum)
+        self.weight.fill_(self.cfg.consistency * sigmoid_rampup(step + 1, ramp))
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:

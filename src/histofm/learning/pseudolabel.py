@@ -75,25 +75,25 @@ class PseudoLabel(SemiMethod):
     def __init__(self, classifier: Classifier, cfg: PseudoLabelConfig = PseudoLabelConfig(), seed: int = 0) -> None:
         super().__init__(classifier, seed=seed)
         self.cfg = cfg
-        self._weight = 0.0
+        self.register_buffer("weight", torch.tensor(0.0))  # the ramp's value; a buffer, so checkpoints keep it
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        g = self.generator(batch["x_l"].device)
-        x_l, y_l, x_u = batch["x_l"], batch["y_l"], batch["x_u"]
-        b = x_l.shape[0]
-        logits = self.classifier(torch.cat([weak_view(x_l, self.cfg.views, g), weak_view(x_u, self.cfg.views, g)]))
+        g = self.generator(batch)
+        x_l, y_l, x_u = self.images(batch)
+        b, views = x_l.shape[0], self.cfg.views
+        logits = self.classifier(torch.cat([self.view(weak_view, x_l, views, g), self.view(weak_view, x_u, views, g)]))
         loss_s = F.cross_entropy(logits[:b].float(), y_l)
         logits_u = logits[b:]
         with torch.no_grad():  # a second weak view gives the target (BatchNorm on batch statistics, as in training)
-            conf, pseudo = torch.softmax(self.classifier(weak_view(x_u, self.cfg.views, g)).float(), -1).max(-1)
+            conf, pseudo = torch.softmax(self.classifier(self.view(weak_view, x_u, views, g)).float(), -1).max(-1)
             mask = (conf >= self.cfg.threshold).float()
         loss_u = (F.cross_entropy(logits_u.float(), pseudo, reduction="none") * mask).mean()
-        out = {"loss": loss_s + self._weight * loss_u, "loss_s": loss_s.detach(), "loss_u": loss_u.detach(),
-               "weight": torch.tensor(self._weight), "mask_rate": mask.mean()}
+        out = {"loss": loss_s + self.weight * loss_u, "loss_s": loss_s.detach(), "loss_u": loss_u.detach(),
+               "weight": self.weight.clone(), "mask_rate": mask.mean()}
         if "y_u" in batch:
             out["pseudo_acc"] = self.pseudo_label_accuracy(logits_u, batch["y_u"], self.cfg.threshold)
         return out
 
     @torch.no_grad()
     def on_step_end(self, step: int, max_steps: int) -> None:
-        self._weight = pseudo_label_weight(step + 1, max_steps, self.cfg.alpha_f, self.cfg.t1, self.cfg.t2)
+        self.weight.fill_(pseudo_label_weight(step + 1, max_steps, self.cfg.alpha_f, self.cfg.t1, self.cfg.t2))

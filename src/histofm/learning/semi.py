@@ -1,4 +1,4 @@
-"""Semi-supervised learning: shared pieces and the training loop.
+"""Semi-supervised learning: the shared pieces (classifier, base class, step batches, evaluation).
 
 A few labelled tiles and many unlabelled ones is the normal state of pathology
 data. The methods (one file each) all train a classifier on the labelled images
@@ -14,26 +14,27 @@ and add a term that uses the unlabelled ones:
 
 This file holds what they share: the classifier (backbone + linear head, input
 normalisation inside), a small CNN for CPU-sized problems, the in-memory data
-record, the loop that feeds labelled and unlabelled batches, and evaluation.
-The loop lives here rather than in the pretraining engine because every step
-draws from two streams (``B`` labelled, ``mu * B`` unlabelled images).
+record, :class:`SemiSteps` (the batch of each step: ``B`` labelled and ``mu * B``
+unlabelled images, a pure function of the seed and the step) and evaluation.
+Training runs through the one engine (:func:`histofm.train.semi.fit_semi` wires
+the two), which brings exact resume, bf16, DDP, the non-finite guard,
+``log.jsonl`` and progress; nothing here calls ``backward``.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import IterableDataset, get_worker_info
 
 from histofm.errors import HistofmError
 from histofm.learning.views import ViewConfig, strong_view, weak_view
-from histofm.methods.base import SSLMethod
-from histofm.settings import check_config, setting
+from histofm.utils.objective import Objective
 
 
 class SmallConvNet(nn.Module):
@@ -101,27 +102,53 @@ class Classifier(nn.Module):
         return self.head(self.forward_features(x))  # (B, C)
 
 
-class SemiMethod(SSLMethod):
-    """Base of the semi-supervised methods: holds the classifier and a seeded generator for the views.
+class SemiMethod(Objective):
+    """Base of the semi-supervised methods: holds the classifier and makes the views' random stream.
 
-    A batch is ``{"x_l": (B,3,H,W), "y_l": (B,), "x_u": (muB,3,H,W)}`` with images in
-    ``[0, 1]``; an optional ``"y_u"`` (true labels of the unlabelled images) is used
-    for monitoring only, never for the loss.
+    An :class:`~histofm.utils.objective.Objective`: the engine trains it. It exports nothing
+    through the engine (``exported_module`` is ``None``): :func:`histofm.train.semi.fit_semi`
+    saves the deployed classifier after :func:`recalibrate_batchnorm`.
+
+    A batch is ``{"x_l": (B,3,H,W), "y_l": (B,), "x_u": (muB,3,H,W)}`` with images as
+    ``uint8`` or as floats in ``[0, 1]``; an optional ``"y_u"`` (true labels of the
+    unlabelled images) is used for monitoring only, never for the loss, and an optional
+    ``"view_seed"`` (what :class:`SemiSteps` adds) seeds this step's views, so that a
+    step's loss depends on its batch alone and a resumed run repeats it exactly.
+    Per-step state that a method keeps (a ramped weight, an EMA momentum) lives in
+    buffers, which the engine's checkpoint saves with the weights.
     """
 
     def __init__(self, classifier: Classifier, seed: int = 0) -> None:
         super().__init__()
         self.classifier = classifier
-        self.backbone = classifier.backbone
         self._seed = seed
         self._generators: dict[str, torch.Generator] = {}
 
-    def generator(self, device: torch.device) -> torch.Generator:
-        """The method's random stream on ``device`` (seeded once, then advancing)."""
+    def generator(self, batch: dict[str, torch.Tensor]) -> torch.Generator:
+        """The random stream of this step's views, on the batch's device.
+
+        Seeded by ``batch["view_seed"]`` when the batch has one (through the engine: derived
+        from the run's seed and the step); otherwise the method's own stream (seeded once with
+        the method's ``seed``, then advancing), for batches made by hand.
+        """
+        device = batch["x_l"].device
+        if "view_seed" in batch:
+            return torch.Generator(device=device).manual_seed(int(batch["view_seed"]))
         key = str(device)
         if key not in self._generators:
             self._generators[key] = torch.Generator(device=device).manual_seed(self._seed)
         return self._generators[key]
+
+    @staticmethod
+    def images(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x_l, y_l, x_u)`` of a batch with the images as floats in ``[0, 1]``."""
+        return as_float(batch["x_l"]), batch["y_l"], as_float(batch["x_u"])
+
+    @staticmethod
+    def view(fn: Callable[..., torch.Tensor], x: torch.Tensor, *args: Any) -> torch.Tensor:
+        """``fn(x, *args)`` in float32 even under the engine's autocast (stain jitter is a matrix product)."""
+        with torch.autocast(x.device.type, enabled=False):
+            return fn(x.float(), *args)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -131,6 +158,10 @@ class SemiMethod(SSLMethod):
     def deployed(self) -> Classifier:
         """The classifier that :meth:`predict` uses and that is saved."""
         return self.classifier
+
+    def export_info(self) -> dict[str, Any]:
+        """Facts written into ``model.json`` beside the deployed classifier."""
+        return {"objective": type(self).__name__, "num_classes": self.deployed().num_classes}
 
     @staticmethod
     @torch.no_grad()
@@ -144,7 +175,7 @@ class SemiMethod(SSLMethod):
 
     @torch.no_grad()
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier.forward_features(x)
+        return self.deployed().forward_features(as_float(x))
 
 
 class Supervised(SemiMethod):
@@ -165,10 +196,10 @@ class Supervised(SemiMethod):
         self.strong = strong
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        g = self.generator(batch["x_l"].device)
-        view = strong_view if self.strong else weak_view
-        loss = F.cross_entropy(self.classifier(view(batch["x_l"], self.views, g)).float(), batch["y_l"])
-        return {"loss": loss}
+        g = self.generator(batch)
+        x_l, y_l, _ = self.images(batch)
+        x = self.view(strong_view if self.strong else weak_view, x_l, self.views, g)
+        return {"loss": F.cross_entropy(self.classifier(x).float(), y_l)}
 
 
 @dataclass
@@ -199,102 +230,76 @@ class SemiData:
             raise HistofmError("No unlabelled images; semi-supervised training needs images without labels.")
 
 
-@dataclass(frozen=True)
-class FitConfig:
-    """Optimisation settings of :func:`fit`.
+def as_float(x: torch.Tensor) -> torch.Tensor:
+    """``uint8`` images as floats in ``[0, 1]``; float images unchanged."""
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x
 
-    Attributes:
-        steps: optimiser steps.
-        batch_size: labelled images per step (``B``).
-        mu: unlabelled images per labelled one (``mu * B`` per step).
-        lr, momentum, weight_decay: SGD with Nesterov momentum, as in FixMatch.
-        cosine: FixMatch's schedule ``lr * cos(7 pi k / (16 K))`` (else constant).
-        recalibrate_bn: after training, recompute BatchNorm statistics of the deployed
-            model on the un-augmented training images (see :func:`recalibrate_batchnorm`).
-        seed: seed of the batch sampler.
+
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """A 63-bit seed for the batch (``rank=-1``) or one rank's views at ``step``."""
+    return ((seed * 1_000_003 + step) * 998_244_353 + (rank + 2) * 1_000_000_007) % (2**63 - 1)
+
+
+class SemiSteps(IterableDataset):
+    """The engine's data for semi-supervised training: one labelled + unlabelled batch per step.
+
+    A step stream (the protocol of :mod:`histofm.train.data`, kept here by duck typing):
+    the engine calls :meth:`plan_steps`, then iterating yields one ``(batch, keys)`` pair per
+    step. Step ``t``'s global batch is ``B = global_batch`` labelled and ``mu * B`` unlabelled
+    images drawn uniformly with replacement (tiny labelled sets are fine) by a generator
+    seeded with ``(seed, t)``, so it is a pure function of the step: a resumed run gets the
+    batches the interrupted one would have had. Under ``W`` ranks, rank ``r`` takes the
+    ``r``-th slice of both parts. Images stay ``uint8`` (4x less to move); the method
+    converts them. The batch also carries ``view_seed`` for the method's views.
+
+    Args:
+        data: the images in memory.
+        mu: unlabelled images per labelled one.
     """
 
-    steps: int = setting(500, range=">= 1")
-    batch_size: int = setting(32, range="[1, 65536]")
-    mu: int = setting(4, range="[1, 1024]")
-    lr: float = setting(0.03, range="> 0")
-    momentum: float = setting(0.9, range="[0, 1)")
-    weight_decay: float = setting(5e-4, range=">= 0")
-    cosine: bool = True
-    recalibrate_bn: bool = True
-    seed: int = setting(0, range="[0, 4294967295]")
+    def __init__(self, data: SemiData, mu: int = 4) -> None:
+        super().__init__()
+        if not isinstance(mu, int) or mu < 1:
+            raise HistofmError(f"mu must be a whole number >= 1 (unlabelled images per labelled one), got {mu!r}.")
+        self.data, self.mu = data, mu
+        self._plan: dict[str, int] | None = None
 
-    def __post_init__(self) -> None:
-        check_config(self)
+    def plan_steps(self, *, seed: int, global_batch: int, rank: int = 0, world_size: int = 1,
+                   num_workers: int = 0, start_step: int = 0, stop_step: int,
+                   views: Callable[..., Any] | None = None) -> None:
+        """Fix this rank's batches for steps ``[start_step, stop_step)`` (called by the engine).
 
+        ``views`` is accepted for the protocol and unused: the method makes its views itself.
+        """
+        if global_batch % world_size:
+            raise HistofmError(f"batch_size {global_batch} must be divisible by the number of processes ({world_size}).")
+        self._plan = {"seed": seed, "batch": global_batch, "rank": rank, "world": world_size,
+                      "workers": max(num_workers, 1), "start": start_step, "stop": stop_step}
 
+    def batch(self, step: int) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """This rank's batch at ``step`` and the names of its images (``l<i>``, ``u<i>``)."""
+        if self._plan is None:
+            raise HistofmError("SemiSteps.batch() before plan_steps(); the engine plans the steps.")
+        p, d = self._plan, self.data
+        g = torch.Generator().manual_seed(step_seed(p["seed"], step, -1))
+        il = torch.randint(0, len(d.x_l), (p["batch"],), generator=g)  # (B,)
+        iu = torch.randint(0, len(d.x_u), (p["batch"] * self.mu,), generator=g)  # (mu B,)
+        b = p["batch"] // p["world"]
+        il, iu = il[p["rank"] * b : (p["rank"] + 1) * b], iu[p["rank"] * b * self.mu : (p["rank"] + 1) * b * self.mu]
+        batch = {"x_l": d.x_l[il], "y_l": d.y_l[il], "x_u": d.x_u[iu],
+                 "view_seed": torch.tensor(step_seed(p["seed"], step, p["rank"]))}
+        if d.y_u is not None:
+            batch["y_u"] = d.y_u[iu]
+        return batch, [f"l{i}" for i in il.tolist()] + [f"u{i}" for i in iu.tolist()]
 
-def _to_float(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return x.to(device, non_blocking=True).float().div_(255.0)
-
-
-def fit(
-    method: SemiMethod,
-    data: SemiData,
-    cfg: FitConfig = FitConfig(),
-    device: torch.device | str | None = None,
-    progress: bool = False,
-    callback: Callable[[int, dict[str, float]], None] | None = None,
-) -> list[dict[str, float]]:
-    """Train ``method`` for ``cfg.steps`` steps; returns one dict of logged scalars per step.
-
-    Each step draws ``B`` labelled and ``mu * B`` unlabelled images uniformly with
-    replacement (so tiny labelled sets are fine), runs ``method(batch)``,
-    back-propagates ``"loss"``, steps SGD, then calls ``method.on_step_end``.
-    """
-    device = torch.device(device or "cpu")
-    method.to(device).train()
-    params = method.trainable_parameters()
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]  # biases and norm gains: no weight decay
-    opt = torch.optim.SGD(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, (lambda k: math.cos(7 * math.pi * k / (16 * cfg.steps))) if cfg.cosine else (lambda k: 1.0)
-    )
-    g = torch.Generator().manual_seed(cfg.seed)
-    n_l, n_u = len(data.x_l), len(data.x_u)
-    history: list[dict[str, float]] = []
-    bar = _progress(progress, cfg.steps)
-    for step in range(cfg.steps):
-        il = torch.randint(0, n_l, (cfg.batch_size,), generator=g)
-        iu = torch.randint(0, n_u, (cfg.batch_size * cfg.mu,), generator=g)
-        batch: dict[str, Any] = {"x_l": _to_float(data.x_l[il], device), "y_l": data.y_l[il].to(device),
-                                 "x_u": _to_float(data.x_u[iu], device)}
-        if data.y_u is not None:
-            batch["y_u"] = data.y_u[iu].to(device)
-        out = method(batch)
-        loss = out["loss"]
-        if not torch.isfinite(loss):
-            raise HistofmError(f"The loss became {loss.item()} at step {step}; lower the learning rate.")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        method.on_step_end(step, cfg.steps)
-        logged = {k: float(v.detach()) for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
-        history.append(logged)
-        if callback is not None:
-            callback(step, logged)
-        if bar is not None:
-            bar[0].update(bar[1], advance=1, description=f"loss {logged['loss']:.3f}")
-    if bar is not None:
-        bar[0].stop()
-    if cfg.recalibrate_bn:
-        recalibrate_batchnorm(method.deployed(), torch.cat([data.x_l, data.x_u]), device)
-    bad = next((k for k, v in method.deployed().state_dict().items()
-                if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
-    if bad is not None:  # never hand back (and save) a model with NaN weights
-        raise HistofmError(f"The model's weight {bad} is not finite after training; lower --lr.")
-    method.eval()
-    return history
+    def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], list[str]]]:
+        if self._plan is None:
+            raise HistofmError("Iterating SemiSteps before plan_steps(); pass it to the engine's fit.")
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # DataLoader workers take steps round-robin (worker w: start + w, start + w + W, ...).
+        for step in range(self._plan["start"] + worker, self._plan["stop"], workers):
+            yield self.batch(step)
 
 
 @torch.no_grad()
@@ -316,20 +321,10 @@ def recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, device: torch.devic
     was_training = model.training
     model.train()
     for i in range(0, len(x), batch_size):
-        model(_to_float(x[i : i + batch_size], torch.device(device)))
+        model(as_float(x[i : i + batch_size].to(device)))
     for m, momentum in zip(bns, momenta):
         m.momentum = momentum
     model.train(was_training)
-
-
-def _progress(enabled: bool, total: int) -> tuple[Any, Any] | None:
-    if not enabled:
-        return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    prog.start()
-    return prog, prog.add_task("training", total=total)
 
 
 @torch.no_grad()
@@ -339,7 +334,7 @@ def predict_proba(
     """Class probabilities ``(N, C)`` for ``uint8`` images ``(N, 3, H, W)``, in eval mode."""
     device = torch.device(device or "cpu")
     method.to(device).eval()
-    out = [torch.softmax(method.predict(_to_float(x[i : i + batch_size], device)).float(), -1).cpu()
+    out = [torch.softmax(method.predict(as_float(x[i : i + batch_size].to(device))).float(), -1).cpu()
            for i in range(0, len(x), batch_size)]
     return torch.cat(out) if out else torch.zeros(0, method.classifier.num_classes)
 

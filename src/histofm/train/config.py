@@ -29,6 +29,9 @@ class TrainConfig:
         weight_decay, weight_decay_end: weight-decay schedule (norms, biases and tokens never decay).
         optimizer: ``"adamw"`` or ``"sgd"`` (momentum 0.9).
         betas: AdamW betas.
+        nesterov: Nesterov momentum for ``"sgd"`` (FixMatch's optimiser).
+        lr_schedule: ``"cosine"`` (the warm-up and half cosine above) or ``"fixmatch"``
+            (``lr * cos(7 pi k / 16 K)``, Sohn et al. 2020; no warm-up, ``min_lr`` unused).
         precision: ``"fp32"``, ``"bf16"`` (autocast; fine on CPU) or ``"fp16"`` (autocast + loss scaling, CUDA).
         grad_clip: clip the global gradient norm to this value (``None``: no clipping).
         seed: seeds model-side randomness and, with the epoch and sample index, every augmentation.
@@ -76,6 +79,8 @@ class TrainConfig:
     weight_decay_end: float | None = setting(None, range=">= 0")
     optimizer: Literal["adamw", "sgd"] = "adamw"
     betas: tuple[float, float] = setting((0.9, 0.999), range="[0, 1)")
+    nesterov: bool = False
+    lr_schedule: Literal["cosine", "fixmatch"] = "cosine"
     precision: Precision = "fp32"
     grad_clip: float | None = setting(3.0, range="> 0")
     seed: int = setting(0, range="[0, 4294967295]")

@@ -79,7 +79,7 @@ from histofm.train.optim import build_optimizer
 from histofm.utils import atomic_path, default_device, seed_everything
 from histofm.utils import distributed as dist_utils
 from histofm.utils.objective import Objective, has_embed
-from histofm.utils.schedules import cosine_schedule
+from histofm.utils.schedules import cosine_schedule, fixmatch_cosine
 
 History = list[dict[str, Any]]
 
@@ -305,7 +305,8 @@ def fit(
                 batch, keys = batch
                 trace.record(step, keys)
             batch = to_device(batch, device)
-            lr = cosine_schedule(step, cfg.steps, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.warmup_lr_start)
+            lr = (fixmatch_cosine(step, cfg.steps, cfg.lr) if cfg.lr_schedule == "fixmatch" else
+                  cosine_schedule(step, cfg.steps, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.warmup_lr_start))
             wd = cfg.weight_decay if cfg.weight_decay_end is None else cosine_schedule(
                 step, cfg.steps, cfg.weight_decay, cfg.weight_decay_end
             )

@@ -59,7 +59,8 @@ def build_optimizer(module: nn.Module, params: list[nn.Parameter], cfg: TrainCon
     fused = _fusable(params)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=fused)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, fused=fused)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov,
+                           fused=fused)
 
 
 def _fusable(params: list[nn.Parameter]) -> bool | None:

@@ -54,3 +54,12 @@ def momentum_schedule(step: int, max_steps: int, base: float = 0.996, final: flo
     ``m(t) = final - (final - base) * (cos(pi t / T) + 1) / 2``.
     """
     return cosine_schedule(step, max_steps, base, final)
+
+
+def fixmatch_cosine(step: int, max_steps: int, start: float) -> float:
+    """FixMatch's learning rate ``start * cos(7 pi t / (16 T))`` (Sohn et al. 2020, arXiv 2001.07685).
+
+    A quarter-period cosine cut short, so it ends at ``cos(7 pi / 16) = 0.195`` of ``start``
+    and stays high for longer than the half cosine.
+    """
+    return start * math.cos(7 * math.pi * min(step, max_steps) / (16 * max(max_steps, 1)))
