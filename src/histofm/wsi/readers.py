@@ -41,6 +41,7 @@ import numpy as np
 from PIL import Image
 
 from histofm.errors import HistofmError
+from histofm.wsi.stored import StoredTiles, open_stored_tiles
 
 # Extensions read as plain images first (OpenSlide would only wrap them anyway).
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
@@ -107,6 +108,8 @@ class SlideReader(ABC):
         self.dimensions: tuple[int, int] = (0, 0)
         self.level_dimensions: tuple[tuple[int, int], ...] = ()
         self.level_downsamples: tuple[float, ...] = ()
+        # Direct decoding of the file's stored tiles (histofm.wsi.stored), set by open_slide where it applies.
+        self._stored: StoredTiles | None = None
 
     # ---- backend hooks -------------------------------------------------------------------------
     @abstractmethod
@@ -210,9 +213,30 @@ class SlideReader(ABC):
             canvas[cy0 - ly : cy1 - ly, cx0 - lx : cx1 - lx] = part
         return canvas
 
+    def decoder(self, level: int) -> str:
+        """Who decodes ``level``: ``"stored-tiles"`` (direct, :mod:`histofm.wsi.stored`) or the backend's name."""
+        return "stored-tiles" if self._stored is not None and self._stored.covers(level) else self.backend
+
+    def _direct(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray | None:
+        """The region from the stored tiles, or ``None`` where the backend must read it.
+
+        Only at whole pixels of the level: at a fractional position OpenSlide interpolates
+        (a sub-pixel shift), which only the backend reproduces.
+        """
+        if self._stored is None or not self._stored.covers(level):
+            return None
+        ds = self.level_downsamples[level]
+        fx, fy = location[0] / ds, location[1] / ds
+        lx, ly = round(fx), round(fy)
+        if abs(fx - lx) > 1e-9 * max(1.0, fx) or abs(fy - ly) > 1e-9 * max(1.0, fy):
+            return None
+        return self._stored.read(level, lx, ly, size[0], size[1])
+
     def _safe_read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         try:
-            array = self._read(location, level, size)
+            array = self._direct(location, level, size)
+            if array is None:
+                array = self._read(location, level, size)
         except HistofmError:
             raise
         except MemoryError:
@@ -305,6 +329,7 @@ class OpenSlideReader(SlideReader):
         return _to_rgb(np.frombuffer(region.tobytes(), np.uint8).reshape(h, w, 4))
 
     def close(self) -> None:
+        _close_stored(self)
         self._slide.close()
 
 
@@ -330,6 +355,7 @@ class TiffSlideReader(SlideReader):
         return _to_rgb(np.asarray(array))
 
     def close(self) -> None:
+        _close_stored(self)
         self._slide.close()
 
 
@@ -397,7 +423,7 @@ _LIBRARY = {"openslide": "OpenSlide", "tiffslide": "tiffslide", "image": "Pillow
 
 
 def open_slide(
-    path: str | os.PathLike[str], mpp: float | None = None, backend: str = "auto"
+    path: str | os.PathLike[str], mpp: float | None = None, backend: str = "auto", *, direct: bool = True
 ) -> SlideReader:
     """Open a whole-slide image or a plain image as a :class:`SlideReader`.
 
@@ -408,6 +434,9 @@ def open_slide(
         backend: ``"auto"`` (OpenSlide, then tiffslide, then Pillow/tifffile; plain
             image extensions go straight to Pillow), or one of ``"openslide"``,
             ``"tiffslide"``, ``"image"``.
+        direct: decode the stored tiles of tiled TIFF levels directly (:mod:`histofm.wsi.stored`:
+            the same pixels, each stored tile decoded once); the backend still reads every
+            level or format that does not allow it.
 
     Raises:
         HistofmError: missing, empty, unreadable, truncated or corrupt file, unknown backend.
@@ -460,6 +489,8 @@ def open_slide(
         except HistofmError:
             reader.close()
             raise
+        if direct and name in ("openslide", "tiffslide"):
+            reader._stored = open_stored_tiles(path, reader.level_dimensions)
         return reader
     raise HistofmError(_unreadable_message(path, order, errors))
 
@@ -475,6 +506,12 @@ def _notice_openslide_fallback(error: _BackendUnavailable) -> None:
         _fallback_noticed = True
         print(f"histofm: note: OpenSlide cannot be imported ({error}); reading slides with tiffslide instead "
               f"({_INSTALL['openslide']} to restore it).", file=sys.stderr)
+
+
+def _close_stored(reader: SlideReader) -> None:
+    if reader._stored is not None:
+        reader._stored.close()
+        reader._stored = None
 
 
 def _head(path: Path) -> bytes:
