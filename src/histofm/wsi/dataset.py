@@ -164,3 +164,32 @@ class SlideTileDataset(Dataset):
         for reader, _, _ in self._open.values():
             reader.close()
         self._open.clear()
+
+
+def raster_batches(n: int, batch_size: int, workers: int) -> list[list[int]]:
+    """Batches of ``range(n)`` ordered so that each DataLoader worker reads one contiguous band.
+
+    A map-style DataLoader hands batch ``k`` to worker ``k % workers``. Cutting the tiles
+    (in raster order) into ``workers`` contiguous bands and interleaving the bands' batches
+    gives each worker a band of whole rows, read top to bottom: a stored tile shared by two
+    rows of tiles is still in that worker's cache when the second row needs it (with plain
+    round-robin batches the row below is often read by another worker, which decodes the
+    tile again). The caller puts results back in order with the batches' indices.
+
+    Args:
+        n: number of tiles.
+        batch_size: tiles per batch.
+        workers: DataLoader workers (0 or 1: plain consecutive batches).
+
+    Returns:
+        The batches, in the order the DataLoader should yield them.
+    """
+    batches = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+    if workers <= 1 or len(batches) <= workers:
+        return batches
+    # Band sizes differ by at most one batch, longer bands first, so that in the last round
+    # only the first bands still have a batch and batch k still goes to worker k % workers.
+    sizes = [len(batches) // workers + (w < len(batches) % workers) for w in range(workers)]
+    starts = np.cumsum([0, *sizes])
+    bands = [batches[starts[w] : starts[w + 1]] for w in range(workers)]
+    return [band[r] for r in range(sizes[0]) for band in bands if r < len(band)]
