@@ -58,6 +58,7 @@ from histofm.wsi.report import ExtractionReport, SlideResult, shard_slides
 from histofm.wsi.roi import RoiFilter
 from histofm.wsi.selection import TileSelection, select_tiles
 from histofm.wsi.slides import SlideInput
+from histofm.wsi.threaded import ThreadedTiles
 from histofm.wsi.tiling import TileSpec, tile_spec
 
 __all__ = [
@@ -94,6 +95,9 @@ class ExtractConfig:
             normalisation: ``"macenko"``, ``"reinhard"`` or ``"vahadane"`` (:mod:`histofm.data.stain`);
             recorded in the provenance, so normalised and raw features never mix.
         stain_target: the target image (a file, a slide, or a bundled sample name).
+        reader_threads: where tiles are decoded from the slide's stored tiles and need no per-tile
+            transform, read them with ``num_workers`` threads of this process instead of DataLoader
+            worker processes (same pixels; see :mod:`histofm.wsi.threaded`).
     """
 
     target_mpp: float = 0.5
@@ -113,6 +117,7 @@ class ExtractConfig:
     roi: RoiFilter | None = None
     stain_norm: str | None = None
     stain_target: str | None = None
+    reader_threads: bool = True
 
 
 def read_features(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
@@ -418,7 +423,11 @@ def _locked_slide(
     if isinstance(dim, int):  # the (N, D) float32 features and their concatenated copy, before embedding
         check_alloc(2 * 4 * dim * len(selection.coords), f"The features of {path.name} ({len(selection.coords)} tiles)",
                     "--target-mpp, --tile-size or --mpp-override")
-    features = _embed(path, selection.coords, model, cfg, pre, device, dtype, slide_mpp, backend, bars, begin_next)
+    # Threads read where the tiles are uint8 decoded from stored tiles (no per-tile transform):
+    # the decoder releases the GIL, and no process start-up or shared-memory hand-over is paid.
+    threads = cfg.reader_threads and cfg.num_workers > 0 and decoder == "stored-tiles" and pre.worker_transform() is None
+    features = _embed(path, selection.coords, model, cfg, pre, device, dtype, slide_mpp, backend, bars, begin_next,
+                      threads)
     bad = int(np.size(features) - np.isfinite(features).sum())
     if bad:
         raise HistofmError(
@@ -459,21 +468,33 @@ def _embed(
     backend: str,
     bars: Any,
     begin_next: Callable[[], None] | None = None,
+    threads: bool = False,
 ) -> np.ndarray:
-    """``(N, D)`` float32 embeddings of the tiles at ``coords``; ``begin_next`` is called once the workers exist."""
-    dataset = SlideTileDataset(
-        [path], [coords], target_mpp=cfg.target_mpp, tile_size=cfg.tile_size,
-        transform=pre.worker_transform(), mpp=mpp, backend=backend,
-    )
+    """``(N, D)`` float32 embeddings of the tiles at ``coords``.
+
+    ``begin_next`` is called once the readers exist; ``threads`` reads with ``cfg.num_workers``
+    threads of this process instead of DataLoader worker processes.
+    """
+    def make_dataset() -> SlideTileDataset:
+        return SlideTileDataset(
+            [path], [coords], target_mpp=cfg.target_mpp, tile_size=cfg.tile_size,
+            transform=pre.worker_transform(), mpp=mpp, backend=backend,
+        )
+
+    dataset = make_dataset()
     # Each worker reads a contiguous band of rows (each stored tile decoded once); rows go back in order below.
     order = raster_batches(len(dataset), cfg.batch_size, cfg.num_workers)
-    loader = DataLoader(
-        dataset, batch_sampler=order, num_workers=cfg.num_workers, collate_fn=pre.collate,
-        pin_memory=device.type == "cuda", persistent_workers=False,
-    )
+    if threads:  # uint8 tiles decoded from stored tiles: reading threads (see histofm.wsi.threaded)
+        reading = iter(ThreadedTiles(make_dataset, order, cfg.num_workers))
+        batches: Iterator[Any] = ((tiles, None) for tiles in reading)
+    else:
+        loader = DataLoader(
+            dataset, batch_sampler=order, num_workers=cfg.num_workers, collate_fn=pre.collate,
+            pin_memory=device.type == "cuda", persistent_workers=False,
+        )
+        batches = iter(loader)  # forks the workers
     task = bars.add_task(f"  {path.name}", total=len(dataset))
     out: np.ndarray | None = None
-    batches = iter(loader)  # forks the workers
     if begin_next is not None:
         begin_next()
     try:
@@ -499,6 +520,8 @@ def _embed(
         shutdown = getattr(batches, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
+        elif threads:
+            reading.close()  # stops the reading threads and closes their readers
     assert out is not None  # a selection always holds at least one tile
     return out  # (N, D)
 
