@@ -19,8 +19,10 @@ each reported):
   directly; one call per tile in a tight loop over ``--workers`` processes that each hold
   their own handle, each process taking one contiguous run of tiles (OpenSlide's own tile
   cache then helps it too);
-* **loader**: the extraction's reading stage alone (``SlideTileDataset`` + DataLoader with the
-  same workers + collate, every batch consumed, nothing computed: what a GPU is fed);
+* **loader**: the extraction's reading stage alone, every batch consumed, nothing computed (what
+  a GPU is fed): ``--workers`` reader threads (:mod:`histofm.wsi.threaded`) where the level is
+  decoded from its stored tiles, as extraction does, else ``SlideTileDataset`` + DataLoader with
+  ``--workers`` worker processes;
 * **pipeline**: :func:`histofm.wsi.features.extract_features` end to end (tissue detection,
   tiling, loader, normalisation, encoder, HDF5 file) with a per-channel-mean encoder (``pool``,
   never the bottleneck) and, for the 20x slide, a ``vit_tiny_patch16_224`` cut to ``--depth``
@@ -54,6 +56,7 @@ from histofm.data import sample_path
 from histofm.wsi import open_slide, tile_slide
 from histofm.wsi.dataset import SlideTileDataset, raster_batches
 from histofm.wsi.features import ExtractConfig, _Preprocess, extract_features, read_provenance
+from histofm.wsi.threaded import ThreadedTiles
 
 TILE = 224
 TARGET_MPP = 0.5
@@ -140,18 +143,25 @@ def naive_decoding(path: Path, coords: np.ndarray, workers: int, level: int, rea
     return n / (time.perf_counter() - start), (cpu_seconds() - cpu) / n
 
 
-def loader_only(path: Path, coords: np.ndarray, workers: int, batch_size: int) -> tuple[float, float]:
-    """``(tiles/s, CPU s/tile)`` of the extraction DataLoader alone (worker start-up included)."""
+def loader_only(path: Path, coords: np.ndarray, workers: int, batch_size: int, threads: bool) -> tuple[float, float]:
+    """``(tiles/s, CPU s/tile)`` of extraction's reading stage alone (start-up included): reader threads
+    where extraction uses them (``threads``), else the DataLoader with worker processes."""
     pre = _Preprocess("vit_tiny_patch16_224", TILE, None)  # uint8 fast path: what extraction uses
-    dataset = SlideTileDataset([path], [coords], target_mpp=TARGET_MPP, tile_size=TILE)
-    order = raster_batches(len(dataset), batch_size, workers)
-    loader = DataLoader(dataset, batch_sampler=order, num_workers=workers, collate_fn=pre.collate)
+
+    def make() -> SlideTileDataset:
+        return SlideTileDataset([path], [coords], target_mpp=TARGET_MPP, tile_size=TILE)
+
+    order = raster_batches(len(coords), batch_size, workers)
     cpu, start = cpu_seconds(), time.perf_counter()
     n = 0
-    batches = iter(loader)
-    for tiles, _xy in batches:
-        n += len(tiles)
-    del batches  # joins the workers, so their CPU time is counted
+    if threads:
+        for tiles in ThreadedTiles(make, order, workers):
+            n += len(tiles)
+    else:
+        batches = iter(DataLoader(make(), batch_sampler=order, num_workers=workers, collate_fn=pre.collate))
+        for tiles, _xy in batches:
+            n += len(tiles)
+        del batches  # joins the workers, so their CPU time is counted
     return n / (time.perf_counter() - start), (cpu_seconds() - cpu) / n
 
 
@@ -186,9 +196,11 @@ def measure(kind: str, tmp: Path, args: argparse.Namespace, encoders: dict[str, 
         coords = tile_slide(s, TARGET_MPP, TILE)
         level, read_size, _ = s.tile_geometry(TARGET_MPP, TILE)
         decoder = s.decoder(level)
+        threads = decoder == "stored-tiles" and args.workers > 0  # what extraction does (reader_threads=True)
         print(f"\n[{kind}] {s.dimensions[0]} x {s.dimensions[1]} px at {s.mpp:g} um/px, levels "
               f"{'/'.join(f'{d:g}' for d in s.level_downsamples)}; {len(coords)} tissue tiles of {TILE} px at "
-              f"{TARGET_MPP} um/px read as {read_size} px at level {level} (decoder: {decoder}); "
+              f"{TARGET_MPP} um/px read as {read_size} px at level {level} (decoder: {decoder}, "
+              f"{'reader threads' if threads else 'DataLoader worker processes'}); "
               f"built in {time.perf_counter() - start:.0f} s")
     names = [n for n in encoders if n == "pool" or kind == "20x"]
     cfg = ExtractConfig(target_mpp=TARGET_MPP, tile_size=TILE, batch_size=args.batch_size, num_workers=args.workers,
@@ -197,7 +209,7 @@ def measure(kind: str, tmp: Path, args: argparse.Namespace, encoders: dict[str, 
     best = {name: (0.0, float("inf")) for name in names}
     for _ in range(args.repeats):
         naive = _best(naive, naive_decoding(slide, coords, args.workers, level, read_size))
-        load = _best(load, loader_only(slide, coords, args.workers, args.batch_size))
+        load = _best(load, loader_only(slide, coords, args.workers, args.batch_size, threads))
         for name in names:
             cpu0, t0 = cpu_seconds(), time.perf_counter()
             report = extract_features([slide], encoders[name], tmp / f"out_{kind}_{name}", config=cfg, progress=False)
