@@ -49,6 +49,8 @@ class SlideTileDataset(Dataset):
         backend: reader backend (see :func:`open_slide`).
         return_meta: return ``(tile, coords, slide_index)`` (default) or only the tile.
         max_open: slides kept open per process (least recently used are closed).
+        tile_cache_bytes: decoded stored tiles each open reader keeps (``None``: the reader's
+            default, 32 MB; extraction, reading rows in raster order, asks for more).
     """
 
     def __init__(
@@ -63,6 +65,7 @@ class SlideTileDataset(Dataset):
         backend: str = "auto",
         return_meta: bool = True,
         max_open: int = 16,
+        tile_cache_bytes: int | None = None,
     ) -> None:
         if len(slides) != len(coords):
             raise HistofmError(f"Got {len(slides)} slides but {len(coords)} coordinate arrays; give one array per slide.")
@@ -91,6 +94,7 @@ class SlideTileDataset(Dataset):
         self.transform = transform
         self.return_meta = return_meta
         self.max_open = max(1, int(max_open))
+        self.tile_cache_bytes = tile_cache_bytes
         self._pid: int | None = None
         self._open: OrderedDict[int, tuple[SlideReader, int, int]] = OrderedDict()
 
@@ -112,6 +116,8 @@ class SlideTileDataset(Dataset):
         entry = self._open.get(index)
         if entry is None:
             reader = open_slide(self.paths[index], mpp=self.mpps[index], backend=self.backends[index])
+            if self.tile_cache_bytes is not None:
+                reader.tile_cache_bytes = self.tile_cache_bytes
             level, read_size, _ = reader.tile_geometry(self.target_mpp, self.tile_size)
             entry = (reader, level, read_size)
             self._open[index] = entry

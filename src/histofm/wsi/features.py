@@ -61,6 +61,10 @@ from histofm.wsi.slides import SlideInput
 from histofm.wsi.threaded import ThreadedTiles
 from histofm.wsi.tiling import TileSpec, tile_spec
 
+# Decoded stored tiles kept per reader while extracting (rows in raster order: the stored tiles a row
+# of tiles shares with the next must still be there; 128 MB is about two rows across a 100,000 px level).
+_ROW_CACHE_BYTES = 128 * 2**20
+
 __all__ = [
     "ExtractConfig", "ExtractionReport", "SlideResult", "extract_features", "read_features", "read_provenance",
     "shard_slides",
@@ -478,7 +482,7 @@ def _embed(
     def make_dataset() -> SlideTileDataset:
         return SlideTileDataset(
             [path], [coords], target_mpp=cfg.target_mpp, tile_size=cfg.tile_size,
-            transform=pre.worker_transform(), mpp=mpp, backend=backend,
+            transform=pre.worker_transform(), mpp=mpp, backend=backend, tile_cache_bytes=_ROW_CACHE_BYTES,
         )
 
     dataset = make_dataset()

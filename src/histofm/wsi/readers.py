@@ -213,6 +213,16 @@ class SlideReader(ABC):
             canvas[cy0 - ly : cy1 - ly, cx0 - lx : cx1 - lx] = part
         return canvas
 
+    @property
+    def tile_cache_bytes(self) -> int:
+        """Bytes of decoded stored tiles this reader keeps (0 without direct decoding)."""
+        return self._stored.cache_bytes if self._stored is not None else 0
+
+    @tile_cache_bytes.setter
+    def tile_cache_bytes(self, value: int) -> None:
+        if self._stored is not None:
+            self._stored.cache_bytes = max(0, int(value))
+
     def decoder(self, level: int) -> str:
         """Who decodes ``level``: ``"stored-tiles"`` (direct, :mod:`histofm.wsi.stored`) or the backend's name."""
         return "stored-tiles" if self._stored is not None and self._stored.covers(level) else self.backend

@@ -31,10 +31,10 @@ from typing import Any
 
 import numpy as np
 
-# Decoded stored tiles kept per reader (bytes). One row of 240 px tiles across a 100,000 px
-# wide level is 72 MB; extraction reads tissue tiles in raster order, so a row of the tissue
-# and the next one is what must fit.
-DEFAULT_CACHE_BYTES = 96 * 2**20
+# Decoded stored tiles kept per reader (bytes): OpenSlide's default per handle, enough for random
+# access (pretraining). Extraction reads rows in raster order and asks for more (see
+# histofm.wsi.features): one row of 240 px stored tiles across a 100,000 px wide level is 72 MB.
+DEFAULT_CACHE_BYTES = 32 * 2**20
 # TIFF compressions decoded here (none, LZW, JPEG, Adobe deflate, deflate); the codec comes from tifffile.
 _COMPRESSIONS = frozenset({1, 5, 7, 8, 32946})
 _RGB, _YCBCR = 2, 6
