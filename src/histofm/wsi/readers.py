@@ -671,7 +671,12 @@ def _to_rgb(array: np.ndarray) -> np.ndarray:
     if channels in (1, 2):  # gray (+ alpha)
         return np.repeat(array[..., :1], 3, axis=2)
     if channels == 4:
-        rgb = array[..., :3].astype(np.float32)
-        alpha = array[..., 3:4].astype(np.float32) / 255.0
-        return (rgb * alpha + 255.0 * (1 - alpha)).round().astype(np.uint8)
+        # Composite on white only where alpha < 255 (an opaque pixel's value is its own): the same
+        # numbers as compositing everything, without a float pass over a whole thumbnail band.
+        rgb = np.ascontiguousarray(array[..., :3])  # (H, W, 3) copy
+        partial = array[..., 3] != 255  # (H, W)
+        if partial.any():
+            alpha = array[..., 3][partial].astype(np.float32)[:, None] / 255.0  # (P, 1)
+            rgb[partial] = (array[..., :3][partial].astype(np.float32) * alpha + 255.0 * (1 - alpha)).round()
+        return rgb
     return np.ascontiguousarray(array[..., :3])
