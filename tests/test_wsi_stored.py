@@ -132,3 +132,29 @@ def test_corrupt_tile_is_one_sentence(tmp_path: Path) -> None:
     path.write_bytes(bytes(data))
     with open_slide(path, backend="openslide") as ours, pytest.raises(HistofmError, match="truncated or corrupt"):
         ours.read_region_array((0, 0), 0, (64, 64))
+
+
+def test_banded_thumbnail_reads_whole_level_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A thumbnail built in bands from a level whose downsample is not whole (4.0046 here) takes the
+    level's own rows from the stored tiles: closer to the one-piece thumbnail than OpenSlide's bands,
+    which start between two rows and are interpolated."""
+    from PIL import Image
+
+    from histofm.wsi import readers
+
+    with open_slide(sample_path("cmu_small_region")) as s:
+        base = s.read_region_array((0, 0), 0, (1301, 2001))  # odd sides: downsample 4.0046
+    path = tmp_path / "odd.tif"
+    with tifffile.TiffWriter(path) as tw:
+        for i, k in enumerate((1, 4)):
+            img = base if k == 1 else np.asarray(Image.fromarray(base).resize((1301 // k, 2001 // k), Image.Resampling.BOX))
+            tw.write(img, tile=(128, 128), photometric="rgb", compression="jpeg", subfiletype=i,
+                     resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
+    with open_slide(path, backend="openslide") as ours, open_slide(path, backend="openslide", direct=False) as plain:
+        assert ours.level_downsamples[1] != 4.0
+        whole = np.asarray(plain.thumbnail(300), dtype=np.float32)  # one piece: no bands
+        monkeypatch.setattr(readers, "_THUMBNAIL_BAND_PIXELS", 20_000)  # about 7 bands
+        banded = np.asarray(ours.thumbnail(300), dtype=np.float32)
+        backend_banded = np.asarray(plain.thumbnail(300), dtype=np.float32)
+    assert whole.shape == banded.shape == backend_banded.shape
+    assert np.abs(banded - whole).mean() < np.abs(backend_banded - whole).mean()

@@ -242,9 +242,16 @@ class SlideReader(ABC):
             return None
         return self._stored.read(level, lx, ly, size[0], size[1])
 
-    def _safe_read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+    def _safe_read(
+        self, location: tuple[int, int], level: int, size: tuple[int, int], level_xy: tuple[int, int] | None = None
+    ) -> np.ndarray:
+        """The region read by the stored tiles or the backend, errors in one sentence; ``level_xy``
+        (stored-tile levels only) gives the origin in the level's own pixels, taken exactly."""
         try:
-            array = self._direct(location, level, size)
+            if level_xy is not None and self._stored is not None:
+                array = self._stored.read(level, level_xy[0], level_xy[1], size[0], size[1])
+            else:
+                array = self._direct(location, level, size)
             if array is None:
                 array = self._read(location, level, size)
         except HistofmError:
@@ -303,10 +310,15 @@ class SlideReader(ABC):
         # thumbnail rows, so memory stays bounded and the result matches a one-piece resize.
         rows_per_band = max(1, int(_THUMBNAIL_BAND_PIXELS / (lw * lh / th)))
         out = np.empty((th, tw, 3), dtype=np.uint8)
+        exact = self._stored is not None and self._stored.covers(level)
         for r0 in range(0, th, rows_per_band):
             r1 = min(th, r0 + rows_per_band)
             y0, y1 = round(r0 * lh / th), round(r1 * lh / th)
-            band = self.read_region((0, round(y0 * ds)), level, (lw, max(1, y1 - y0)))
+            if exact:  # the level's rows y0..y1 themselves (a backend interpolates between rows)
+                rows = max(1, min(y1, lh) - y0)
+                band = Image.fromarray(self._safe_read((0, round(y0 * ds)), level, (lw, rows), level_xy=(0, y0)))
+            else:
+                band = self.read_region((0, round(y0 * ds)), level, (lw, max(1, y1 - y0)))
             out[r0:r1] = np.asarray(band.resize((tw, r1 - r0), Image.Resampling.BOX))
         return Image.fromarray(out)
 
