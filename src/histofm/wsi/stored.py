@@ -112,11 +112,6 @@ class StoredTiles:
             os.close(self._fd)
         self._fd = None
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state.update(_cache=OrderedDict(), _cached=0, _fd=None, _pid=-1)
-        return state
-
 
 class _Level:
     """One tiled page: its tile table, JPEG tables and codec."""
