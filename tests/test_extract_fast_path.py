@@ -13,6 +13,7 @@ from torch import nn
 
 from histofm.data import sample_path
 from histofm.wsi import stored
+from histofm.wsi.ahead import SelectionAhead
 from histofm.wsi.dataset import raster_batches
 from histofm.wsi.features import ExtractConfig, extract_features, read_features
 
@@ -53,7 +54,11 @@ def test_fast_path_equals_openslide_with_worker_processes(tmp_path: Path, monkey
     for name in ("a.svs", "b.svs"):
         slides.append(tmp_path / name)
         shutil.copyfile(sample_path("cmu_small_region"), slides[-1])
+    started: list[str] = []
+    original = SelectionAhead.start
+    monkeypatch.setattr(SelectionAhead, "start", lambda self, path: (started.append(path.name), original(self, path)))
     fast = _extract(slides, tmp_path / "fast")
+    assert started == ["b.svs"]  # b's tiles were selected while a was read
     with monkeypatch.context() as m:  # no stored-tile decoding anywhere: OpenSlide reads every pixel
         m.setattr(stored, "open_stored_tiles", lambda *a, **k: None)
         m.setattr("histofm.wsi.readers.open_stored_tiles", lambda *a, **k: None)
