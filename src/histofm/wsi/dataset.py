@@ -155,6 +155,16 @@ class SlideTileDataset(Dataset):
         array = reader.read_region_array((int(x), int(y)), level, (read_size, read_size))  # (S, S, 3)
         return torch.from_numpy(array).permute(2, 0, 1)
 
+    def read_into(self, index: int, out: np.ndarray) -> None:
+        """Write the uint8 tile at a flat index into ``out`` ``(S, S, 3)`` (a slot of a batch; no transform)."""
+        slide_index, tile_index = self.locate(index)
+        reader, level, read_size = self._slide(slide_index)
+        if read_size != self.tile_size:
+            out[...] = np.asarray(self.read_tile(index))
+            return
+        x, y = self.coords[slide_index][tile_index]
+        reader.read_region_array((int(x), int(y)), level, (read_size, read_size), out=out)
+
     def __getitem__(self, index: int) -> Any:
         if self.transform is not None:
             out = self.transform(self.read_tile(index))

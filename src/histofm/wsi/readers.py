@@ -188,8 +188,13 @@ class SlideReader(ABC):
         """
         return Image.fromarray(self.read_region_array(location, level, size))
 
-    def read_region_array(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
-        """:meth:`read_region` as a ``(h, w, 3)`` uint8 array (no PIL round trip)."""
+    def read_region_array(
+        self, location: tuple[int, int], level: int, size: tuple[int, int], out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """:meth:`read_region` as a ``(h, w, 3)`` uint8 array (no PIL round trip).
+
+        ``out``, an ``(h, w, 3)`` uint8 array (a slot of a batch), receives the pixels and is returned.
+        """
         if not 0 <= level < self.level_count:
             raise HistofmError(f"{self.path.name} has levels 0..{self.level_count - 1}, not {level}.")
         x, y = int(location[0]), int(location[1])
@@ -203,8 +208,10 @@ class SlideReader(ABC):
         cx0, cy0 = max(lx, 0), max(ly, 0)
         cx1, cy1 = min(lx + w, lw), min(ly + h, lh)
         if cx0 == lx and cy0 == ly and cx1 == lx + w and cy1 == ly + h:
-            return self._safe_read((x, y), level, (w, h))
-        canvas = np.full((h, w, 3), 255, dtype=np.uint8)
+            return self._safe_read((x, y), level, (w, h), out=out)
+        canvas = np.full((h, w, 3), 255, dtype=np.uint8) if out is None else out
+        if out is not None:
+            canvas.fill(255)
         if cx1 > cx0 and cy1 > cy0:
             # Level-0 origin of the visible part: keep the caller's sub-level offset where in bounds.
             ox = x if cx0 == lx else round(cx0 * ds)
@@ -227,7 +234,9 @@ class SlideReader(ABC):
         """Who decodes ``level``: ``"stored-tiles"`` (direct, :mod:`histofm.wsi.stored`) or the backend's name."""
         return "stored-tiles" if self._stored is not None and self._stored.covers(level) else self.backend
 
-    def _direct(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray | None:
+    def _direct(
+        self, location: tuple[int, int], level: int, size: tuple[int, int], out: np.ndarray | None = None
+    ) -> np.ndarray | None:
         """The region from the stored tiles, or ``None`` where the backend must read it.
 
         Only at whole pixels of the level: at a fractional position OpenSlide interpolates
@@ -240,18 +249,20 @@ class SlideReader(ABC):
         lx, ly = round(fx), round(fy)
         if abs(fx - lx) > 1e-9 * max(1.0, fx) or abs(fy - ly) > 1e-9 * max(1.0, fy):
             return None
-        return self._stored.read(level, lx, ly, size[0], size[1])
+        return self._stored.read(level, lx, ly, size[0], size[1], out=out)
 
     def _safe_read(
-        self, location: tuple[int, int], level: int, size: tuple[int, int], level_xy: tuple[int, int] | None = None
+        self, location: tuple[int, int], level: int, size: tuple[int, int], level_xy: tuple[int, int] | None = None,
+        out: np.ndarray | None = None,
     ) -> np.ndarray:
         """The region read by the stored tiles or the backend, errors in one sentence; ``level_xy``
-        (stored-tile levels only) gives the origin in the level's own pixels, taken exactly."""
+        (stored-tile levels only) gives the origin in the level's own pixels, taken exactly; ``out``
+        receives the pixels."""
         try:
             if level_xy is not None and self._stored is not None:
-                array = self._stored.read(level, level_xy[0], level_xy[1], size[0], size[1])
+                array = self._stored.read(level, level_xy[0], level_xy[1], size[0], size[1], out=out)
             else:
-                array = self._direct(location, level, size)
+                array = self._direct(location, level, size, out=out)
             if array is None:
                 array = self._read(location, level, size)
         except HistofmError:
@@ -271,6 +282,9 @@ class SlideReader(ABC):
             hh, ww = min(size[1], array.shape[0]), min(size[0], array.shape[1])
             canvas[:hh, :ww] = array[:hh, :ww, :3]
             array = canvas
+        if out is not None and array is not out:  # the backend read it: into the caller's slot
+            out[...] = array
+            return out
         return array
 
     def tile_geometry(self, target_mpp: float, size: int) -> tuple[int, int, float]:

@@ -63,11 +63,15 @@ class StoredTiles:
         """Whether ``level`` is decoded here (otherwise the backend reads it)."""
         return 0 <= level < len(self._levels) and self._levels[level] is not None
 
-    def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
-        """The ``(h, w, 3)`` uint8 region of ``level`` at level pixel ``(x, y)``; it must lie inside the level."""
+    def read(self, level: int, x: int, y: int, w: int, h: int, out: np.ndarray | None = None) -> np.ndarray:
+        """The ``(h, w, 3)`` uint8 region of ``level`` at level pixel ``(x, y)``; it must lie inside the level.
+
+        ``out``, an ``(h, w, 3)`` uint8 array, receives the pixels (a batch's slot: no extra copy).
+        """
         lv = self._levels[level]
         assert lv is not None, level
-        out = np.empty((h, w, 3), dtype=np.uint8)
+        if out is None:
+            out = np.empty((h, w, 3), dtype=np.uint8)
         tw, th = lv.tile_width, lv.tile_length
         for row in range(y // th, (y + h - 1) // th + 1):
             y0, y1 = max(y, row * th), min(y + h, (row + 1) * th)

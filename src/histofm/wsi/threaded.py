@@ -27,6 +27,10 @@ from histofm.wsi.dataset import SlideTileDataset
 class ThreadedTiles:
     """Iterate ``(B, S, S, 3)`` uint8 batches of ``batches`` (lists of tile indices), in order.
 
+    A yielded batch is valid until the next one is requested: its memory is then reused for a
+    batch being read (fresh 10 MB buffers would cost their page faults every time). Copy it to
+    keep it (extraction normalises it into its own buffer or moves it to the device at once).
+
     Args:
         make_dataset: builds a fresh dataset (one per thread; each opens its own reader).
         batches: tile indices per batch, in the order to yield them.
@@ -42,13 +46,16 @@ class ThreadedTiles:
         self.threads = max(1, int(threads))
         self._datasets = [make_dataset() for _ in range(self.threads)]
         self._ahead = max(1, int(ahead))
+        self._free: deque[torch.Tensor] = deque()  # buffers of batches already consumed
 
-    def _read(self, thread: int, rows: Sequence[int]) -> torch.Tensor:
+    def _read(self, thread: int, rows: Sequence[int], buffer: torch.Tensor | None) -> torch.Tensor:
         dataset = self._datasets[thread]
         size = dataset.tile_size
-        out = torch.empty((len(rows), size, size, 3), dtype=torch.uint8)  # (B, S, S, 3)
+        shape = (len(rows), size, size, 3)
+        out = buffer if buffer is not None and tuple(buffer.shape) == shape else torch.empty(shape, dtype=torch.uint8)
+        slots = out.numpy()  # (B, S, S, 3)
         for j, index in enumerate(rows):
-            out[j] = dataset._read_tensor(int(index)).permute(1, 2, 0)  # undo the (3, S, S) view
+            dataset.read_into(int(index), slots[j])  # decoded straight into the batch
         return out
 
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -56,13 +63,18 @@ class ThreadedTiles:
         pools = [cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"histofm-read{t}") for t in range(self.threads)]
         pending: deque[cf.Future[torch.Tensor]] = deque()
         submitted = 0
+        last: torch.Tensor | None = None
         try:
             for _ in range(len(self.batches)):
+                if last is not None:  # the consumer asked for the next batch: the last one's memory is free
+                    self._free.append(last)
                 while submitted < len(self.batches) and len(pending) < self.threads * self._ahead:
                     t = submitted % self.threads
-                    pending.append(pools[t].submit(self._read, t, self.batches[submitted]))
+                    buffer = self._free.popleft() if self._free else None
+                    pending.append(pools[t].submit(self._read, t, self.batches[submitted], buffer))
                     submitted += 1
-                yield pending.popleft().result()
+                last = pending.popleft().result()
+                yield last
         finally:
             for future in pending:
                 future.cancel()
