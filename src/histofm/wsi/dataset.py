@@ -49,6 +49,8 @@ class SlideTileDataset(Dataset):
         backend: reader backend (see :func:`open_slide`).
         return_meta: return ``(tile, coords, slide_index)`` (default) or only the tile.
         max_open: slides kept open per process (least recently used are closed).
+        tile_cache_bytes: decoded stored tiles each open reader keeps (``None``: the reader's
+            default, 32 MB; extraction, reading rows in raster order, asks for more).
     """
 
     def __init__(
@@ -63,6 +65,7 @@ class SlideTileDataset(Dataset):
         backend: str = "auto",
         return_meta: bool = True,
         max_open: int = 16,
+        tile_cache_bytes: int | None = None,
     ) -> None:
         if len(slides) != len(coords):
             raise HistofmError(f"Got {len(slides)} slides but {len(coords)} coordinate arrays; give one array per slide.")
@@ -91,6 +94,7 @@ class SlideTileDataset(Dataset):
         self.transform = transform
         self.return_meta = return_meta
         self.max_open = max(1, int(max_open))
+        self.tile_cache_bytes = tile_cache_bytes
         self._pid: int | None = None
         self._open: OrderedDict[int, tuple[SlideReader, int, int]] = OrderedDict()
 
@@ -112,6 +116,8 @@ class SlideTileDataset(Dataset):
         entry = self._open.get(index)
         if entry is None:
             reader = open_slide(self.paths[index], mpp=self.mpps[index], backend=self.backends[index])
+            if self.tile_cache_bytes is not None:
+                reader.tile_cache_bytes = self.tile_cache_bytes
             level, read_size, _ = reader.tile_geometry(self.target_mpp, self.tile_size)
             entry = (reader, level, read_size)
             self._open[index] = entry
@@ -149,6 +155,16 @@ class SlideTileDataset(Dataset):
         array = reader.read_region_array((int(x), int(y)), level, (read_size, read_size))  # (S, S, 3)
         return torch.from_numpy(array).permute(2, 0, 1)
 
+    def read_into(self, index: int, out: np.ndarray) -> None:
+        """Write the uint8 tile at a flat index into ``out`` ``(S, S, 3)`` (a slot of a batch; no transform)."""
+        slide_index, tile_index = self.locate(index)
+        reader, level, read_size = self._slide(slide_index)
+        if read_size != self.tile_size:
+            out[...] = np.asarray(self.read_tile(index))
+            return
+        x, y = self.coords[slide_index][tile_index]
+        reader.read_region_array((int(x), int(y)), level, (read_size, read_size), out=out)
+
     def __getitem__(self, index: int) -> Any:
         if self.transform is not None:
             out = self.transform(self.read_tile(index))
@@ -164,3 +180,32 @@ class SlideTileDataset(Dataset):
         for reader, _, _ in self._open.values():
             reader.close()
         self._open.clear()
+
+
+def raster_batches(n: int, batch_size: int, workers: int) -> list[list[int]]:
+    """Batches of ``range(n)`` ordered so that each DataLoader worker reads one contiguous band.
+
+    A map-style DataLoader hands batch ``k`` to worker ``k % workers``. Cutting the tiles
+    (in raster order) into ``workers`` contiguous bands and interleaving the bands' batches
+    gives each worker a band of whole rows, read top to bottom: a stored tile shared by two
+    rows of tiles is still in that worker's cache when the second row needs it (with plain
+    round-robin batches the row below is often read by another worker, which decodes the
+    tile again). The caller puts results back in order with the batches' indices.
+
+    Args:
+        n: number of tiles.
+        batch_size: tiles per batch.
+        workers: DataLoader workers (0 or 1: plain consecutive batches).
+
+    Returns:
+        The batches, in the order the DataLoader should yield them.
+    """
+    batches = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+    if workers <= 1 or len(batches) <= workers:
+        return batches
+    # Band sizes differ by at most one batch, longer bands first, so that in the last round
+    # only the first bands still have a batch and batch k still goes to worker k % workers.
+    sizes = [len(batches) // workers + (w < len(batches) % workers) for w in range(workers)]
+    starts = np.cumsum([0, *sizes])
+    bands = [batches[starts[w] : starts[w + 1]] for w in range(workers)]
+    return [band[r] for r in range(sizes[0]) for band in bands if r < len(band)]

@@ -25,6 +25,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,14 +33,15 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import DataLoader
 
 from histofm import accel
 from histofm.checks import check_alloc
 from histofm.errors import HistofmError
 from histofm.utils import atomic_path, default_device, remove_stale_temps
 from histofm.weights import weights_of
-from histofm.wsi.dataset import SlideTileDataset
+from histofm.wsi.ahead import SelectionAhead
+from histofm.wsi.dataset import SlideTileDataset, raster_batches
 from histofm.wsi.layouts import (
     check_layout,
     coords_attrs,
@@ -49,13 +51,19 @@ from histofm.wsi.layouts import (
     pt_path,
 )
 from histofm.wsi.locks import slide_lock
+from histofm.wsi.preprocess import _eval_transform, _file_label, _Preprocess  # noqa: F401  (tests import _eval_transform here)
 from histofm.wsi.provenance import differences, read_provenance, slide_fingerprint
 from histofm.wsi.readers import SlideReader, open_slide
 from histofm.wsi.report import ExtractionReport, SlideResult, shard_slides
 from histofm.wsi.roi import RoiFilter
-from histofm.wsi.selection import select_tiles
+from histofm.wsi.selection import TileSelection, select_tiles
 from histofm.wsi.slides import SlideInput
+from histofm.wsi.threaded import ThreadedTiles
 from histofm.wsi.tiling import TileSpec, tile_spec
+
+# Decoded stored tiles kept per reader while extracting (rows in raster order: the stored tiles a row
+# of tiles shares with the next must still be there; 128 MB is about two rows across a 100,000 px level).
+_ROW_CACHE_BYTES = 128 * 2**20
 
 __all__ = [
     "ExtractConfig", "ExtractionReport", "SlideResult", "extract_features", "read_features", "read_provenance",
@@ -91,6 +99,9 @@ class ExtractConfig:
             normalisation: ``"macenko"``, ``"reinhard"`` or ``"vahadane"`` (:mod:`histofm.data.stain`);
             recorded in the provenance, so normalised and raw features never mix.
         stain_target: the target image (a file, a slide, or a bundled sample name).
+        reader_threads: where tiles are decoded from the slide's stored tiles and need no per-tile
+            transform, read them with ``num_workers`` threads of this process instead of DataLoader
+            worker processes (same pixels; see :mod:`histofm.wsi.threaded`).
     """
 
     target_mpp: float = 0.5
@@ -110,6 +121,7 @@ class ExtractConfig:
     roi: RoiFilter | None = None
     stain_norm: str | None = None
     stain_target: str | None = None
+    reader_threads: bool = True
 
 
 def read_features(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
@@ -149,123 +161,6 @@ def _plain(attrs: Any) -> dict[str, Any]:
 
 def _model_name(model: nn.Module) -> str:
     return str(getattr(model, "histofm_name", type(model).__name__))
-
-
-class _Preprocess:
-    """Per-tile transform (in the workers) and per-batch normalisation (on the device).
-
-    When the model's preprocessing is only "to float, subtract mean, divide by std" at the
-    tile size (no resize, no crop), tiles travel as uint8 and are normalised on the device
-    in one batched operation: identical numbers, a quarter of the inter-process traffic and
-    no per-tile Python work. Otherwise the model's own ``eval_transform`` runs per tile.
-    """
-
-    def __init__(
-        self, model_name: str, tile_size: int, transform: Callable[..., Any] | None, *, channels_last: bool = False,
-        stain: Any = None, stain_label: str = "none",  # noqa: ANN401
-    ) -> None:
-        from histofm.registry import IMAGENET_MEAN, IMAGENET_STD, model_info
-
-        self.channels_last = channels_last
-        self.stain, self.stain_label = stain, stain_label  # a fitted StainNormalize, or None
-        self._buffer: torch.Tensor | None = None  # reused float input on CPU (see batch)
-        self.tile_transform = transform
-        self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
-        # What the provenance records: the side the model sees and how tiles get there.
-        self.resize, self.interpolation = int(tile_size), "none"
-        if transform is not None:
-            self.resize, self.interpolation = 0, "custom transform"
-            return
-        try:
-            info = model_info(model_name)
-        except HistofmError:  # a custom module: ImageNet statistics, tiles as they are
-            return
-        self.mean, self.std = tuple(info.mean), tuple(info.std)
-        if info.resize is None and tuple(info.input_size[1:]) == (tile_size, tile_size):
-            return  # fast path: batched normalisation
-        self.tile_transform = _eval_transform(model_name, info)
-        self.resize, self.interpolation = int(info.resize or info.input_size[-1]), str(info.interpolation)
-
-    def worker_transform(self) -> Callable[..., Any] | None:
-        """The per-tile transform the readers run: stain normalisation first when it cannot wait for the batch."""
-        if self.tile_transform is None or self.stain is None:
-            return self.tile_transform
-        return _StainThen(self.stain, self.tile_transform)
-
-    def record(self) -> dict[str, Any]:
-        """``preprocess_*`` provenance attributes."""
-        return {
-            "preprocess_resize": self.resize, "preprocess_interpolation": self.interpolation,
-            "preprocess_mean": tuple(float(v) for v in self.mean), "preprocess_std": tuple(float(v) for v in self.std),
-            "preprocess_stain_norm": self.stain_label,
-        }
-
-    def collate(self, items: list[tuple[torch.Tensor, torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stack a batch in the worker; uint8 tiles stay channels-last, so stacking is a plain copy."""
-        # default_collate stacks straight into shared memory inside a worker (no extra copy on send).
-        xy = default_collate([item[1] for item in items])  # (B, 2)
-        if self.tile_transform is not None:
-            return default_collate([item[0] for item in items]), xy  # (B, 3, S, S) from the transform
-        # The dataset's (3, S, S) tiles are views of (S, S, 3) arrays: undo the view, not the memory.
-        return default_collate([item[0].permute(1, 2, 0) for item in items]), xy  # (B, S, S, 3) uint8
-
-    def batch(self, x: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """The model input ``(B, 3, S, S)`` on ``device`` from a collated batch."""
-        x = x.to(device, non_blocking=True)
-        if self.tile_transform is None and self.stain is not None:  # (B, S, S, 3) uint8, batched on the device
-            x = self.stain.norm.transform(x, per_image=self.stain.per_image)
-        if self.tile_transform is not None:
-            return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-        scale = 1.0 / (torch.tensor(self.std, device=device) * 255.0)  # (3,) broadcast over the last dim
-        shift = -torch.tensor(self.mean, device=device) * 255.0 * scale
-        # Normalise on the dense (B, S, S, 3) memory, then hand the model a channels-last view:
-        # no transpose copy, and 2-3x faster than broadcasting over (1, 3, 1, 1) on CPU.
-        if device.type == "cpu":
-            # One reused float buffer (a fresh 38 MB array per batch costs its page faults every
-            # time) and one fused x * scale + shift pass: 3x faster than x.float().sub_().mul_().
-            if self._buffer is None or self._buffer.shape[1:] != x.shape[1:] or len(self._buffer) < len(x):
-                self._buffer = torch.empty(x.shape, dtype=torch.float32)
-            buf = self._buffer[: len(x)].copy_(x)
-            x = torch.addcmul(shift, buf, scale, out=buf)  # (B, S, S, 3)
-        else:
-            x = torch.addcmul(shift, x.float(), scale)  # (B, S, S, 3)
-        return x.permute(0, 3, 1, 2)  # (B, 3, S, S)
-
-    def owns(self, t: torch.Tensor) -> bool:
-        """True when ``t`` shares memory with the reused input buffer (a model returning a view of its input)."""
-        return self._buffer is not None and t.untyped_storage().data_ptr() == self._buffer.untyped_storage().data_ptr()
-
-
-def _file_label(target: str) -> str:
-    """``name@sha256[:12]`` of a stain target file (a bundled sample name stays as it is)."""
-    import hashlib
-
-    from histofm.data import SAMPLES
-
-    if str(target) in SAMPLES:
-        return str(target)
-    p = Path(target)
-    return f"{p.name}@{hashlib.sha256(p.read_bytes()).hexdigest()[:12]}"
-
-
-class _StainThen:
-    """Stain-normalise an RGB PIL tile, then run the model's transform (picklable for reader workers)."""
-
-    def __init__(self, stain: Any, transform: Callable[..., Any]) -> None:  # noqa: ANN401
-        self.stain, self.transform = stain, transform
-
-    def __call__(self, img: Any) -> Any:  # noqa: ANN401
-        from PIL import Image
-
-        rgb = np.asarray(img.convert("RGB"))
-        return self.transform(Image.fromarray(self.stain.norm.transform(rgb)))
-
-
-def _eval_transform(model_name: str, info: Any) -> Callable[..., Any]:
-    """The model's own eval transform (:func:`histofm.data.transforms.eval_transform_for`, the one builder)."""
-    from histofm.data.transforms import eval_transform_for
-
-    return eval_transform_for(info)
 
 
 def _resume_state(path: Path, wanted: dict[str, Any], layout: str) -> tuple[str, list[str]]:
@@ -408,18 +303,42 @@ def extract_features(
         console=console, disable=not progress, transient=False,
     ) as bars:
         overall = bars.add_task("slides", total=len(inputs))
-        for item in inputs:
-            start = time.perf_counter()
-            try:
-                result = _one_slide(item, mpp, model, out_dir, cfg, pre, device, dtype, common, bars)
-            except KeyboardInterrupt:
-                raise
-            except Exception as e:  # one bad slide must not stop the batch
-                result = SlideResult(item.path.name, "failed", error=_one_line(e))
-            result.seconds = time.perf_counter() - start if result.status == "done" else result.seconds
-            report.results.append(result)
-            bars.advance(overall)
+        slide_mpps = {s.path: s.mpp if s.mpp is not None else mpp for s in inputs}
+        ahead = SelectionAhead(lambda p: _select(p, slide_mpps[p], cfg))
+        try:
+            for i, item in enumerate(inputs):
+                start = time.perf_counter()
+                after = inputs[i + 1].path if i + 1 < len(inputs) else None
+                # Once this slide's readers run, the next slide's tissue detection starts beside them.
+                def begin_next(after: Path | None = after) -> None:
+                    if after is not None and (cfg.overwrite or not _output_exists(out_dir, after, name, cfg.layout)):
+                        ahead.start(after)
+
+                try:
+                    result = _one_slide(item, mpp, model, out_dir, cfg, pre, device, dtype, common, bars, ahead,
+                                        begin_next)
+                except KeyboardInterrupt:
+                    raise
+                except Exception as e:  # one bad slide must not stop the batch
+                    result = SlideResult(item.path.name, "failed", error=_one_line(e))
+                result.seconds = time.perf_counter() - start if result.status == "done" else result.seconds
+                report.results.append(result)
+                bars.advance(overall)
+        finally:
+            ahead.close()
     return report
+
+
+def _output_exists(out_dir: Path, path: Path, model_name: str, layout: str) -> bool:
+    """Whether a slide's feature file exists (a resumed run then usually skips it: nothing to select ahead)."""
+    return feature_path(out_dir, path.stem, model_name, layout).exists()
+
+
+def _select(path: Path, slide_mpp: float | None, cfg: ExtractConfig) -> TileSelection:
+    """The tile selection of one slide with its own handle (what :func:`_locked_slide` computes)."""
+    with open_slide(path, mpp=slide_mpp, backend=cfg.backend) as slide:
+        spec = tile_spec(slide, cfg.target_mpp, cfg.tile_size, cfg.overlap)
+        return select_tiles(slide, spec, min_tissue=cfg.min_tissue, roi=cfg.roi, coords_dir=cfg.coords_dir)
 
 
 def _tiling_provenance(slide: SlideReader, spec: TileSpec, cfg: ExtractConfig) -> dict[str, Any]:
@@ -449,15 +368,20 @@ def _one_slide(
     dtype: torch.dtype | None,
     common: dict[str, Any],
     bars: Any,
+    ahead: SelectionAhead | None = None,
+    begin_next: Callable[[], None] | None = None,
 ) -> SlideResult:
     """Check, select, embed and write one slide (skipped when another process holds its lock)."""
     path = item.path
     slide_mpp = item.mpp if item.mpp is not None else mpp
     out_path = feature_path(out_dir, path.stem, common["model_name"], cfg.layout)
+    # Never open or fork while this slide's selection still runs in the background thread.
+    prefetched = ahead.wait(path) if ahead is not None else None
     with slide_lock(out_path) as mine:
         if not mine:  # another live process has this slide (several extracts into one --out)
             return SlideResult(path.name, "skipped", output=out_path, note="done by another process")
-        return _locked_slide(path, out_path, slide_mpp, model, out_dir, cfg, pre, device, dtype, common, bars)
+        return _locked_slide(path, out_path, slide_mpp, model, out_dir, cfg, pre, device, dtype, common, bars,
+                             prefetched, begin_next)
 
 
 def _locked_slide(
@@ -472,6 +396,8 @@ def _locked_slide(
     dtype: torch.dtype | None,
     common: dict[str, Any],
     bars: Any,
+    prefetched: Future[TileSelection] | None = None,
+    begin_next: Callable[[], None] | None = None,
 ) -> SlideResult:
     """:func:`_one_slide` once this process holds the slide's lock."""
     from histofm._version import __version__
@@ -490,14 +416,21 @@ def _locked_slide(
                 error=f"{out_path.name} exists with other settings ({'; '.join(diffs[:3])}{more}); "
                 "pass --overwrite to redo it or choose another --out.",
             )
-        selection = select_tiles(slide, spec, min_tissue=cfg.min_tissue, roi=cfg.roi, coords_dir=cfg.coords_dir)
+        if prefetched is not None:  # computed ahead, while the previous slide was read (its errors re-raise here)
+            selection = prefetched.result()
+        else:
+            selection = select_tiles(slide, spec, min_tissue=cfg.min_tissue, roi=cfg.roi, coords_dir=cfg.coords_dir)
         attrs = coords_attrs(spec, cfg.layout, slide, path.stem)
-        backend = slide.backend
+        backend, decoder = slide.backend, slide.decoder(spec.level)
     dim = getattr(model, "num_features", None) or getattr(model, "embed_dim", None)
     if isinstance(dim, int):  # the (N, D) float32 features and their concatenated copy, before embedding
         check_alloc(2 * 4 * dim * len(selection.coords), f"The features of {path.name} ({len(selection.coords)} tiles)",
                     "--target-mpp, --tile-size or --mpp-override")
-    features = _embed(path, selection.coords, model, cfg, pre, device, dtype, slide_mpp, backend, bars)
+    # Threads read where the tiles are uint8 decoded from stored tiles (no per-tile transform):
+    # the decoder releases the GIL, and no process start-up or shared-memory hand-over is paid.
+    threads = cfg.reader_threads and cfg.num_workers > 0 and decoder == "stored-tiles" and pre.worker_transform() is None
+    features = _embed(path, selection.coords, model, cfg, pre, device, dtype, slide_mpp, backend, bars, begin_next,
+                      threads)
     bad = int(np.size(features) - np.isfinite(features).sum())
     if bad:
         raise HistofmError(
@@ -505,7 +438,7 @@ def _locked_slide(
             "nothing was written; check the weights given with --checkpoint (or try --precision fp32)."
         )
     file_attrs = {**wanted, "embed_dim": int(features.shape[1]), "backend": backend,
-                  "read_interpolation": "bilinear" if spec.read_size != spec.tile_size else "none"}
+                  "tile_decoder": decoder, "read_interpolation": "bilinear" if spec.read_size != spec.tile_size else "none"}
     _write(out_path, features, selection.coords, attrs, file_attrs, cfg.layout, out_dir)
     return SlideResult(path.name, "done", len(features), output=out_path)
 
@@ -537,22 +470,39 @@ def _embed(
     mpp: float | None,
     backend: str,
     bars: Any,
+    begin_next: Callable[[], None] | None = None,
+    threads: bool = False,
 ) -> np.ndarray:
-    """``(N, D)`` float32 embeddings of the tiles at ``coords``."""
-    dataset = SlideTileDataset(
-        [path], [coords], target_mpp=cfg.target_mpp, tile_size=cfg.tile_size,
-        transform=pre.worker_transform(), mpp=mpp, backend=backend,
-    )
-    loader = DataLoader(
-        dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers, collate_fn=pre.collate,
-        pin_memory=device.type == "cuda", persistent_workers=False,
-    )
+    """``(N, D)`` float32 embeddings of the tiles at ``coords``.
+
+    ``begin_next`` is called once the readers exist; ``threads`` reads with ``cfg.num_workers``
+    threads of this process instead of DataLoader worker processes.
+    """
+    def make_dataset() -> SlideTileDataset:
+        return SlideTileDataset(
+            [path], [coords], target_mpp=cfg.target_mpp, tile_size=cfg.tile_size,
+            transform=pre.worker_transform(), mpp=mpp, backend=backend, tile_cache_bytes=_ROW_CACHE_BYTES,
+        )
+
+    dataset = make_dataset()
+    # Each worker reads a contiguous band of rows (each stored tile decoded once); rows go back in order below.
+    order = raster_batches(len(dataset), cfg.batch_size, cfg.num_workers)
+    if threads:  # uint8 tiles decoded from stored tiles: reading threads (see histofm.wsi.threaded)
+        reading = iter(ThreadedTiles(make_dataset, order, cfg.num_workers))
+        batches: Iterator[Any] = ((tiles, None) for tiles in reading)
+    else:
+        loader = DataLoader(
+            dataset, batch_sampler=order, num_workers=cfg.num_workers, collate_fn=pre.collate,
+            pin_memory=device.type == "cuda", persistent_workers=False,
+        )
+        batches = iter(loader)  # forks the workers
     task = bars.add_task(f"  {path.name}", total=len(dataset))
-    chunks: list[np.ndarray] = []
-    batches = iter(loader)
+    out: np.ndarray | None = None
+    if begin_next is not None:
+        begin_next()
     try:
         with torch.inference_mode():
-            for tiles, _xy in batches:
+            for rows, (tiles, _xy) in zip(order, batches):
                 x = pre.batch(tiles, device)  # (B, 3, S, S)
                 with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                     emb = model(x)  # (B, D)
@@ -561,8 +511,10 @@ def _embed(
                         f"The model returned shape {tuple(emb.shape)} for a batch of {len(x)} tiles; "
                         "a tile encoder must return (B, D) embeddings."
                     )
-                emb = emb.float().cpu()
-                chunks.append((emb.clone() if pre.owns(emb) else emb).numpy())  # the buffer is reused next batch
+                emb = emb.float().cpu()  # (B, D); copied into out below, before the input buffer is reused
+                if out is None:
+                    out = np.empty((len(dataset), emb.shape[1]), dtype=np.float32)  # (N, D)
+                out[rows] = emb.numpy()
                 bars.advance(task, len(x))
     finally:
         bars.remove_task(task)
@@ -571,7 +523,10 @@ def _embed(
         shutdown = getattr(batches, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
-    return np.concatenate(chunks, axis=0).astype(np.float32)  # (N, D)
+        elif threads:
+            reading.close()  # stops the reading threads and closes their readers
+    assert out is not None  # a selection always holds at least one tile
+    return out  # (N, D)
 
 
 def _write(

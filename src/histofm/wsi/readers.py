@@ -41,6 +41,7 @@ import numpy as np
 from PIL import Image
 
 from histofm.errors import HistofmError
+from histofm.wsi.stored import StoredTiles, open_stored_tiles
 
 # Extensions read as plain images first (OpenSlide would only wrap them anyway).
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
@@ -107,6 +108,8 @@ class SlideReader(ABC):
         self.dimensions: tuple[int, int] = (0, 0)
         self.level_dimensions: tuple[tuple[int, int], ...] = ()
         self.level_downsamples: tuple[float, ...] = ()
+        # Direct decoding of the file's stored tiles (histofm.wsi.stored), set by open_slide where it applies.
+        self._stored: StoredTiles | None = None
 
     # ---- backend hooks -------------------------------------------------------------------------
     @abstractmethod
@@ -185,8 +188,13 @@ class SlideReader(ABC):
         """
         return Image.fromarray(self.read_region_array(location, level, size))
 
-    def read_region_array(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
-        """:meth:`read_region` as a ``(h, w, 3)`` uint8 array (no PIL round trip)."""
+    def read_region_array(
+        self, location: tuple[int, int], level: int, size: tuple[int, int], out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """:meth:`read_region` as a ``(h, w, 3)`` uint8 array (no PIL round trip).
+
+        ``out``, an ``(h, w, 3)`` uint8 array (a slot of a batch), receives the pixels and is returned.
+        """
         if not 0 <= level < self.level_count:
             raise HistofmError(f"{self.path.name} has levels 0..{self.level_count - 1}, not {level}.")
         x, y = int(location[0]), int(location[1])
@@ -200,8 +208,10 @@ class SlideReader(ABC):
         cx0, cy0 = max(lx, 0), max(ly, 0)
         cx1, cy1 = min(lx + w, lw), min(ly + h, lh)
         if cx0 == lx and cy0 == ly and cx1 == lx + w and cy1 == ly + h:
-            return self._safe_read((x, y), level, (w, h))
-        canvas = np.full((h, w, 3), 255, dtype=np.uint8)
+            return self._safe_read((x, y), level, (w, h), out=out)
+        canvas = np.full((h, w, 3), 255, dtype=np.uint8) if out is None else out
+        if out is not None:
+            canvas.fill(255)
         if cx1 > cx0 and cy1 > cy0:
             # Level-0 origin of the visible part: keep the caller's sub-level offset where in bounds.
             ox = x if cx0 == lx else round(cx0 * ds)
@@ -210,9 +220,51 @@ class SlideReader(ABC):
             canvas[cy0 - ly : cy1 - ly, cx0 - lx : cx1 - lx] = part
         return canvas
 
-    def _safe_read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+    @property
+    def tile_cache_bytes(self) -> int:
+        """Bytes of decoded stored tiles this reader keeps (0 without direct decoding)."""
+        return self._stored.cache_bytes if self._stored is not None else 0
+
+    @tile_cache_bytes.setter
+    def tile_cache_bytes(self, value: int) -> None:
+        if self._stored is not None:
+            self._stored.cache_bytes = max(0, int(value))
+
+    def decoder(self, level: int) -> str:
+        """Who decodes ``level``: ``"stored-tiles"`` (direct, :mod:`histofm.wsi.stored`) or the backend's name."""
+        return "stored-tiles" if self._stored is not None and self._stored.covers(level) else self.backend
+
+    def _direct(
+        self, location: tuple[int, int], level: int, size: tuple[int, int], out: np.ndarray | None = None
+    ) -> np.ndarray | None:
+        """The region from the stored tiles, or ``None`` where the backend must read it.
+
+        Only at whole pixels of the level: at a fractional position OpenSlide interpolates
+        (a sub-pixel shift), which only the backend reproduces.
+        """
+        if self._stored is None or not self._stored.covers(level):
+            return None
+        ds = self.level_downsamples[level]
+        fx, fy = location[0] / ds, location[1] / ds
+        lx, ly = round(fx), round(fy)
+        if abs(fx - lx) > 1e-9 * max(1.0, fx) or abs(fy - ly) > 1e-9 * max(1.0, fy):
+            return None
+        return self._stored.read(level, lx, ly, size[0], size[1], out=out)
+
+    def _safe_read(
+        self, location: tuple[int, int], level: int, size: tuple[int, int], level_xy: tuple[int, int] | None = None,
+        out: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """The region read by the stored tiles or the backend, errors in one sentence; ``level_xy``
+        (stored-tile levels only) gives the origin in the level's own pixels, taken exactly; ``out``
+        receives the pixels."""
         try:
-            array = self._read(location, level, size)
+            if level_xy is not None and self._stored is not None:
+                array = self._stored.read(level, level_xy[0], level_xy[1], size[0], size[1], out=out)
+            else:
+                array = self._direct(location, level, size, out=out)
+            if array is None:
+                array = self._read(location, level, size)
         except HistofmError:
             raise
         except MemoryError:
@@ -230,6 +282,9 @@ class SlideReader(ABC):
             hh, ww = min(size[1], array.shape[0]), min(size[0], array.shape[1])
             canvas[:hh, :ww] = array[:hh, :ww, :3]
             array = canvas
+        if out is not None and array is not out:  # the backend read it: into the caller's slot
+            out[...] = array
+            return out
         return array
 
     def tile_geometry(self, target_mpp: float, size: int) -> tuple[int, int, float]:
@@ -269,10 +324,15 @@ class SlideReader(ABC):
         # thumbnail rows, so memory stays bounded and the result matches a one-piece resize.
         rows_per_band = max(1, int(_THUMBNAIL_BAND_PIXELS / (lw * lh / th)))
         out = np.empty((th, tw, 3), dtype=np.uint8)
+        exact = self._stored is not None and self._stored.covers(level)
         for r0 in range(0, th, rows_per_band):
             r1 = min(th, r0 + rows_per_band)
             y0, y1 = round(r0 * lh / th), round(r1 * lh / th)
-            band = self.read_region((0, round(y0 * ds)), level, (lw, max(1, y1 - y0)))
+            if exact:  # the level's rows y0..y1 themselves (a backend interpolates between rows)
+                rows = max(1, min(y1, lh) - y0)
+                band = Image.fromarray(self._safe_read((0, round(y0 * ds)), level, (lw, rows), level_xy=(0, y0)))
+            else:
+                band = self.read_region((0, round(y0 * ds)), level, (lw, max(1, y1 - y0)))
             out[r0:r1] = np.asarray(band.resize((tw, r1 - r0), Image.Resampling.BOX))
         return Image.fromarray(out)
 
@@ -305,6 +365,7 @@ class OpenSlideReader(SlideReader):
         return _to_rgb(np.frombuffer(region.tobytes(), np.uint8).reshape(h, w, 4))
 
     def close(self) -> None:
+        _close_stored(self)
         self._slide.close()
 
 
@@ -330,6 +391,7 @@ class TiffSlideReader(SlideReader):
         return _to_rgb(np.asarray(array))
 
     def close(self) -> None:
+        _close_stored(self)
         self._slide.close()
 
 
@@ -397,7 +459,7 @@ _LIBRARY = {"openslide": "OpenSlide", "tiffslide": "tiffslide", "image": "Pillow
 
 
 def open_slide(
-    path: str | os.PathLike[str], mpp: float | None = None, backend: str = "auto"
+    path: str | os.PathLike[str], mpp: float | None = None, backend: str = "auto", *, direct: bool = True
 ) -> SlideReader:
     """Open a whole-slide image or a plain image as a :class:`SlideReader`.
 
@@ -408,6 +470,9 @@ def open_slide(
         backend: ``"auto"`` (OpenSlide, then tiffslide, then Pillow/tifffile; plain
             image extensions go straight to Pillow), or one of ``"openslide"``,
             ``"tiffslide"``, ``"image"``.
+        direct: decode the stored tiles of tiled TIFF levels directly (:mod:`histofm.wsi.stored`:
+            the same pixels, each stored tile decoded once); the backend still reads every
+            level or format that does not allow it.
 
     Raises:
         HistofmError: missing, empty, unreadable, truncated or corrupt file, unknown backend.
@@ -460,6 +525,8 @@ def open_slide(
         except HistofmError:
             reader.close()
             raise
+        if direct and name in ("openslide", "tiffslide"):
+            reader._stored = open_stored_tiles(path, reader.level_dimensions)
         return reader
     raise HistofmError(_unreadable_message(path, order, errors))
 
@@ -475,6 +542,12 @@ def _notice_openslide_fallback(error: _BackendUnavailable) -> None:
         _fallback_noticed = True
         print(f"histofm: note: OpenSlide cannot be imported ({error}); reading slides with tiffslide instead "
               f"({_INSTALL['openslide']} to restore it).", file=sys.stderr)
+
+
+def _close_stored(reader: SlideReader) -> None:
+    if reader._stored is not None:
+        reader._stored.close()
+        reader._stored = None
 
 
 def _head(path: Path) -> bytes:
@@ -624,7 +697,12 @@ def _to_rgb(array: np.ndarray) -> np.ndarray:
     if channels in (1, 2):  # gray (+ alpha)
         return np.repeat(array[..., :1], 3, axis=2)
     if channels == 4:
-        rgb = array[..., :3].astype(np.float32)
-        alpha = array[..., 3:4].astype(np.float32) / 255.0
-        return (rgb * alpha + 255.0 * (1 - alpha)).round().astype(np.uint8)
+        # Composite on white only where alpha < 255 (an opaque pixel's value is its own): the same
+        # numbers as compositing everything, without a float pass over a whole thumbnail band.
+        rgb = np.ascontiguousarray(array[..., :3])  # (H, W, 3) copy
+        partial = array[..., 3] != 255  # (H, W)
+        if partial.any():
+            alpha = array[..., 3][partial].astype(np.float32)[:, None] / 255.0  # (P, 1)
+            rgb[partial] = (array[..., :3][partial].astype(np.float32) * alpha + 255.0 * (1 - alpha)).round()
+        return rgb
     return np.ascontiguousarray(array[..., :3])
