@@ -130,22 +130,7 @@ class _StainThen:
 
 
 def _eval_transform(model_name: str, info: Any) -> Callable[..., Any]:
-    """The model's own eval transform, or resize + centre crop + its normalisation."""
-    try:
-        from histofm.data.transforms import eval_transform_for  # written by the model zoo
-    except ModuleNotFoundError as e:
-        if e.name != "histofm.data.transforms":
-            raise
-    else:
-        return eval_transform_for(info)
-    from torchvision import transforms as T
+    """The model's own eval transform (:func:`histofm.data.transforms.eval_transform_for`, the one builder)."""
+    from histofm.data.transforms import eval_transform_for
 
-    size = int(info.input_size[-1])
-    return T.Compose(
-        [
-            T.Resize(info.resize or size, interpolation=T.InterpolationMode.BICUBIC),
-            T.CenterCrop(size),
-            T.ToTensor(),
-            T.Normalize(info.mean, info.std),
-        ]
-    )
+    return eval_transform_for(info)
