@@ -41,6 +41,28 @@ def _strip_local_paths(nb: object, replace: dict[str, str]) -> None:
                     out["data"][mime] = fix(value if isinstance(value, str) else "".join(value))
 
 
+def _drop_empty_displays(nb: object) -> None:
+    """Remove display outputs with nothing to show.
+
+    Without ipywidgets, rich's live progress bars leave an empty ``<pre>`` in a
+    kernel for every bar; a reader gains nothing from them.
+    """
+    for cell in nb.cells:  # type: ignore[attr-defined]
+        if "outputs" in cell:
+            cell["outputs"] = [out for out in cell["outputs"] if not _is_empty_display(out)]
+
+
+def _is_empty_display(out: dict) -> bool:
+    if out.get("output_type") != "display_data":
+        return False
+    data = out.get("data", {})
+    if set(data) - {"text/plain", "text/html"}:
+        return False
+    plain = data.get("text/plain", "")
+    plain = plain if isinstance(plain, str) else "".join(plain)
+    return not plain.strip()
+
+
 def execute(script: Path, timeout: int) -> float:
     """Run ``script`` (jupytext percent format) and write its paired .ipynb with outputs; returns seconds."""
     import jupytext
@@ -50,7 +72,12 @@ def execute(script: Path, timeout: int) -> float:
     env = {k: v for k, v in os.environ.items() if k != "HISTOFM_TINY"}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        os.environ.update({"HISTOFM_NOTEBOOK_OUT": tmp, "MPLBACKEND": "module://matplotlib_inline.backend_inline"})
+        os.environ.update({
+            "HISTOFM_NOTEBOOK_OUT": tmp,
+            "MPLBACKEND": "module://matplotlib_inline.backend_inline",
+            # rich asks for ipywidgets in a kernel; the bars still work without them
+            "PYTHONWARNINGS": "ignore::UserWarning:rich.live",
+        })
         os.environ.pop("HISTOFM_TINY", None)
         try:
             NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": tmp}}).execute()
@@ -58,6 +85,7 @@ def execute(script: Path, timeout: int) -> float:
             os.environ.clear()
             os.environ.update(env)
         _strip_local_paths(nb, {tmp: "notebook_out", str(HERE.parent): ".", sys.prefix: "<venv>"})
+        _drop_empty_displays(nb)
     seconds = time.perf_counter() - t0
     target = script.with_suffix(".ipynb")
     fd, tmp_path = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
