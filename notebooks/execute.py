@@ -75,8 +75,8 @@ def execute(script: Path, timeout: int) -> float:
         os.environ.update({
             "HISTOFM_NOTEBOOK_OUT": tmp,
             "MPLBACKEND": "module://matplotlib_inline.backend_inline",
-            # rich asks for ipywidgets in a kernel; the bars still work without them
-            "PYTHONWARNINGS": "ignore::UserWarning:rich.live",
+            # rich and tqdm ask for ipywidgets in a kernel (and print a local path); not needed here
+            "PYTHONWARNINGS": "ignore::UserWarning:rich.live,ignore:IProgress not found",
         })
         os.environ.pop("HISTOFM_TINY", None)
         try:
