@@ -106,6 +106,10 @@ history = fit(method, pretrain_tiles, cfg, transform=views)
 # methods, so the engine logs two numbers on a fixed batch. `embed_std` is the spread of the
 # L2-normalised embeddings (`1/sqrt(D)` for vectors spread uniformly, 0 for collapse) and
 # `rankme` the effective rank of the embedding matrix (between 1 and `D`).
+#
+# At full settings the loss falls from about 4.3 to 3.7 while RankMe drops from 7.5 to about 4
+# in the first 100 steps and then climbs slowly, and `embed_std` stays near 0.3 of the uniform
+# value: not collapsed, but the features use few directions, as expected from two tissue types.
 
 # %%
 losses = np.array([h["loss"] for h in history])
@@ -182,6 +186,13 @@ if not TINY:
     assert scores["SimCLR", "stain-shifted"] > scores["random init", "stain-shifted"], (
         "SimCLR, trained with colour augmentations, should be more robust to a stain shift"
     )
+
+# %% [markdown]
+# Reading the table (full settings): SimCLR ties random initialisation on clean tiles and is
+# more robust to the stain shift (0.922 against 0.878 in the run shown; over four full runs on
+# this machine with different thread counts, SimCLR scored 0.943-0.965 clean and 0.909-0.922
+# shifted, random initialisation 0.958 and 0.878 each time). Training with colour jitter taught
+# it to look past part of the colour; it did not make it better on the easy clean task.
 
 # %% [markdown]
 # ## 5. Use the pretrained backbone
