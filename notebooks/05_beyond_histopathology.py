@@ -224,5 +224,7 @@ display(Image(filename=OUT / "confusion.png"))
 #   each file.
 # * Grey-level statistics carry much of the modality signal: at full settings a 48-number
 #   intensity histogram (0.52) beats every ViT here, SimCLR on the DICOM training crops lifts
-#   the random ViT from chance (0.27) to 0.43, and the same recipe on H&E tiles reaches 0.40.
+#   the random ViT from chance (0.27) to 0.43 in the run shown, and the same recipe on H&E
+#   tiles reaches 0.37. The SimCLR rows move between runs (three full runs: 0.37-0.43 and
+#   0.36-0.40; the thread count changes the arithmetic); the histogram and random rows do not.
 #   See `docs/beyond-histopathology.md` for the discussion.

@@ -63,8 +63,13 @@ def _is_empty_display(out: dict) -> bool:
     return not plain.strip()
 
 
-def execute(script: Path, timeout: int) -> float:
-    """Run ``script`` (jupytext percent format) and write its paired .ipynb with outputs; returns seconds."""
+def execute(script: Path, timeout: int, threads: int = 1) -> float:
+    """Run ``script`` (jupytext percent format) and write its paired .ipynb with outputs; returns seconds.
+
+    ``threads`` sets ``OMP_NUM_THREADS`` in the kernel. One is the default: the recorded numbers
+    were measured so, and on a busy machine more threads spin instead of working (notebook 05
+    ran past an hour with two threads under load, and in 512 s with one).
+    """
     import jupytext
     from nbclient import NotebookClient
 
@@ -74,6 +79,7 @@ def execute(script: Path, timeout: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         os.environ.update({
             "HISTOFM_NOTEBOOK_OUT": tmp,
+            "OMP_NUM_THREADS": str(threads),
             "MPLBACKEND": "module://matplotlib_inline.backend_inline",
             # rich and tqdm ask for ipywidgets in a kernel (and print a local path); not needed here
             "PYTHONWARNINGS": "ignore::UserWarning:rich.live,ignore:IProgress not found",
@@ -100,12 +106,13 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("names", nargs="*", help="notebook stems (default: all, in order)")
     p.add_argument("--timeout", type=int, default=3600, help="seconds one cell may run")
+    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the kernel")
     args = p.parse_args(argv)
     scripts = sorted(HERE.glob("[0-9][0-9]_*.py"))
     if args.names:
         scripts = [s for s in scripts if s.stem in args.names or s.stem[:2] in args.names]
     for script in scripts:
-        seconds = execute(script, args.timeout)
+        seconds = execute(script, args.timeout, args.threads)
         print(f"{script.stem}: executed in {seconds:.0f} s", flush=True)
     sys.exit(0)
 
