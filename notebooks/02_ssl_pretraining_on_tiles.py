@@ -27,8 +27,11 @@
 import os
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import torch
+from IPython.display import Image, display
 
 from histofm.data.datasets import bundled_tiles
 from histofm.data.stain import hed_to_rgb, rgb_to_hed
@@ -103,15 +106,21 @@ history = fit(method, pretrain_tiles, cfg, transform=views)
 # methods, so the engine logs two numbers on a fixed batch. `embed_std` is the spread of the
 # L2-normalised embeddings (`1/sqrt(D)` for vectors spread uniformly, 0 for collapse) and
 # `rankme` the effective rank of the embedding matrix (between 1 and `D`).
+#
+# At full settings the loss falls from about 4.3 to 3.7 while RankMe drops from 7.5 to about 4
+# in the first 100 steps and then climbs slowly, and `embed_std` stays near 0.3 of the uniform
+# value: not collapsed, but the features use few directions, as expected from two tissue types.
 
 # %%
 losses = np.array([h["loss"] for h in history])
 k = max(len(losses) // 5, 1)
 print(f"loss: first {k} steps {losses[:k].mean():.3f} -> last {k} steps {losses[-k:].mean():.3f}")
-for h in history:
-    if "rankme" in h:
-        print(f"step {h['step']:4d}  embed_std {h['embed_std']:.3f} (uniform {h['embed_std_ref']:.3f})  rankme {h['rankme']:.1f}")
-print("loss curve:", OUT / "loss_curve.png")
+display(Image(filename=OUT / "loss_curve.png"))  # written by the engine
+watch = pd.DataFrame(
+    [(h["step"], h["embed_std"], h["embed_std_ref"], h["rankme"]) for h in history if "rankme" in h],
+    columns=["step", "embed_std", "embed_std if uniform", "rankme"],
+).set_index("step")
+display(watch.round(3))
 
 assert np.isfinite(losses).all()
 assert losses[-k:].mean() < losses[:k].mean(), "the contrastive loss should fall"
@@ -145,19 +154,45 @@ def more_haematoxylin(x: torch.Tensor, factor: float = 1.5) -> torch.Tensor:
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 x_train, x_test = as_batch(train_tiles), as_batch(test_tiles)
 x_shift = more_haematoxylin(x_test)
+
+# the same eight test tiles, as the model sees them: clean (top) and stain-shifted (bottom)
+pick = np.concatenate([np.flatnonzero(y_test == c)[:4] for c in (0, 1)])
+fig, axes = plt.subplots(2, 8, figsize=(10, 2.8))
+for j, i in enumerate(pick):
+    axes[0, j].imshow(x_test[i].numpy())
+    axes[1, j].imshow(x_shift[i].permute(1, 2, 0).numpy())
+    axes[0, j].set_title(("nest", "stroma")[y_test[i]], fontsize=9)
+for ax in axes.ravel():
+    ax.set_xticks([])
+    ax.set_yticks([])
+axes[0, 0].set_ylabel("clean")
+axes[1, 0].set_ylabel("H x 1.5")
+fig.tight_layout()
+fig.savefig(OUT / "stain_shift.png", dpi=80)
+plt.close(fig)
+display(Image(filename=OUT / "stain_shift.png"))
+
 scores = {}
 for name, model in (("random init", random_init), ("SimCLR", method.backbone)):
     bank = embed_images(model, x_train, MEAN, STD)
     for test_name, x in (("clean", x_test), ("stain-shifted", x_shift)):
         pred = knn_predict(bank, y_train, embed_images(model, x, MEAN, STD), k=20, temperature=0.07).argmax(1)
         scores[name, test_name] = balanced_accuracy(y_test, pred)
-        print(f"{name:12s} {test_name:14s} balanced accuracy {scores[name, test_name]:.3f}")
+table = pd.Series(scores).unstack().loc[["random init", "SimCLR"], ["clean", "stain-shifted"]]
+display(table.round(3))  # kNN balanced accuracy (chance 0.5)
 assert all(0.5 <= v <= 1.0 for v in scores.values()), "both encoders should beat chance on this easy task"
 if not TINY:
-    # Measured with full settings (600 steps), clean / shifted: random 0.958 / 0.878, SimCLR 0.962-0.965 / 0.912-0.920.
+    # the numbers of the full-settings run are in the table above; see the note below
     assert scores["SimCLR", "stain-shifted"] > scores["random init", "stain-shifted"], (
         "SimCLR, trained with colour augmentations, should be more robust to a stain shift"
     )
+
+# %% [markdown]
+# Reading the table (full settings): SimCLR ties random initialisation on clean tiles and is
+# more robust to the stain shift (0.922 against 0.878 in the run shown; over four full runs on
+# this machine with different thread counts, SimCLR scored 0.943-0.965 clean and 0.909-0.922
+# shifted, random initialisation 0.958 and 0.878 each time). Training with colour jitter taught
+# it to look past part of the colour; it did not make it better on the easy clean task.
 
 # %% [markdown]
 # ## 5. Use the pretrained backbone

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from IPython.display import Image, display
 from safetensors.torch import save_file
 
 import histofm
@@ -43,6 +44,7 @@ OUT.mkdir(parents=True, exist_ok=True)
 torch.manual_seed(0)
 if TINY:
     torch.set_num_threads(1)  # CI: for tensors this small, extra threads cost more than they give
+print(f"histofm {histofm.__version__}: {len(histofm.list_models())} tile encoders registered")
 
 # %% [markdown]
 # ## 1. Pick a model and read its card
@@ -102,7 +104,8 @@ with open_slide(slide_path) as slide:
     coords = tile_slide(slide, info.mpp, info.input_size[-1], min_tissue=0.5, tissue=tissue)
     picture = draw_tiles(slide, coords, spec.size_level0, tissue=tissue, max_size=768, title=f"{len(coords)} tiles")
 picture.save(OUT / "tiles.png")
-print(f"{len(coords)} tissue tiles of {spec.tile_size} px at {spec.target_mpp} um/px (level {spec.level}); picture: {OUT / 'tiles.png'}")
+print(f"{len(coords)} tissue tiles of {spec.tile_size} px at {spec.target_mpp} um/px (level {spec.level})")
+display(Image(filename=OUT / "tiles.png"))
 assert len(coords) > 10
 
 # %% [markdown]

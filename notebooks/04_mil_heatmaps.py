@@ -41,6 +41,7 @@ import os
 from pathlib import Path
 
 import h5py
+import IPython.display as ipd
 import numpy as np
 import torch
 from PIL import Image
@@ -198,6 +199,7 @@ test_feats, test_xy, _ = extract(test_slide, mpp=0.5, min_tissue=0.0)  # all of 
 result = render_heatmap(test_slide, OUT / "features" / "test_slide.h5", RUN, OUT / "heatmap", max_size=900)
 print(f"P(tumour) = {result['probabilities']['tumour']:.3f} over {result['tiles']} tiles by {result['models']}")
 print(f"wrote {result['png'].name}, {result['h5'].name}, {result['csv'].name}, {result['geojson'].name}")
+ipd.display(ipd.Image(filename=result["png"]))  # left: nest (tumour), right: stroma
 geojson = json.loads(result["geojson"].read_text())
 print("first QuPath object:", json.dumps(geojson["features"][0])[:300])
 

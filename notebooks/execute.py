@@ -41,8 +41,35 @@ def _strip_local_paths(nb: object, replace: dict[str, str]) -> None:
                     out["data"][mime] = fix(value if isinstance(value, str) else "".join(value))
 
 
-def execute(script: Path, timeout: int) -> float:
-    """Run ``script`` (jupytext percent format) and write its paired .ipynb with outputs; returns seconds."""
+def _drop_empty_displays(nb: object) -> None:
+    """Remove display outputs with nothing to show.
+
+    Without ipywidgets, rich's live progress bars leave an empty ``<pre>`` in a
+    kernel for every bar; a reader gains nothing from them.
+    """
+    for cell in nb.cells:  # type: ignore[attr-defined]
+        if "outputs" in cell:
+            cell["outputs"] = [out for out in cell["outputs"] if not _is_empty_display(out)]
+
+
+def _is_empty_display(out: dict) -> bool:
+    if out.get("output_type") != "display_data":
+        return False
+    data = out.get("data", {})
+    if set(data) - {"text/plain", "text/html"}:
+        return False
+    plain = data.get("text/plain", "")
+    plain = plain if isinstance(plain, str) else "".join(plain)
+    return not plain.strip()
+
+
+def execute(script: Path, timeout: int, threads: int = 1) -> float:
+    """Run ``script`` (jupytext percent format) and write its paired .ipynb with outputs; returns seconds.
+
+    ``threads`` sets ``OMP_NUM_THREADS`` in the kernel. One is the default: the recorded numbers
+    were measured so, and on a busy machine more threads spin instead of working (notebook 05
+    ran past an hour with two threads under load, and in 512 s with one).
+    """
     import jupytext
     from nbclient import NotebookClient
 
@@ -50,7 +77,13 @@ def execute(script: Path, timeout: int) -> float:
     env = {k: v for k, v in os.environ.items() if k != "HISTOFM_TINY"}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        os.environ.update({"HISTOFM_NOTEBOOK_OUT": tmp, "MPLBACKEND": "module://matplotlib_inline.backend_inline"})
+        os.environ.update({
+            "HISTOFM_NOTEBOOK_OUT": tmp,
+            "OMP_NUM_THREADS": str(threads),
+            "MPLBACKEND": "module://matplotlib_inline.backend_inline",
+            # rich and tqdm ask for ipywidgets in a kernel (and print a local path); not needed here
+            "PYTHONWARNINGS": "ignore::UserWarning:rich.live,ignore:IProgress not found",
+        })
         os.environ.pop("HISTOFM_TINY", None)
         try:
             NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": tmp}}).execute()
@@ -58,6 +91,7 @@ def execute(script: Path, timeout: int) -> float:
             os.environ.clear()
             os.environ.update(env)
         _strip_local_paths(nb, {tmp: "notebook_out", str(HERE.parent): ".", sys.prefix: "<venv>"})
+        _drop_empty_displays(nb)
     seconds = time.perf_counter() - t0
     target = script.with_suffix(".ipynb")
     fd, tmp_path = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
@@ -72,12 +106,13 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("names", nargs="*", help="notebook stems (default: all, in order)")
     p.add_argument("--timeout", type=int, default=3600, help="seconds one cell may run")
+    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the kernel")
     args = p.parse_args(argv)
     scripts = sorted(HERE.glob("[0-9][0-9]_*.py"))
     if args.names:
         scripts = [s for s in scripts if s.stem in args.names or s.stem[:2] in args.names]
     for script in scripts:
-        seconds = execute(script, args.timeout)
+        seconds = execute(script, args.timeout, args.threads)
         print(f"{script.stem}: executed in {seconds:.0f} s", flush=True)
     sys.exit(0)
 
