@@ -151,7 +151,7 @@ print(f"{2 * N_PATIENTS} training slides, provenance {provenance}")
 # patient is on both sides); inside each fold it holds out a patient-grouped validation split for
 # early stopping; it writes the fold models, `log.jsonl`, the out-of-fold predictions, the metrics
 # with bootstrap intervals per fold and pooled, and last the run manifest `run.json`.
-# (`histofm.mil.cv.cross_validate` is the same from Python.)
+# (`histofm.train.mil.cross_validate` is the same from Python.)
 
 # %%
 RUN = OUT / "abmil"
