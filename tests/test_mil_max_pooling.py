@@ -1,4 +1,4 @@
-"""Max pooling follows the MIL assumption: a bag is positive if one of its tiles is.
+"""Max pooling (and DSMIL's max stream) follow the MIL assumption: a bag is positive if one of its tiles is.
 
 With two classes the bag takes the logits of its most positive tile. The per-class
 maximum it replaced let the most negative-looking tile speak for the negative class,
@@ -41,3 +41,18 @@ def test_masked_tiles_never_win_and_more_classes_keep_the_per_class_maximum() ->
     three = _identity_max(3, 3)
     y = torch.tensor([[4.0, 0.0, 1.0], [0.0, 2.0, 3.0]])
     torch.testing.assert_close(three(y).logits, torch.tensor([[4.0, 2.0, 3.0]]))
+
+
+def test_binary_dsmil_max_stream_follows_the_most_positive_tile() -> None:
+    """DSMIL's max stream has the same rule: one critical tile, the most positive (the paper's binary form)."""
+    model = build_aggregator("dsmil", in_dim=2, num_classes=2, hidden_dim=2, query_dim=2, dropout=0.0)
+    with torch.no_grad():
+        model.fc[0].weight.copy_(torch.eye(2))
+        model.fc[0].bias.fill_(10.0)
+        model.instance_classifier.weight.copy_(torch.eye(2))
+        model.instance_classifier.bias.fill_(-10.0)
+        model.bag_classifier.weight.zero_()  # silence the bag stream: logits = max stream / 2
+        model.bag_classifier.bias.zero_()
+    tiles = torch.cat([torch.tensor([[3.0, 0.0]]).expand(99, 2), torch.tensor([[1.0, 2.0]])])
+    out = model.eval()(tiles[torch.randperm(100, generator=torch.Generator().manual_seed(0))])
+    torch.testing.assert_close(out.logits, torch.tensor([[0.5, 1.0]]))  # per-class max: (1.5, 1.0), negative
