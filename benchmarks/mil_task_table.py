@@ -3,7 +3,7 @@
 Runs :func:`histofm.eval.mil_task.run_mil_task` with its defaults (settings chosen on
 validation bags, never on test) and prints two markdown tables: test AUROC [95 %
 interval] / top-k precision, then the learning rate, epoch and validation AUROC chosen.
-About 10 minutes of CPU on one thread, TransMIL most of it::
+About 15 minutes of CPU on one thread, TransMIL two thirds of it::
 
     python benchmarks/mil_task_table.py [--aggregators mean,max] [--rates 0.01,0.02] [--json out.json]
 """
