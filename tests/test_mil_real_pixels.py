@@ -2,9 +2,9 @@
 
 Tiles are real H&E pixels from the bundled images, embedded by a frozen random-init
 ViT (see ``histofm.eval.mil_task``). At a 1 % witness rate (one tumour tile in a
-bag of 80-120), mean pooling dilutes the signal; the attention aggregators
-must beat it on held-out bags from the other half of every image and rank the
-planted tiles first.
+bag of 80-120), mean pooling dilutes the signal; max pooling and the attention
+aggregators must beat it on held-out bags from the other half of every image and
+rank the planted tiles first. TransMIL does not (docs/evaluation.md gives the numbers).
 """
 
 from __future__ import annotations
@@ -14,7 +14,15 @@ import pytest
 import torch
 
 from histofm.errors import HistofmError
-from histofm.eval.mil_task import make_bags, run_mil_task, tile_pools, topk_precision
+from histofm.eval.mil_task import (
+    LR_GRID,
+    ShuffledBags,
+    make_bags,
+    run_mil_task,
+    split_mask,
+    tile_pools,
+    topk_precision,
+)
 
 RATE = 0.01
 
@@ -45,6 +53,10 @@ def test_tiles_are_real_labelled_and_split_by_region(pools) -> None:
         x = pools.coords[pools.source == i, 0]
         side = pools.train[pools.source == i]
         assert (x[side] + 48 <= half).all() and (x[~side] >= half).all()
+    # Validation tiles: a third of the training half, in bands of rows, with witnesses of their own.
+    fit, val = split_mask(pools, "fit"), split_mask(pools, "val")
+    assert not (fit & val).any() and ((fit | val) == pools.train).all()
+    assert 30 < int((val & pools.witness).sum()) < int((fit & pools.witness).sum())
     bags, labels, planted = make_bags(pools, 10, RATE, "test", seed=3)
     assert labels.tolist() == [0, 1] * 5
     for b, y, p in zip(bags, labels, planted):
@@ -57,16 +69,35 @@ def test_topk_precision() -> None:
     assert topk_precision(scores, planted, np.array([1, 1, 0])) == 0.5  # (2/2 + 0/1) / 2; negatives ignored
 
 
-def test_attention_aggregators_beat_mean_pooling_and_find_the_planted_tiles(pools) -> None:
-    results = {r.aggregator: r for r in run_mil_task(["mean", "abmil", "clam_sb", "transformer"], rates=[RATE],
-                                                       n_train=160, n_test=100, n_boot=100, pools=pools)}
+#: The aggregators that beat mean pooling at 1 % in the documented run (docs/evaluation.md). Each is run
+#: at 2e-3, the learning rate its validation bags chose at this rate (``run_mil_task`` tries all of
+#: ``LR_GRID``; one rate keeps the test short). The transformer (validation chose 8e-3: test 0.54) and
+#: TransMIL do not beat mean pooling at 1 % (see the docs).
+BEATS_MEAN = ("max", "abmil", "clam_sb", "dsmil")
+CHOSEN_LR = 2e-3
+
+
+def test_aggregators_beat_mean_pooling_and_find_the_planted_tiles(pools) -> None:
+    assert CHOSEN_LR in LR_GRID
+    results = {r.aggregator: r for r in run_mil_task(["mean", *BEATS_MEAN], rates=[RATE], lrs=(CHOSEN_LR,),
+                                                       n_boot=100, pools=pools)}
     mean = results.pop("mean")
     for name, r in results.items():
         assert r.losses[-1] < r.losses[0] - 0.2, (name, r.losses)  # it learned
+        assert r.val_auroc > 0.65, (name, r.val_auroc)  # on the validation bags too, not only on test
         assert r.auroc > mean.auroc + 0.05, (name, r.auroc, mean.auroc)
-        assert r.auroc > 0.65 and r.ci_low < r.auroc < r.ci_high, r  # measured 0.69-0.73 (mean pooling: 0.59)
-        # One of 80-120 tiles is planted: a random ranking puts it first about 1 % of the time.
-        assert r.topk_precision > 0.3, (name, r.topk_precision)
+        assert r.auroc > 0.65 and r.ci_low < r.auroc < r.ci_high, r  # measured 0.67-0.73
+        # One of 80-120 tiles is planted: a random ranking puts it first about 1 % of the time. DSMIL's
+        # score, the attention to the critical tile, does not rank the critical tile itself first (0.00).
+        if name != "dsmil":
+            assert r.topk_precision > 0.2, (name, r.topk_precision)
+
+
+def test_shuffled_bags_keep_their_tiles_in_a_new_order() -> None:
+    bags = ShuffledBags([torch.arange(100.0).view(50, 2)], seed=0)
+    a, b = bags[0], bags[0]
+    assert len(bags) == 1 and not torch.equal(a, b)
+    torch.testing.assert_close(a[a[:, 0].argsort()], torch.arange(100.0).view(50, 2))
 
 
 def test_bad_input(pools) -> None:
@@ -75,4 +106,6 @@ def test_bad_input(pools) -> None:
     with pytest.raises(HistofmError, match="split"):
         make_bags(pools, 4, 0.1, split="validation")
     with pytest.raises(HistofmError, match="aggregator"):
-        run_mil_task(["no_such_pooling"], rates=[0.1], n_train=4, n_test=4, pools=pools)
+        run_mil_task(["no_such_pooling"], rates=[0.1], n_train=4, n_val=4, n_test=4, pools=pools)
+    with pytest.raises(HistofmError, match="learning rate"):
+        run_mil_task(["mean"], rates=[0.1], n_train=4, n_val=4, n_test=4, lrs=(), pools=pools)

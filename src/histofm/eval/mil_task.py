@@ -10,8 +10,8 @@ Tiles are cut on a grid from the bundled H&E images (``tile`` px, about 0.5 um/p
   (the bundled type mask) cover at least ``min_tumour`` of the tile.
 
 A positive bag holds ``round(rate * size)`` witnesses (at least one) among background
-tiles; a negative bag holds none. Training bags are drawn from the left half of every
-image and test bags from the right half, so no pixel is shared.
+tiles; a negative bag holds none. Training and validation bags are drawn from the left
+half of every image and test bags from the right half, so no pixel is shared.
 
 Features come from a **frozen, randomly initialised** small ViT (seeded): a fixed
 encoder that no one tuned to this task, so the test measures the aggregators, not the
@@ -20,14 +20,20 @@ Random-init ViT features already separate tumour-nest tiles from the rest tile b
 tile (a linear probe: AUROC 0.99 on the test half); the difficulty is the bag level: at 1-2 % witnesses mean pooling
 dilutes the signal, and an aggregator must find the few tiles that matter.
 
-:func:`run_mil_task` trains each aggregator per witness rate and reports slide AUROC with
-a bootstrap interval over test bags, and the top-``k`` precision of its tile scores on
-the positive test bags (``k`` = planted tiles; random ranking scores about the rate).
+The training half is split once more: bags for fitting come from the ``fit`` tiles and
+validation bags from the ``val`` tiles (every third band of four tile rows, see
+:func:`split_mask`). :func:`run_mil_task` gives every aggregator the same budget
+(:data:`TRAIN_BUDGET`: 30 epochs, the epoch with the lowest validation loss kept) and the
+same learning-rate grid (:data:`LR_GRID`), keeps the run with the lowest validation loss,
+and only then scores the test bags: slide AUROC with a bootstrap interval over test bags,
+and the top-``k`` precision of its tile scores on the positive test bags (``k`` = planted
+tiles; random ranking scores about the rate). No setting is chosen on the test half.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +56,7 @@ class TilePools:
         source: ``(n,)`` index into ``sources``.
         sources: names of the bundled images.
         coords: ``(n, 2)`` top-left ``(x, y)`` in the source image.
+        tile: tile side in pixels.
     """
 
     features: np.ndarray
@@ -58,6 +65,7 @@ class TilePools:
     source: np.ndarray
     sources: tuple[str, ...]
     coords: np.ndarray
+    tile: int = 48
 
 
 def _grid_tiles(name: str, tile: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -128,8 +136,27 @@ def tile_pools(
     features = ((features - ref.mean(0)) / (ref.std(0) + 1e-6)).astype(np.float32)
     return TilePools(
         features=features[keep], witness=np.concatenate(parts_witness)[keep], train=train[keep],
-        source=source[keep], sources=BACKGROUND_SOURCES, coords=np.concatenate(parts_coords)[keep],
+        source=source[keep], sources=BACKGROUND_SOURCES, coords=np.concatenate(parts_coords)[keep], tile=tile,
     )
+
+
+SPLITS = ("train", "test", "fit", "val")
+
+
+def split_mask(pools: TilePools, split: str) -> np.ndarray:
+    """Tiles ``(n,)`` of a split: ``train`` / ``test`` halves, and ``fit`` / ``val`` inside the training half.
+
+    ``val`` holds the training-half tiles in every third band of four tile rows (bands
+    ``y // (4 tile) = 1, 4, 7, ...``, a third of the half, about 40 witnesses), ``fit`` the rest:
+    settings are chosen by fitting on ``fit`` bags and scoring ``val`` bags, so the test half
+    is never looked at.
+    """
+    if split == "test":
+        return ~pools.train
+    if split == "train":
+        return pools.train
+    band = (pools.coords[:, 1] // (4 * pools.tile)) % 3 == 1
+    return pools.train & (band if split == "val" else ~band)
 
 
 def make_bags(
@@ -147,9 +174,9 @@ def make_bags(
     """
     if not 0 < rate < 1:
         raise HistofmError(f"The witness rate must be between 0 and 1, got {rate}.")
-    if split not in ("train", "test"):
-        raise HistofmError(f"split must be 'train' or 'test', got {split!r}.")
-    side = pools.train if split == "train" else ~pools.train
+    if split not in SPLITS:
+        raise HistofmError(f"split must be one of {', '.join(SPLITS)}, got {split!r}.")
+    side = split_mask(pools, split)
     bg = np.flatnonzero(side & ~pools.witness)
     wit = np.flatnonzero(side & pools.witness)
     if len(wit) == 0 or len(bg) < size[1]:
@@ -169,6 +196,27 @@ def make_bags(
     return bags, np.asarray(labels), planted
 
 
+class ShuffledBags(Sequence[torch.Tensor]):
+    """Bags whose tiles come in a new random order at every access ``(N_i, D)``.
+
+    The tiles of a bag have no order in this task, yet an aggregator that lays them out
+    (TransMIL's square grid and its convolutions) sees a fixed order as a fingerprint of the
+    bag and can memorise the training bags by it. A fresh order each epoch takes that away;
+    order-free aggregators are unaffected.
+    """
+
+    def __init__(self, bags: list[torch.Tensor], seed: int = 0) -> None:
+        self.bags = bags
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.bags)
+
+    def __getitem__(self, i: int) -> torch.Tensor:  # type: ignore[override]
+        bag = self.bags[i]
+        return bag[torch.randperm(bag.shape[0], generator=self.gen)]
+
+
 def topk_precision(scores: list[np.ndarray | None], planted: list[np.ndarray], labels: np.ndarray) -> float:
     """Mean, over positive bags, of the fraction of planted tiles among the top-``k`` scores (``k`` = planted)."""
     values = []
@@ -180,21 +228,40 @@ def topk_precision(scores: list[np.ndarray | None], planted: list[np.ndarray], l
     return float(np.mean(values)) if values else float("nan")
 
 
-#: Small aggregator settings that train in seconds on CPU (hidden widths, epochs, batch, lr).
-DEFAULT_SETTINGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
-    "mean": (dict(hidden_dim=32), dict(epochs=20, batch_size=16, lr=2e-3)),
-    "max": (dict(hidden_dim=32), dict(epochs=40, batch_size=16, lr=5e-3)),  # one tile per bag gets a gradient
-    "abmil": (dict(hidden_dim=32, attn_dim=16), dict(epochs=20, batch_size=16, lr=2e-3)),
-    "clam_sb": (dict(hidden_dim=32, attn_dim=16), dict(epochs=20, batch_size=16, lr=2e-3)),
-    "dsmil": (dict(hidden_dim=32, query_dim=16), dict(epochs=40, batch_size=16, lr=5e-3)),  # max-instance branch
-    "transformer": (dict(dim=32, num_heads=2), dict(epochs=20, batch_size=16, lr=2e-3)),
-    "transmil": (dict(dim=64, num_heads=4, num_landmarks=32), dict(epochs=6, batch_size=1, lr=1e-3)),
+#: Aggregator sizes that train in seconds on CPU. Every aggregator gets the same training budget
+#: (:data:`TRAIN_BUDGET`) and the same learning-rate grid (:data:`LR_GRID`), chosen on validation bags.
+DEFAULT_SETTINGS: dict[str, dict[str, Any]] = {
+    "mean": dict(hidden_dim=32),
+    "max": dict(hidden_dim=32),
+    "abmil": dict(hidden_dim=32, attn_dim=16),
+    "clam_sb": dict(hidden_dim=32, attn_dim=16),
+    "dsmil": dict(hidden_dim=32, query_dim=16),
+    "transformer": dict(dim=32, num_heads=2),
+    "transmil": dict(dim=32, num_heads=2, num_landmarks=32),
 }
+
+#: Training settings shared by every aggregator: ``epochs`` passes in batches of 16 bags, and the
+#: weights of the epoch with the lowest validation loss are kept. No early stop (``patience=0``):
+#: max pooling can sit at chance for ten epochs before its witness tile takes over.
+TRAIN_BUDGET: dict[str, Any] = dict(epochs=30, patience=0, batch_size=16)
+
+#: Learning rates tried for every aggregator; the one with the lowest validation loss is kept.
+LR_GRID: tuple[float, ...] = (5e-4, 2e-3, 8e-3)
 
 
 @dataclass(frozen=True)
 class MILTaskResult:
-    """One aggregator at one witness rate."""
+    """One aggregator at one witness rate.
+
+    Attributes:
+        aggregator, rate: what was run.
+        auroc, ci_low, ci_high: test slide AUROC and its 95 % bootstrap interval over test bags.
+        topk_precision: top-``k`` precision of the tile scores on positive test bags (NaN without scores).
+        lr: the learning rate chosen on validation.
+        best_epoch: the epoch (from 1) whose weights were kept.
+        val_loss, val_auroc: the chosen run's validation loss and AUROC.
+        losses: training loss per epoch of the chosen run.
+    """
 
     aggregator: str
     rate: float
@@ -202,6 +269,10 @@ class MILTaskResult:
     ci_low: float
     ci_high: float
     topk_precision: float
+    lr: float = float("nan")
+    best_epoch: int = 0
+    val_loss: float = float("nan")
+    val_auroc: float = float("nan")
     losses: list[float] = field(default_factory=list)
 
 
@@ -209,33 +280,60 @@ def run_mil_task(
     aggregators: tuple[str, ...] | list[str] = tuple(DEFAULT_SETTINGS),
     rates: tuple[float, ...] | list[float] = (0.01, 0.02, 0.05, 0.1),
     n_train: int = 160,
+    n_val: int = 100,
     n_test: int = 100,
     n_boot: int = 500,
     seed: int = 0,
-    settings: dict[str, tuple[dict[str, Any], dict[str, Any]]] | None = None,
+    settings: dict[str, dict[str, Any]] | None = None,
+    lrs: tuple[float, ...] | list[float] = LR_GRID,
+    budget: dict[str, Any] | None = None,
     pools: TilePools | None = None,
 ) -> list[MILTaskResult]:
-    """Train and test each aggregator at each witness rate; slide AUROC with a 95 % bootstrap interval."""
+    """Train, select and test each aggregator at each witness rate.
+
+    Per rate: ``n_train`` bags from the ``fit`` tiles, ``n_val`` from the ``val`` tiles (both
+    in the training half) and ``n_test`` from the test half. Each aggregator is trained once
+    per learning rate in ``lrs`` with the same ``budget`` (:data:`TRAIN_BUDGET`), keeping the
+    epoch with the lowest validation loss; the run with the lowest validation loss is tested:
+    slide AUROC with a 95 % bootstrap interval, and the top-``k`` precision of its tile scores.
+    """
     from histofm.eval.metrics import binary_auroc, bootstrap_ci
     from histofm.mil import build_aggregator
     from histofm.mil.train import MILTrainConfig, fit, predict
 
     settings = {**DEFAULT_SETTINGS, **(settings or {})}
+    budget = {**TRAIN_BUDGET, **(budget or {})}
+    if not lrs:
+        raise HistofmError("The MIL task needs at least one learning rate in lrs.")
     pools = pools if pools is not None else tile_pools()
     results = []
     for rate in rates:
-        train = make_bags(pools, n_train, rate, "train", seed=seed)
+        train = make_bags(pools, n_train, rate, "fit", seed=seed)
+        val = make_bags(pools, n_val, rate, "val", seed=seed + 2)
         test = make_bags(pools, n_test, rate, "test", seed=seed + 1)
         for name in aggregators:
             if name not in settings:
                 raise HistofmError(f"No MIL task settings for aggregator {name!r}; choose from {', '.join(settings)}.")
-            model_kwargs, train_kwargs = settings[name]
-            torch.manual_seed(seed)
-            model = build_aggregator(name, in_dim=pools.features.shape[1], num_classes=2, **model_kwargs)
-            cfg = MILTrainConfig(model=name, model_kwargs=model_kwargs, seed=seed, **train_kwargs)
-            losses = fit(model, train[0], train[1].tolist(), cfg)
+            model_kwargs = settings[name]
+            best: tuple[float, Any, float, int, list[float]] | None = None
+            for lr in lrs:
+                torch.manual_seed(seed)
+                model = build_aggregator(name, in_dim=pools.features.shape[1], num_classes=2, **model_kwargs)
+                cfg = MILTrainConfig(model=name, model_kwargs=model_kwargs, seed=seed, lr=lr, **budget)
+                records: list[dict[str, Any]] = []
+                losses = fit(model, ShuffledBags(train[0], seed), train[1].tolist(), cfg, val_bags=val[0], val_labels=val[1].tolist(),
+                             log=records.append)
+                val_loss = min(r["val_loss"] for r in records)
+                if best is None or val_loss < best[0]:
+                    best = (val_loss, model, lr, int(records[-1]["best_epoch"]) + 1, losses)
+            assert best is not None
+            val_loss, model, lr, best_epoch, losses = best
+            val_probs, _ = predict(model, val[0])
             probs, scores = predict(model, test[0])
             auc = binary_auroc(test[1], probs[:, 1])
             lo, hi = bootstrap_ci(test[1], [probs], lambda t, p: binary_auroc(t, p[:, 1]), n_boot=n_boot, seed=seed)
-            results.append(MILTaskResult(name, rate, auc, lo, hi, topk_precision(scores, test[2], test[1]), losses))
+            results.append(MILTaskResult(
+                name, rate, auc, lo, hi, topk_precision(scores, test[2], test[1]), lr=lr, best_epoch=best_epoch,
+                val_loss=val_loss, val_auroc=binary_auroc(val[1], val_probs[:, 1]), losses=losses,
+            ))
     return results

@@ -3,7 +3,12 @@
 Two streams over the projected tiles ``h_n``:
 
 1. an instance classifier ``c_n = W_0 h_n`` whose max over tiles is a max-pooling
-   bag score; the arg-max tile of each class ``c`` is that class's *critical instance* ``m_c``;
+   bag score; the arg-max tile of each class ``c`` is that class's *critical instance* ``m_c``.
+   With two classes there is one critical instance, the most positive tile
+   ``argmax_n (c_{n,1} - c_{n,0})``, and the max stream is its logits: the paper's binary
+   DSMIL (one logit per tile) written with two. A per-class max would make the most
+   negative-looking tile the negative class's critical instance, and a positive bag is mostly
+   such tiles (see :mod:`histofm.mil.pooling`);
 2. attention of every tile to the critical instance, in a learned query space::
 
        q_n = tanh(W_q2 ReLU(W_q1 h_n)),  U_{n,c} = softmax_n(<q_n, q_{m_c}> / sqrt(d_q))
@@ -54,8 +59,15 @@ class DSMIL(MILAggregator):
     ) -> MILOutput:
         x, mask = self.check_inputs(features, mask)
         h = self.fc(x)  # (B, N, H)
-        inst = self.instance_classifier(h).masked_fill(~mask.unsqueeze(-1), float("-inf"))  # (B, N, C)
-        max_logits, critical = inst.max(dim=1)  # (B, C), (B, C) index of each class's critical tile
+        raw = self.instance_classifier(h)  # (B, N, C)
+        if self.num_classes == 2:
+            margin = (raw[..., 1] - raw[..., 0]).masked_fill(~mask, float("-inf"))  # (B, N) tile log-odds
+            top = margin.argmax(dim=1)  # (B,) the one critical tile
+            max_logits = raw.gather(1, top.view(-1, 1, 1).expand(-1, 1, 2)).squeeze(1)  # (B, 2)
+            critical = top.unsqueeze(1).expand(-1, 2)  # (B, C)
+        else:
+            inst = raw.masked_fill(~mask.unsqueeze(-1), float("-inf"))
+            max_logits, critical = inst.max(dim=1)  # (B, C), (B, C) index of each class's critical tile
         q = self.query(h)  # (B, N, Dq)
         q_crit = q.gather(1, critical.unsqueeze(-1).expand(-1, -1, q.shape[-1]))  # (B, C, Dq)
         u = masked_softmax(q @ q_crit.transpose(1, 2) / self.query_dim**0.5, mask.unsqueeze(-1), dim=1)  # (B, N, C)
