@@ -55,8 +55,10 @@ FLOORS: dict[str, int] = {
     "histofm.cells": 8,
     "histofm.learning": 8,
     "histofm.eval": 8,
-    # 9: the engine
+    # 9: the engine, and what trains through it: the real-pixel MIL task fits every aggregator
+    #    with the engine (histofm.train.mil) before it scores them
     "histofm.train": 9,
+    "histofm.eval.mil_task": 9,
     # 10: what users run: the CLI, its commands, the demo and worked examples
     # the root package is the public facade (``histofm.create_model``, ``histofm.tokenize``):
     # it re-exports from every floor, so nothing inside the package imports it

@@ -16,7 +16,6 @@ import torch
 from histofm.errors import HistofmError
 from histofm.eval.mil_task import (
     LR_GRID,
-    ShuffledBags,
     make_bags,
     run_mil_task,
     split_mask,
@@ -69,35 +68,41 @@ def test_topk_precision() -> None:
     assert topk_precision(scores, planted, np.array([1, 1, 0])) == 0.5  # (2/2 + 0/1) / 2; negatives ignored
 
 
-#: The aggregators that beat mean pooling at 1 % in the documented run (docs/evaluation.md). Each is run
-#: at 2e-3, the learning rate its validation bags chose at this rate (``run_mil_task`` tries all of
-#: ``LR_GRID``; one rate keeps the test short). The transformer (validation chose 8e-3: test 0.54) and
-#: TransMIL do not beat mean pooling at 1 % (see the docs).
-BEATS_MEAN = ("max", "abmil", "clam_sb", "dsmil")
-CHOSEN_LR = 2e-3
+#: The aggregators that beat mean pooling at 1 % in the documented run (docs/evaluation.md), each at the
+#: learning rate its validation bags chose at this rate (``run_mil_task`` tries all of ``LR_GRID``; one
+#: rate each keeps the test short). The transformer (validation chose 8e-3: test 0.44) and TransMIL do
+#: not beat mean pooling at 1 % (see the docs).
+CHOSEN_LR = {"max": 2e-3, "abmil": 2e-3, "clam_sb": 2e-3, "dsmil": 5e-4}
 
 
 def test_aggregators_beat_mean_pooling_and_find_the_planted_tiles(pools) -> None:
-    assert CHOSEN_LR in LR_GRID
-    results = {r.aggregator: r for r in run_mil_task(["mean", *BEATS_MEAN], rates=[RATE], lrs=(CHOSEN_LR,),
-                                                       n_boot=100, pools=pools)}
+    assert set(CHOSEN_LR.values()) <= set(LR_GRID)
+    results = {}
+    for lr in sorted(set(CHOSEN_LR.values())):
+        names = ["mean"] * (lr == 2e-3) + [n for n, v in CHOSEN_LR.items() if v == lr]
+        results.update({r.aggregator: r for r in run_mil_task(names, rates=[RATE], lrs=(lr,), n_boot=100,
+                                                               pools=pools)})
     mean = results.pop("mean")
     for name, r in results.items():
         assert r.losses[-1] < r.losses[0] - 0.2, (name, r.losses)  # it learned
-        assert r.val_auroc > 0.65, (name, r.val_auroc)  # on the validation bags too, not only on test
-        assert r.auroc > mean.auroc + 0.05, (name, r.auroc, mean.auroc)
-        assert r.auroc > 0.65 and r.ci_low < r.auroc < r.ci_high, r  # measured 0.67-0.73
-        # One of 80-120 tiles is planted: a random ranking puts it first about 1 % of the time. DSMIL's
-        # score, the attention to the critical tile, does not rank the critical tile itself first (0.00).
-        if name != "dsmil":
-            assert r.topk_precision > 0.2, (name, r.topk_precision)
+        assert r.val_auroc > 0.65, (name, r.val_auroc)  # on the validation bags too, not only on test (0.71-0.76)
+        assert r.auroc > mean.auroc + 0.05, (name, r.auroc, mean.auroc)  # mean pooling: 0.42, at chance
+        assert r.auroc > 0.6 and r.ci_low < r.auroc < r.ci_high, r  # measured 0.65-0.74
+        # One of 80-120 tiles is planted: a random ranking puts it first about 1 % of the time (measured 0.32-0.56).
+        assert r.topk_precision > 0.2, (name, r.topk_precision)
 
 
-def test_shuffled_bags_keep_their_tiles_in_a_new_order() -> None:
-    bags = ShuffledBags([torch.arange(100.0).view(50, 2)], seed=0)
-    a, b = bags[0], bags[0]
-    assert len(bags) == 1 and not torch.equal(a, b)
-    torch.testing.assert_close(a[a[:, 0].argsort()], torch.arange(100.0).view(50, 2))
+def test_shuffled_tiles_keep_their_tiles_in_a_new_order() -> None:
+    from histofm.mil.train import TileSubset
+
+    bag = torch.arange(100.0).view(50, 2)
+    shuffle = TileSubset(shuffle=True)
+    a, b = shuffle(bag), shuffle(bag)
+    assert not torch.equal(a, b) and not torch.equal(a, bag)
+    torch.testing.assert_close(a[a[:, 0].argsort()], bag)
+    assert TileSubset()(bag) is bag  # neither subset nor shuffle: the bag as it is
+    sub = TileSubset(max_tiles=7, shuffle=True)(bag)
+    assert sub.shape == (7, 2) and len(set(sub[:, 0].tolist())) == 7
 
 
 def test_bad_input(pools) -> None:

@@ -33,7 +33,6 @@ tiles; random ranking scores about the rate). No setting is chosen on the test h
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -196,27 +195,6 @@ def make_bags(
     return bags, np.asarray(labels), planted
 
 
-class ShuffledBags(Sequence[torch.Tensor]):
-    """Bags whose tiles come in a new random order at every access ``(N_i, D)``.
-
-    The tiles of a bag have no order in this task, yet an aggregator that lays them out
-    (TransMIL's square grid and its convolutions) sees a fixed order as a fingerprint of the
-    bag and can memorise the training bags by it. A fresh order each epoch takes that away;
-    order-free aggregators are unaffected.
-    """
-
-    def __init__(self, bags: list[torch.Tensor], seed: int = 0) -> None:
-        self.bags = bags
-        self.gen = torch.Generator().manual_seed(seed)
-
-    def __len__(self) -> int:
-        return len(self.bags)
-
-    def __getitem__(self, i: int) -> torch.Tensor:  # type: ignore[override]
-        bag = self.bags[i]
-        return bag[torch.randperm(bag.shape[0], generator=self.gen)]
-
-
 def topk_precision(scores: list[np.ndarray | None], planted: list[np.ndarray], labels: np.ndarray) -> float:
     """Mean, over positive bags, of the fraction of planted tiles among the top-``k`` scores (``k`` = planted)."""
     values = []
@@ -299,7 +277,8 @@ def run_mil_task(
     """
     from histofm.eval.metrics import binary_auroc, bootstrap_ci
     from histofm.mil import build_aggregator
-    from histofm.mil.train import MILTrainConfig, fit, predict
+    from histofm.mil.train import MILTrainConfig, predict
+    from histofm.train.mil import fit_bags
 
     settings = {**DEFAULT_SETTINGS, **(settings or {})}
     budget = {**TRAIN_BUDGET, **(budget or {})}
@@ -320,9 +299,9 @@ def run_mil_task(
                 torch.manual_seed(seed)
                 model = build_aggregator(name, in_dim=pools.features.shape[1], num_classes=2, **model_kwargs)
                 cfg = MILTrainConfig(model=name, model_kwargs=model_kwargs, seed=seed, lr=lr, **budget)
-                records: list[dict[str, Any]] = []
-                losses = fit(model, ShuffledBags(train[0], seed), train[1].tolist(), cfg, val_bags=val[0], val_labels=val[1].tolist(),
-                             log=records.append)
+                records = fit_bags(model, train[0], train[1].tolist(), cfg, val_bags=val[0],
+                                   val_labels=val[1].tolist(), shuffle_tiles=True)
+                losses = [r["train_loss"] for r in records]
                 val_loss = min(r["val_loss"] for r in records)
                 if best is None or val_loss < best[0]:
                     best = (val_loss, model, lr, int(records[-1]["best_epoch"]) + 1, losses)

@@ -22,8 +22,7 @@ training only.
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,11 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from histofm.errors import HistofmError
 from histofm.mil.base import MILAggregator
 from histofm.mil.data import Subset
 from histofm.mil.survival import cox_loss, nll_loss
-from histofm.utils import seed_everything
 from histofm.utils.objective import Objective
 
 
@@ -195,15 +192,26 @@ class BagSamples(Dataset):
 
 
 class TileSubset:
-    """At most ``max_tiles`` random tiles of a bag (drawn from the engine's per-sample seed, so resumable)."""
+    """At most ``max_tiles`` random tiles of a bag, in a random order when ``shuffle`` (drawn from the
+    engine's per-sample seed, so resumable).
 
-    def __init__(self, max_tiles: int) -> None:
-        self.max_tiles = max_tiles
+    The tiles of a bag have no order, yet an aggregator that lays them out (TransMIL's square grid
+    and its convolutions) sees a fixed order as a fingerprint of the bag and can memorise training
+    bags by it; a fresh order each epoch takes that away. Order-free aggregators are unaffected.
+    """
 
-    def __call__(self, bag: torch.Tensor) -> torch.Tensor:
-        if bag.shape[0] <= self.max_tiles:
+    def __init__(self, max_tiles: int | None = None, shuffle: bool = False) -> None:
+        self.max_tiles, self.shuffle = max_tiles, shuffle
+
+    def __call__(self, bag: torch.Tensor) -> torch.Tensor:  # (N, D) -> (min(N, max_tiles), D)
+        n = bag.shape[0]
+        if self.shuffle:
+            bag = bag[torch.randperm(n)]
+        elif self.max_tiles is None or n <= self.max_tiles:
             return bag
-        return bag[torch.randperm(bag.shape[0])[: self.max_tiles]]
+        else:
+            bag = bag[torch.randperm(n)]
+        return bag if self.max_tiles is None else bag[: self.max_tiles]
 
 
 class BagCollate:
@@ -219,20 +227,6 @@ class BagCollate:
         return {"x": x, "mask": mask, **{k: v for k, v in fields.items() if v is not None}}
 
 
-def _progress(total: int, description: str, enabled: bool) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    progress = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        TextColumn("{task.fields[info]}"), disable=not enabled, transient=True,
-    )
-    return progress, progress.add_task(description, total=total, info="")
-
-
-def _as_targets(labels: Sequence[int] | np.ndarray | torch.Tensor | Targets) -> Targets:
-    return labels if isinstance(labels, Targets) else Targets.classes(labels)
-
-
 @torch.no_grad()
 def validation_loss(model: MILAggregator, bags: Sequence[torch.Tensor], target: Targets, config: MILTrainConfig,
                     class_weight: torch.Tensor | None, device: str | torch.device) -> float:
@@ -240,98 +234,6 @@ def validation_loss(model: MILAggregator, bags: Sequence[torch.Tensor], target: 
     logits, _ = predict_logits(model, bags, device, scores=False)
     loss = slide_loss(torch.from_numpy(logits).to(device, torch.float32), target.to(device), config, class_weight)
     return float(loss)
-
-
-def fit(
-    model: MILAggregator,
-    bags: Sequence[torch.Tensor],
-    labels: Sequence[int] | np.ndarray | torch.Tensor | Targets,
-    config: MILTrainConfig = MILTrainConfig(),
-    device: str | torch.device = "cpu",
-    progress: bool = False,
-    *,
-    val_bags: Sequence[torch.Tensor] | None = None,
-    val_labels: Sequence[int] | np.ndarray | torch.Tensor | Targets | None = None,
-    log: Callable[[dict[str, Any]], None] | None = None,
-) -> list[float]:
-    """DEPRECATED in-memory loop, kept only for floor-8 callers; use :func:`histofm.train.mil.fit_bags`.
-
-    ``histofm.eval.mil_task`` (floor 8) cannot import the engine (floor 9), so until it moves
-    up a floor it trains with this plain loop: AdamW, shuffled batches, early stopping on the
-    validation loss, no resume, fp32. Everything else (``mil train``, the Python API in
-    :mod:`histofm.train.mil`) runs through the engine. Returns the mean training loss per epoch.
-
-    Raises:
-        HistofmError: when a training or validation loss is NaN or infinite.
-    """
-    target = _as_targets(labels)
-    if len(bags) != len(target) or not len(bags):
-        raise HistofmError(f"fit() needs one label per bag and at least one bag, got {len(bags)} bags and {len(target)} labels.")
-    seed_everything(config.seed)
-    class_weight = class_weights(target, model.num_classes, config)
-    class_weight = None if class_weight is None else class_weight.to(device)
-    val_target = None if val_labels is None else _as_targets(val_labels)
-    use_val = val_bags is not None and val_target is not None and len(val_bags) > 0
-    model.to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    gen = torch.Generator().manual_seed(config.seed)
-    history: list[float] = []
-    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
-    bar, task = _progress(config.epochs, f"training {config.model}", progress)
-    with bar:
-        for epoch in range(config.epochs):
-            order = torch.randperm(len(bags), generator=gen).tolist()
-            total, steps = 0.0, 0
-            for s in range(0, len(order), config.batch_size):
-                idx = order[s : s + config.batch_size]
-                batch = []
-                for i in idx:
-                    b = bags[i]
-                    if config.max_tiles is not None and b.shape[0] > config.max_tiles:
-                        b = b[torch.randperm(b.shape[0], generator=gen)[: config.max_tiles]]
-                    batch.append(b.to(device, torch.float32))
-                x, mask = pad_bags(batch)
-                t = target[idx].to(device)
-                out = model(x, mask, labels=t.labels)
-                loss = slide_loss(out.logits, t, config, class_weight)
-                if out.aux_loss is not None:
-                    loss = loss + out.aux_loss
-                if not bool(torch.isfinite(loss)):
-                    raise HistofmError(
-                        f"The training loss of {config.model} became {float(loss.detach())} in epoch {epoch + 1} "
-                        f"(diverging training, or features too large for float32); lower --lr (now {config.lr:g}) "
-                        "or check the features, and train again."
-                    )
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += float(loss.detach())
-                steps += 1
-            history.append(total / steps)
-            record: dict[str, Any] = {"epoch": epoch, "train_loss": history[-1], "val_loss": None}
-            stopped = False
-            if use_val:
-                val = validation_loss(model, val_bags, val_target, config, class_weight, device)  # type: ignore[arg-type]
-                if not np.isfinite(val):
-                    raise HistofmError(
-                        f"The validation loss of {config.model} became {val} in epoch {epoch + 1} "
-                        f"(diverging training); lower --lr (now {config.lr:g}) and train again."
-                    )
-                model.train()
-                record["val_loss"] = val
-                if best is None or val < best[0]:
-                    best = (val, epoch, copy.deepcopy({k: v.detach().clone() for k, v in model.state_dict().items()}))
-                stopped = config.patience > 0 and epoch - best[1] >= config.patience
-                record["best_epoch"] = best[1]
-            if log is not None:
-                log(record)
-            bar.update(task, advance=1, info=f"loss {history[-1]:.4f}")
-            if stopped:
-                break
-    if best is not None:
-        model.load_state_dict(best[2])
-    model.eval()
-    return history
 
 
 @torch.no_grad()

@@ -116,6 +116,7 @@ def fit_bags(
     out_dir: str | Path | None = None,
     resume: bool = False,
     label: str | None = None,
+    shuffle_tiles: bool = False,
 ) -> list[dict[str, Any]]:
     """Train ``model`` on bags ``(N_i, D)`` through the engine; returns one record per epoch run.
 
@@ -123,6 +124,8 @@ def fit_bags(
     epoch are loaded back at the end, and training stops after ``config.patience`` epochs
     without improvement. With ``out_dir`` the engine writes its checkpoint, ``log.jsonl`` and
     ``aggregator.safetensors`` there, and ``resume=True`` continues a killed run exactly.
+    ``shuffle_tiles`` gives every training bag a fresh tile order each time it is drawn
+    (:class:`~histofm.mil.train.TileSubset`).
 
     Returns:
         ``[{"epoch", "train_loss", "val_loss", "best_epoch"?}, ...]``.
@@ -152,7 +155,8 @@ def fit_bags(
         return {"val_loss": val}
 
     history = fit(objective, BagSamples(bags), cfg,
-                  transform=TileSubset(config.max_tiles) if config.max_tiles is not None else None,
+                  transform=TileSubset(config.max_tiles, shuffle_tiles)
+                  if config.max_tiles is not None or shuffle_tiles else None,
                   collate=BagCollate(target), evaluate=evaluate if validate else None,
                   label=label or f"training {config.model}")
     model.eval()
