@@ -19,6 +19,7 @@ fraction of any level-0 box, and exports a PNG and GeoJSON contours in level-0 p
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -208,9 +209,10 @@ def detect_tissue(
     px_um = mpp * math.sqrt(downsample[0] * downsample[1]) if mpp is not None else _FALLBACK_MASK_MPP
 
     r, g, b = thumb[..., 0], thumb[..., 1], thumb[..., 2]
-    brightest = np.maximum(np.maximum(r, g), b).astype(np.float32) / 255.0  # uint8 max/min: 20x faster
-    darkest = np.minimum(np.minimum(r, g), b).astype(np.float32) / 255.0
-    saturation = (brightest - darkest) / np.maximum(brightest, 1e-6)  # 0 where black
+    hi = np.maximum(np.maximum(r, g), b)  # (h, w) uint8: max/min in uint8 are 20x faster than in float
+    lo = np.minimum(np.minimum(r, g), b)
+    brightest = _UNIT[hi]  # (h, w) float32 in [0, 1]
+    saturation = _saturation_table()[hi, lo]  # (max - min) / max, 0 where black: one lookup per pixel
     saturation = ndimage.uniform_filter(saturation, size=3)  # 3 x 3 mean: JPEG noise and dust
     threshold = max(otsu_threshold(saturation), min_saturation)
     mask = (saturation > threshold) & (brightest > max_darkness)
@@ -222,11 +224,14 @@ def detect_tissue(
     mask = ndimage.binary_opening(mask, structure=disk)
 
     px_area = px_um**2
-    holes = ndimage.binary_fill_holes(mask) & ~mask
-    if holes.any():
-        labels, n = ndimage.label(holes)
+    # Holes: background pieces (4-connected, as binary_fill_holes propagates) that do not touch the border;
+    # one labelling instead of fill_holes' propagation, then the small ones are filled.
+    labels, n = ndimage.label(~mask)
+    if n:
+        outside = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
         sizes = np.bincount(labels.ravel(), minlength=n + 1) * px_area
         small = sizes < max_hole_um2
+        small[outside] = False
         small[0] = False
         mask |= small[labels]
     if mask.any():
@@ -240,7 +245,13 @@ def detect_tissue(
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     """Otsu's threshold of values in ``[0, 1]``: the cut maximising between-class variance."""
-    hist, edges = np.histogram(np.asarray(values, dtype=np.float64).ravel(), bins=bins, range=(0.0, 1.0))
+    v = np.asarray(values).ravel()
+    v = v[(v >= 0.0) & (v <= 1.0)]
+    # np.histogram's bins over [0, 1], counted directly: bin k holds [k / bins, (k + 1) / bins), the last one
+    # also 1.0 (exact for a power-of-two ``bins``, where the edges k / bins are exact binary fractions).
+    index = np.minimum((v.astype(np.float64) * bins).astype(np.intp), bins - 1)
+    hist = np.bincount(index, minlength=bins)
+    edges = np.linspace(0.0, 1.0, bins + 1)
     centres = (edges[:-1] + edges[1:]) / 2
     total = hist.sum()
     if total == 0:
@@ -254,6 +265,16 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
         between = (mu_t * w0 - m) ** 2 / (w0 * w1)
     between[~np.isfinite(between)] = 0.0
     return float(edges[int(np.argmax(between)) + 1])
+
+
+_UNIT = np.arange(256, dtype=np.float32) / np.float32(255.0)  # uint8 -> [0, 1], as astype(float32) / 255
+
+
+@functools.lru_cache(maxsize=1)
+def _saturation_table() -> np.ndarray:
+    """``(256, 256)`` float32: ``(max - min) / max`` of every (max, min) byte pair, 0 where max is 0 (black)."""
+    hi, lo = _UNIT[:, None], _UNIT[None, :]
+    return (hi - lo) / np.maximum(hi, np.float32(1e-6))
 
 
 def _disk(radius: int) -> np.ndarray:
