@@ -133,9 +133,14 @@ def test_kill_and_resume_is_bit_identical(tmp_path: Path, capsys: pytest.Capture
     assert not [f.name for f in out.rglob("*") if f.name.startswith(".") or f.name == "checkpoint.pt"]
     assert not (out / "progress.json").exists()
 
-    # A rerun with new settings into the finished folder, killed: old config.json, no finished run.
+    # New settings into the finished folder: refused, nothing touched (it would replace the run silently).
+    before = _snapshot(out)
+    assert main(_args(feats, labels, out, "--lr", "1e-3")) == 2
+    assert "finished `mil train` run with other settings" in capsys.readouterr().err
+    assert _snapshot(out) == before
+    # With --overwrite, killed: old config.json, no finished run.
     old_config = (out / "config.json").read_bytes()
-    _kill_at_save(_args(feats, labels, out, "--lr", "1e-3"), 1, marker)
+    _kill_at_save(_args(feats, labels, out, "--lr", "1e-3", "--overwrite"), 1, marker)
     assert (out / "config.json").read_bytes() == old_config and not (out / "run.json").exists()
     assert main(["mil", "predict", "--run", str(out), "--features", str(feats), "--out", str(tmp_path / "p")]) == 2
     assert "no finished run" in capsys.readouterr().err

@@ -200,7 +200,10 @@ def test_run_folder_reuse_never_mixes_runs(dataset: tuple[Path, Path], tmp_path:
     base = ["mil", "train", "--features", str(feats), "--labels", str(labels), "--epochs", "1", "--set",
             "n_boot=0", "--device", "cpu", "--out", str(out)]
     assert main([*base, "--folds", "3", "--set", "hidden_dim=8", "--set", "attn_dim=4"]) == 0
-    assert main([*base, "--folds", "2", "--aggregator", "mean", "--set", "hidden_dim=8"]) == 0
+    other = [*base, "--folds", "2", "--aggregator", "mean", "--set", "hidden_dim=8"]
+    with pytest.raises(HistofmError, match="finished `mil train` run with other settings"):
+        main_or_raise(other)  # it would replace the finished run silently
+    assert main([*other, "--overwrite"]) == 0
     models, cfg = load_trained(out)
     assert len(models) == 2 and cfg["aggregator"] == "mean"
     assert sorted(p.name for p in out.glob("fold_*")) == ["fold_0", "fold_0.safetensors", "fold_1", "fold_1.safetensors"]

@@ -216,3 +216,20 @@ def test_tiles_unlike_the_models_recorded_preprocessing_warn_once(tmp_path, regi
     extract_features([region], model, tmp_path / "p", config=ExtractConfig(min_tissue=0), mpp=0.499, progress=False,
                      warn=messages.append)
     assert messages == []
+
+
+def test_random_init_is_seeded_recorded_and_leaves_the_global_rng_alone() -> None:
+    """Two ``--random-init`` encoders of the same settings are the same encoder, and the record says which."""
+    from histofm.weights import RANDOM_INIT, load_encoder, state_sha256
+
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    a = load_encoder("vit_tiny_patch16_224", random_init=True, depth=1, img_size=32)
+    assert torch.equal(torch.rand(3), expected_next)  # the caller's random state is untouched
+    b = load_encoder("vit_tiny_patch16_224", random_init=True, depth=1, img_size=32)
+    c = load_encoder("vit_tiny_patch16_224", random_init=True, depth=2, img_size=32)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    ra, rb, rc = a.histofm_weights, b.histofm_weights, c.histofm_weights
+    assert ra.source == RANDOM_INIT and ra == rb and ra.sha256 == state_sha256(a)
+    assert rc.sha256 != ra.sha256  # another architecture: another record, so its features cannot be mixed in

@@ -25,11 +25,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from histofm.errors import HistofmError
 
 RANDOM_INIT = "random-init"
+#: ``--random-init`` builds its weights from this seed (the global random state is left as it was), so two
+#: runs with the same model and settings embed with the same encoder; the weights' SHA-256 is recorded.
+RANDOM_INIT_SEED = 0
 _WAYS_OUT = "pass --checkpoint PATH (local weights), --pretrained (the official weights from the hub) or --random-init"
 _HASH_CHUNK = 8 << 20
 
@@ -154,6 +158,16 @@ def resolve_weights(
     return path, Weights("hub", file=file.name, repo=info.hub_id, revision=_hub_revision(file))
 
 
+def state_sha256(model: nn.Module) -> str:
+    """Hex SHA-256 of a module's parameters and buffers (names, dtypes, shapes and bytes, in name order)."""
+    digest = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        t = value.detach().cpu().contiguous()
+        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
 def load_encoder(
     name: str,
     *,
@@ -177,7 +191,13 @@ def load_encoder(
     from histofm.registry import create_model
 
     path, record = resolve_weights(name, checkpoint=checkpoint, pretrained=pretrained, random_init=random_init)
-    model = create_model(name, checkpoint_path=path, **overrides)
+    if record.source == RANDOM_INIT:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model = create_model(name, **overrides)
+        record = Weights(RANDOM_INIT, file=f"seed {RANDOM_INIT_SEED}", sha256=state_sha256(model))
+    else:
+        model = create_model(name, checkpoint_path=path, **overrides)
     model.histofm_weights = record  # type: ignore[assignment]
     return model
 

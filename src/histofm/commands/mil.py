@@ -69,7 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--resume", action="store_true",
                    help="continue the unfinished run in --out (also done whenever its settings match this command)")
     t.add_argument("--overwrite", action="store_true",
-                   help="start afresh even if --out holds an unfinished run with other settings")
+                   help="start afresh even if --out holds a run (finished or not) with other settings")
     add_deprecated_alias(t, "--model", "--aggregator")  # hidden old spellings, one notice each
     add_deprecated_alias(t, "--option", "--set")
     t.set_defaults(func=run_train)

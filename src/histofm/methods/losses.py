@@ -205,6 +205,10 @@ class DINOLoss(TeacherCentering):
             teacher_temp: ``tau_t`` for this step.
         """
         s, t = _stack(student_logits), _stack(teacher_logits).detach()
+        K = self.center.shape[-1]
+        if s.shape[-1] != K or t.shape[-1] != K or s.shape[-2] != t.shape[-2]:
+            raise HistofmError(f"DINOLoss(out_dim={K}) needs student and teacher logits (views, B, {K}) with the same "
+                               f"B; got {tuple(s.shape)} and {tuple(t.shape)}: match out_dim to the heads' output.")
         loss = dino_cross_entropy(s, self.teacher_probs(t, teacher_temp), self.student_temp)
         self.update_center(t)
         return loss

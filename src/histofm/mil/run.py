@@ -108,6 +108,17 @@ def begin_run(out_dir: Path, config: dict[str, Any], overwrite: bool = False) ->
             f"--out {out_dir} holds an unfinished `mil train` run with other settings; rerun that command to "
             "resume it, or pass --overwrite to start this one in its place."
         )
+    if not overwrite and (out_dir / MANIFEST).is_file():
+        try:
+            finished = json.loads((out_dir / CONFIG).read_text(encoding="utf-8"))
+            finished.pop("run_id", None)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            finished = None
+        if finished != config:  # the same settings retrain to the same result; others would replace it silently
+            raise HistofmError(
+                f"--out {out_dir} holds a finished `mil train` run with other settings; choose another --out, "
+                "or pass --overwrite to replace it."
+            )
     abandon_run(out_dir)
     (out_dir / MANIFEST).unlink(missing_ok=True)
     run_id = uuid.uuid4().hex

@@ -369,9 +369,15 @@ def fit(
                 save(step + 1)
                 _export(method, out_dir, main, fsdp, {"steps": step + 1, "stopped": "non-finite loss"})
                 where = f"; checkpoint saved in {out_dir}" if out_dir is not None else ""
+                fp32 = "" if cfg.precision == "fp32" else " or use fp32"
+                weights_ok = all(bool(torch.isfinite(q).all()) for q in params)
+                advice = (f"lower the learning rate{fp32}, then resume, or start again in another out_dir if the "
+                          "weights have already diverged" if weights_ok else
+                          "the weights are no longer finite, so resuming cannot help: start again with a lower "
+                          f"learning rate{fp32} in another out_dir")
                 raise HistofmError(
                     f"The loss was not finite for {streak} step{'s' if streak > 1 else ''} in a row (up to step {step}, "
-                    f"max_nonfinite={cfg.max_nonfinite}){where}; lower the learning rate or use fp32, then resume."
+                    f"max_nonfinite={cfg.max_nonfinite}){where}; {advice}."
                 )
             end_step = done = step + 1
             if best.stopped:

@@ -45,6 +45,8 @@ def rankme(z: torch.Tensor, eps: float = 1e-7) -> float:
 def collapse_stats(z: torch.Tensor) -> dict[str, float]:
     """``embed_std``, ``embed_std_ref`` (= 1/sqrt(D)) and ``rankme`` of embeddings ``(N, D)``."""
     z = z.flatten(1)
+    if not bool(torch.isfinite(z).all()):  # diverged weights: nothing to measure (the non-finite guard reports it)
+        return {"embed_std": float("nan"), "embed_std_ref": 1.0 / math.sqrt(z.shape[1]), "rankme": float("nan")}
     return {"embed_std": embedding_std(z), "embed_std_ref": 1.0 / math.sqrt(z.shape[1]), "rankme": rankme(z)}
 
 
