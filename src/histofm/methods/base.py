@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from histofm.errors import HistofmError
 from histofm.utils.objective import Objective
 
 
@@ -52,3 +53,22 @@ class SSLMethod(Objective):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled backbone embedding ``(B, D)`` used for kNN checks and collapse monitoring."""
         return self.backbone(x)
+
+
+def split_crops(batch: Any, n_global: int) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor | None]:  # noqa: ANN401
+    """``(global crops, local crops, precomputed masks or None)`` of a batch.
+
+    A batch is a list of crop tensors (global crops first), ``(crops, labels)`` from a labelled
+    dataset, or ``{"crops": [...], "masks": (n_global * B, gh, gw)}`` (the multi-crop transform and
+    :class:`~histofm.methods.masking.BlockMaskCollator` make them); used by every DINO-family method.
+    """
+    masks = None
+    if isinstance(batch, dict):
+        batch, masks = batch["crops"], batch.get("masks")
+    elif isinstance(batch, (list, tuple)) and len(batch) == 2 and isinstance(batch[0], (list, tuple)):
+        batch = batch[0]  # (crops, labels)
+    if not isinstance(batch, (list, tuple)) or not all(isinstance(c, torch.Tensor) for c in batch):
+        raise HistofmError("A DINO-family batch must be a list of crop tensors (use the method's multi-crop transform).")
+    if len(batch) < n_global:
+        raise HistofmError(f"The batch has {len(batch)} crops but the method expects {n_global} global crops first.")
+    return list(batch[:n_global]), list(batch[n_global:]), masks

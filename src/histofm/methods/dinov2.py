@@ -63,7 +63,7 @@ from torch import nn
 
 from histofm.errors import HistofmError
 from histofm.layers.heads import class_and_patch_logits, prototypes_frozen
-from histofm.methods.base import SSLMethod
+from histofm.methods.base import SSLMethod, split_crops
 from histofm.methods.distillation import (
     MaskedDistillationConfig,
     build_student_teacher,
@@ -150,26 +150,6 @@ PRESET_TRAIN: dict[str, dict[str, Any]] = {
     "cpu_small": dict(batch_size=64, lr=1e-3, warmup_steps=20, weight_decay=0.04, grad_clip=3.0),
 }
 
-
-# --------------------------------------------------------------------------- batch
-
-def split_crops(batch: Any, n_global: int) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor | None]:  # noqa: ANN401
-    """``(global crops, local crops, precomputed masks or None)`` of a batch.
-
-    A batch is a list of crop tensors (global crops first), ``(crops, labels)`` from a labelled
-    dataset, or ``{"crops": [...], "masks": (n_global * B, gh, gw)}``. The same few lines are in
-    each DINO-family method file so that each reads alone.
-    """
-    masks = None
-    if isinstance(batch, dict):
-        batch, masks = batch["crops"], batch.get("masks")
-    elif isinstance(batch, (list, tuple)) and len(batch) == 2 and isinstance(batch[0], (list, tuple)):
-        batch = batch[0]  # (crops, labels)
-    if not isinstance(batch, (list, tuple)) or not all(isinstance(c, torch.Tensor) for c in batch):
-        raise HistofmError("A DINO-family batch must be a list of crop tensors (use the method's multi-crop transform).")
-    if len(batch) < n_global:
-        raise HistofmError(f"The batch has {len(batch)} crops but the method expects {n_global} global crops first.")
-    return list(batch[:n_global]), list(batch[n_global:]), masks
 
 
 # --------------------------------------------------------------------------- method

@@ -35,9 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from histofm.errors import HistofmError
 from histofm.layers.heads import class_and_patch_logits, prototypes_frozen
-from histofm.methods.base import SSLMethod
+from histofm.methods.base import SSLMethod, split_crops
 from histofm.methods.distillation import (
     MaskedDistillationConfig,
     build_student_teacher,
@@ -62,26 +61,6 @@ class IBOTConfig(MaskedDistillationConfig):
     global_scale: tuple[float, float] = setting((0.32, 1.0), range="(0, 1]", ordered=True)
     local_scale: tuple[float, float] = setting((0.05, 0.32), range="(0, 1]", ordered=True)
 
-
-# --------------------------------------------------------------------------- batch
-
-def split_crops(batch: Any, n_global: int) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor | None]:  # noqa: ANN401
-    """``(global crops, local crops, precomputed masks or None)`` of a batch.
-
-    A batch is a list of crop tensors (global crops first), ``(crops, labels)`` from a labelled
-    dataset, or ``{"crops": [...], "masks": (n_global * B, gh, gw)}``. The same few lines are in
-    each DINO-family method file so that each reads alone.
-    """
-    masks = None
-    if isinstance(batch, dict):
-        batch, masks = batch["crops"], batch.get("masks")
-    elif isinstance(batch, (list, tuple)) and len(batch) == 2 and isinstance(batch[0], (list, tuple)):
-        batch = batch[0]  # (crops, labels)
-    if not isinstance(batch, (list, tuple)) or not all(isinstance(c, torch.Tensor) for c in batch):
-        raise HistofmError("A DINO-family batch must be a list of crop tensors (use the method's multi-crop transform).")
-    if len(batch) < n_global:
-        raise HistofmError(f"The batch has {len(batch)} crops but the method expects {n_global} global crops first.")
-    return list(batch[:n_global]), list(batch[n_global:]), masks
 
 
 # --------------------------------------------------------------------------- method
