@@ -75,7 +75,7 @@ def run_nuclei_command(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from histofm.commands._settings import check_eval_nuclei_args
-    from histofm.data.stain import stain_shift
+    from histofm.data.stain import parse_stain_shifts
     from histofm.eval.nuclei import BASELINES, run_nuclei
 
     check_eval_nuclei_args(args)  # declared types and ranges, --device, --json: before any work
@@ -93,10 +93,7 @@ def run_nuclei_command(args: argparse.Namespace) -> int:
 
     checkpoint, weights = resolve_weights(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
                                           random_init=args.random_init)
-    shifts = [] if args.stain_shift.strip().lower() == "none" else \
-        [name.strip() for name in args.stain_shift.split(",") if name.strip()]
-    for name in shifts:
-        stain_shift(name)  # an unknown name fails here, naming --stain-shift
+    shifts = parse_stain_shifts(args.stain_shift)  # bad, empty or repeated names: before any work
     try:
         device = torch.device(args.device)
     except RuntimeError:

@@ -217,6 +217,24 @@ def stain_shift(name: str | StainShift) -> StainShift:
     return shift
 
 
+def parse_stain_shifts(text: str) -> list[str]:
+    """The names of a ``--stain-shift`` value: comma-separated, each once, or ``none`` for none.
+
+    An empty list, ``none`` among other names or an unknown name raises a one-sentence error.
+    """
+    names = list(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))  # each once, in order
+    if [name.lower() for name in names] == ["none"]:
+        return []
+    if not names:
+        raise HistofmError(f"--stain-shift {text!r} names no shift; pass names such as {DEFAULT_SHIFTS[0]}, "
+                           "or 'none' for the clean column only.")
+    if "none" in (name.lower() for name in names):
+        raise HistofmError("--stain-shift 'none' stands alone (the clean column only); drop it, or drop the other names.")
+    for name in names:
+        stain_shift(name)  # an unknown name fails here, naming --stain-shift
+    return names
+
+
 def apply_stain_shift(images: Any, name: str | StainShift) -> Any:  # noqa: ANN401
     """Apply a named stain shift to uint8 RGB images ``(N, H, W, 3)`` (or one ``(H, W, 3)``); same form out.
 
