@@ -74,7 +74,7 @@ def run_nuclei_command(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from histofm.commands._settings import check_eval_nuclei_args
+    from histofm.commands._settings import check_eval_nuclei_args, check_model_overrides
     from histofm.data.stain import parse_stain_shifts
     from histofm.eval.nuclei import BASELINES, run_nuclei
 
@@ -87,6 +87,7 @@ def run_nuclei_command(args: argparse.Namespace) -> int:
         value = overrides.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise HistofmError(f"--set {key} must be a whole number of at least 1, not {value!r}.")
+    overrides = check_model_overrides(args.model, overrides)  # types, ranges, what the encoder accepts
     if args.bootstrap < 0:
         raise HistofmError(f"--bootstrap must be 0 or more, got {args.bootstrap}.")
     from histofm.weights import resolve_weights

@@ -96,7 +96,7 @@ def build_classifier(model: str, num_classes: int, img_size: int, width: int = 3
 
 
 def run(args: argparse.Namespace) -> int:
-    from histofm.commands._settings import check_semi_args
+    from histofm.commands._settings import check_model_overrides, check_semi_args
     from histofm.learning import build_semi_method
     from histofm.learning.folder import load_labelled_folder, read_label_csv
     from histofm.learning.semi import SemiData, evaluate
@@ -106,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
 
     check_semi_args(args)  # every flag's declared type and range (histofm.settings), before any file is read
     overrides = parse_set(args.set)
+    if overrides and args.model != SMALL_CNN:
+        overrides = check_model_overrides(args.model, overrides)  # a bad value: one sentence, before any work
     if args.check:
         print(f"histofm semi: settings OK ({args.method}, {args.model}); nothing was run.")
         return 0
