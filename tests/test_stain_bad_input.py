@@ -104,3 +104,19 @@ def test_cli_refuses_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixtu
     err = capsys.readouterr().err
     assert code == 2 and "single colour" in err and err.count("\n") == 1, err
     assert not out.exists()  # refused before any work
+
+
+def test_stain_normalize_refuses_floats_outside_0_1(tissue: np.ndarray) -> None:
+    import torch
+
+    from histofm.data.stain import StainNormalize
+
+    tf = StainNormalize(normalizer("macenko").fit(tissue))
+    chw = torch.from_numpy(tissue.copy()).permute(2, 0, 1)  # (3, 64, 64) uint8
+    ok = tf(chw.float() / 255)
+    assert ok.dtype == torch.float32 and 0 <= float(ok.min()) and float(ok.max()) <= 1
+    # 0-255 floats became white (so passed through as all ones) and normalised inputs were clipped: both silent.
+    for bad, message in ((chw.float(), "divide 0-255 floats by 255"), (chw.float() / 255 - 0.5, "put it before Normalize"),
+                         (chw.int(), "dtype torch.int32")):
+        with pytest.raises(HistofmError, match=message):
+            tf(bad)

@@ -431,6 +431,13 @@ class StainNormalize(nn.Module):
             raise HistofmError(f"StainNormalize takes (3, H, W) or (B, 3, H, W) tensors, got {shape}; "
                                "put it after ToImage() in the pipeline.")
         is_uint8 = img.dtype == torch.uint8
+        if not is_uint8 and not img.is_floating_point():
+            raise HistofmError(f"StainNormalize takes uint8 or float images, got dtype {img.dtype}.")
+        if not is_uint8 and img.numel():
+            lo, hi = float(img.min()), float(img.max())
+            if not (lo >= -1e-3 and hi <= 1 + 1e-3):  # NaN fails too
+                raise HistofmError(f"StainNormalize takes float images in [0, 1], got values from {lo:.3g} to {hi:.3g}; "
+                                   "put it before Normalize, and divide 0-255 floats by 255 (or pass uint8).")
         x = img if is_uint8 else (img * 255).round().clamp(0, 255).to(torch.uint8)
         out = self.norm.transform(x.movedim(-3, -1), per_image=self.per_image).movedim(-1, -3)
         return out if is_uint8 else (out.to(img.dtype) / 255)
