@@ -120,3 +120,17 @@ def test_stain_normalize_refuses_floats_outside_0_1(tissue: np.ndarray) -> None:
                          (chw.int(), "dtype torch.int32")):
         with pytest.raises(HistofmError, match=message):
             tf(bad)
+
+
+def test_hed_jitter_refuses_what_it_would_silently_clip() -> None:
+    import torch
+
+    from histofm.data.stain import HEDJitter
+
+    jitter = HEDJitter(0.05, 0.01)
+    assert jitter(torch.rand(2, 3, 8, 8)).shape == (2, 3, 8, 8)
+    for bad, message in ((torch.rand(3, 8, 8) * 255, "divide 0-255 floats by 255"),
+                         (torch.rand(3, 8, 8) - 0.5, "before Normalize"), (torch.rand(8, 8, 3), r"got \(8, 8, 3\)"),
+                         (np.zeros((8, 8, 3), np.uint8), "got ndarray")):
+        with pytest.raises(HistofmError, match=message):
+            jitter(bad)

@@ -103,9 +103,16 @@ class HEDJitter(nn.Module):
         self.sigma, self.bias, self.p = sigma, bias, p
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
-        if not isinstance(img, torch.Tensor):
-            raise TypeError("HEDJitter expects a tensor image; put it after ToImage()/ToDtype in the pipeline")
+        if not isinstance(img, torch.Tensor) or img.ndim not in (3, 4) or img.shape[-3] != 3:
+            shape = tuple(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__
+            raise HistofmError(f"HEDJitter takes (3, H, W) or (B, 3, H, W) tensors, got {shape}; put it after "
+                               "ToImage() in the pipeline.")
         is_uint8 = img.dtype == torch.uint8
+        # Checked on CPU only: on a GPU (the batch augmentation) it would stall every step for a sync.
+        if (not is_uint8 and img.device.type == "cpu" and img.numel()
+                and not (float(img.min()) >= -1e-3 and float(img.max()) <= 1 + 1e-3)):
+            raise HistofmError("HEDJitter takes uint8 images or floats in [0, 1]; put it before Normalize, and "
+                               "divide 0-255 floats by 255.")
         x = img.float() / 255 if is_uint8 else img
         batched = x.ndim == 4
         xb = x if batched else x[None]
