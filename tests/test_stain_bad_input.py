@@ -134,3 +134,12 @@ def test_hed_jitter_refuses_what_it_would_silently_clip() -> None:
                          (np.zeros((8, 8, 3), np.uint8), "got ndarray")):
         with pytest.raises(HistofmError, match=message):
             jitter(bad)
+
+
+def test_large_target_images_are_strided_to_4096_px(tmp_path: Path, tissue: np.ndarray) -> None:
+    from histofm.data.stain import read_target
+
+    wide = np.tile(tissue[:8], (1, 65, 1))  # (8, 4160, 3): one side over 4,096 px
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    got = read_target(tmp_path / "wide.png")
+    np.testing.assert_array_equal(got, wide[::2, ::2])  # real pixels, no resampling

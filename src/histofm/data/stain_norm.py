@@ -459,8 +459,9 @@ def _target_file(path: str | Path) -> Path:
 
 
 def read_target(path: str | Path) -> np.ndarray:
-    """An RGB uint8 target image ``(H, W, 3)`` from an image file, a slide (its smallest level
-    under 4,096 px) or a bundled sample name (``cmu_small_region``, ``hgsc_stroma``)."""
+    """An RGB uint8 target image ``(H, W, 3)`` from an image file (every k-th pixel of a side over
+    4,096 px), a slide (its smallest level under 4,096 px) or a bundled sample name
+    (``cmu_small_region``, ``hgsc_stroma``)."""
     from PIL import Image as PILImage
 
     p = _target_file(path)
@@ -473,9 +474,11 @@ def read_target(path: str | Path) -> np.ndarray:
             return np.asarray(slide.read_region((0, 0), level, dims[level]).convert("RGB"))
     try:
         with PILImage.open(p) as im:
-            return np.asarray(im.convert("RGB"))
-    except OSError as exc:
+            rgb = np.asarray(im.convert("RGB"))
+    except (OSError, PILImage.DecompressionBombError) as exc:
         raise HistofmError(f"Cannot read the stain target {p} as an image ({exc}); pass a PNG, JPEG or TIFF to --stain-target.") from None
+    step = -(-max(rgb.shape[:2]) // 4096)  # like a slide's level under 4,096 px, but real pixels (no resampling)
+    return np.ascontiguousarray(rgb[::step, ::step]) if step > 1 else rgb
 
 
 @functools.lru_cache(maxsize=8)
