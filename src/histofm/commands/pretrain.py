@@ -223,10 +223,12 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_info(s: dict[str, Any], n_samples: int) -> dict[str, Any]:
     """The settings a resume must keep (the engine refuses another value, naming the flag): method,
-    model, image size and the data, as its resolved path and number of samples."""
+    model, image and tile size, and the data, as its resolved path and number of samples (last: the
+    tile size and the microns per pixel change the count, and are the cause to name)."""
     data = str(s["data"])
     where = data if data == "bundled" else str(Path(data).resolve())
     return {"--method": str(s["method"]), "--model": str(s["model"]), "--img-size": int(s["img_size"]),
+            "--tile-size": int(s.get("tile_size") or s["img_size"]), "--target-mpp": float(s["target_mpp"]),
             "--data": f"{where} ({n_samples} samples)"}
 
 
