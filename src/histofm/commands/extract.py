@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     if args.stain_target is not None:
         from histofm.data.stain import make_stain_transform
 
-        # A missing, unreadable, blank or grey target fails before any work (fitting is cheap).
+        # A missing, unreadable, blank or grey target fails before any work (the fit is cached for the run).
         make_stain_transform(args.stain_norm, args.stain_target)
     slide_encoder = _slide_encoder(args)  # before any work: an unknown name or missing weights fail here
     model = load_encoder(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
