@@ -143,3 +143,11 @@ def test_large_target_images_are_strided_to_4096_px(tmp_path: Path, tissue: np.n
     Image.fromarray(wide).save(tmp_path / "wide.png")
     got = read_target(tmp_path / "wide.png")
     np.testing.assert_array_equal(got, wide[::2, ::2])  # real pixels, no resampling
+
+
+def test_stain_shift_errors_speak_of_the_shift() -> None:
+    from histofm.data.stain import apply_stain_shift
+
+    with pytest.raises(HistofmError, match=r"^A stain shift takes uint8 RGB images, got dtype float64; convert with "
+                                           r"\(x \* 255\)\.round\(\)\.astype\('uint8'\)\.$"):
+        apply_stain_shift(np.zeros((8, 8, 3)), "hed-scale")

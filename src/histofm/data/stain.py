@@ -153,7 +153,7 @@ def hed_shift(
     """
     from histofm.data.stain_norm import _as_batch
 
-    x, restore = _as_batch(images)  # (B, H, W, 3) in [0, 255]
+    x, restore = _as_batch(images, "A stain shift")  # (B, H, W, 3) in [0, 255]
     n = x.shape[0]
     gen = torch.Generator().manual_seed(seed)
     a = 1 + (torch.rand(n, 3, generator=gen, dtype=torch.float64) * 2 - 1) * jitter_sigma  # (B, 3)

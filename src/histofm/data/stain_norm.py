@@ -57,19 +57,21 @@ _RUIFROK_HE = torch.nn.functional.normalize(torch.tensor([[0.65, 0.70, 0.29], [0
 
 
 # ------------------------------------------------------------------ layouts
-def _as_batch(image: Image) -> tuple[torch.Tensor, Callable[[torch.Tensor], Image]]:
+def _as_batch(image: Image, what: str = "Stain normalisation") -> tuple[torch.Tensor, Callable[[torch.Tensor], Image]]:
     """``(B, H, W, 3)`` float32 in ``[0, 255]`` and a function that gives the result back in the input's form."""
     is_numpy = isinstance(image, np.ndarray)
+    normalising = what == "Stain normalisation"  # only normalisers have a channels-first, float wrapper
     if not is_numpy and not isinstance(image, torch.Tensor):
-        raise HistofmError(f"Stain normalisation takes a numpy array or torch tensor, got {type(image).__name__}.")
+        raise HistofmError(f"{what} takes a numpy array or torch tensor, got {type(image).__name__}.")
     if image.dtype not in (np.uint8, torch.uint8):
-        raise HistofmError(f"Stain normalisation takes uint8 RGB images, got dtype {image.dtype}; convert with "
-                           "(x * 255).round().astype('uint8') or use StainNormalize for float tensors.")
+        raise HistofmError(f"{what} takes uint8 RGB images, got dtype {image.dtype}; convert with "
+                           "(x * 255).round().astype('uint8')"
+                           f"{' or use StainNormalize for float tensors' if normalising else ''}.")
     if image.ndim not in (3, 4) or image.shape[-1] != 3:
-        raise HistofmError(f"Stain normalisation takes RGB images (H, W, 3) or (B, H, W, 3), got shape "
-                           f"{tuple(image.shape)}; channels-first tensors go through StainNormalize.")
+        raise HistofmError(f"{what} takes RGB images (H, W, 3) or (B, H, W, 3), got shape {tuple(image.shape)}"
+                           f"{'; channels-first tensors go through StainNormalize' if normalising else ''}.")
     if 0 in image.shape[-3:-1]:
-        raise HistofmError(f"Stain normalisation got an empty image of shape {tuple(image.shape)}; pass images "
+        raise HistofmError(f"{what} got an empty image of shape {tuple(image.shape)}; pass images "
                            "with at least one pixel.")
     single = image.ndim == 3
     t = torch.from_numpy(np.require(image, requirements=["C", "W"])) if is_numpy else image
