@@ -12,6 +12,7 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 from histofm import __version__
@@ -57,6 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
+    # Warnings read like the errors: one line, no Python source line (restored after, for callers in Python).
+    previous_format = warnings.formatwarning
+    warnings.formatwarning = _format_warning
     try:
         return int(args.func(args) or 0)
     except HistofmError as e:
@@ -69,6 +73,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # the flush at exit goes nowhere instead of failing again
         return 0
+    finally:
+        warnings.formatwarning = previous_format
+
+
+def _format_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                    line: str | None = None) -> str:
+    """``histofm: warning: <message>``: what the command line prints for a Python warning."""
+    return f"histofm: warning: {message}\n"
 
 
 if __name__ == "__main__":

@@ -256,6 +256,20 @@ def check_json_path(path: str | os.PathLike[str] | None, flag: str = "--json") -
     check_out_dir(p.parent, flag)
 
 
+def check_model_overrides(model: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """A tile encoder's ``--set`` constructor overrides, coerced and checked by building it on the ``meta``
+    device (no memory), so a bad value ends in one sentence before any work, not in a traceback."""
+    from histofm.methods.backbone_settings import check_backbone_overrides
+
+    if not overrides:
+        return overrides
+    try:
+        fixed, _ = check_backbone_overrides(model, overrides, prefix="")
+    except SettingError as e:
+        raise HistofmError(f"--set {e.key}={shown(overrides.get(e.key, ''))}: {e}") from None
+    return fixed
+
+
 def check_eval_nuclei_args(args: argparse.Namespace) -> None:
     """Check ``histofm eval nuclei``'s flags before any model is built or file read.
 

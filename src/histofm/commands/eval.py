@@ -74,8 +74,8 @@ def run_nuclei_command(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from histofm.commands._settings import check_eval_nuclei_args
-    from histofm.data.stain import stain_shift
+    from histofm.commands._settings import check_eval_nuclei_args, check_model_overrides
+    from histofm.data.stain import parse_stain_shifts
     from histofm.eval.nuclei import BASELINES, run_nuclei
 
     check_eval_nuclei_args(args)  # declared types and ranges, --device, --json: before any work
@@ -87,16 +87,15 @@ def run_nuclei_command(args: argparse.Namespace) -> int:
         value = overrides.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise HistofmError(f"--set {key} must be a whole number of at least 1, not {value!r}.")
+    overrides = check_model_overrides(args.model, overrides)  # types, ranges, what the encoder accepts
     if args.bootstrap < 0:
         raise HistofmError(f"--bootstrap must be 0 or more, got {args.bootstrap}.")
     from histofm.weights import resolve_weights
 
     checkpoint, weights = resolve_weights(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
                                           random_init=args.random_init)
-    shifts = [] if args.stain_shift.strip().lower() == "none" else \
-        [name.strip() for name in args.stain_shift.split(",") if name.strip()]
-    for name in shifts:
-        stain_shift(name)  # an unknown name fails here, naming --stain-shift
+    _check_recorded_arch(checkpoint, args.model, overrides)
+    shifts = parse_stain_shifts(args.stain_shift)  # bad, empty or repeated names: before any work
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -139,6 +138,27 @@ def run_nuclei_command(args: argparse.Namespace) -> int:
             tmp.write_text(json.dumps(_nan_to_null(doc), indent=2, allow_nan=False))
         console.print(f"wrote {args.json}")
     return 0
+
+
+def _check_recorded_arch(checkpoint: Path | None, model: str, overrides: dict[str, object]) -> None:
+    """A checkpoint exported by histofm (``backbone.json`` beside it) names its architecture and constructor
+    arguments: refuse another ``--model`` or ``--set`` with the flags that rebuild it (else a key-mismatch list)."""
+    meta_path = checkpoint.with_suffix(".json") if checkpoint is not None and checkpoint.is_file() else None
+    if meta_path is None or not meta_path.is_file():
+        return
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return  # not ours: the loader judges the weights themselves
+    if not isinstance(meta, dict) or not isinstance(meta.get("arch"), str) or not isinstance(meta.get("overrides"), dict):
+        return
+    # Dropout rates do not change the weights' shapes and are off in evaluation: they need not be repeated.
+    recorded = {k: v for k, v in meta["overrides"].items() if not str(k).endswith(("drop_rate", "drop_path_rate"))}
+    if meta["arch"] == model and all(overrides.get(k) == v for k, v in recorded.items()):
+        return
+    sets = " ".join(f"--set {k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in recorded.items())
+    raise HistofmError(f"{checkpoint} was written for {meta['arch']}{' with ' + sets if sets else ''} "
+                       f"({meta_path.name} beside it); pass --model {meta['arch']}{' ' + sets if sets else ''}.")
 
 
 def _nan_to_null(value: object) -> object:

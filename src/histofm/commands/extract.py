@@ -98,9 +98,10 @@ def run(args: argparse.Namespace) -> int:
     if (args.stain_norm is None) != (args.stain_target is None):
         raise HistofmError("--stain-norm and --stain-target go together: pass both, or neither.")
     if args.stain_target is not None:
-        from histofm.data.stain import read_target
+        from histofm.data.stain import make_stain_transform
 
-        read_target(args.stain_target)  # a missing or unreadable target fails before any work
+        # A missing, unreadable, blank or grey target fails before any work (the fit is cached for the run).
+        make_stain_transform(args.stain_norm, args.stain_target)
     slide_encoder = _slide_encoder(args)  # before any work: an unknown name or missing weights fail here
     model = load_encoder(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
                          random_init=args.random_init)

@@ -170,6 +170,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.labels.is_dir():
         raise HistofmError(f"--labels {args.labels} is a folder; pass the labels CSV file.")
     table = read_labels_csv(args.labels, args.task, args.time_col, args.event_col)
+    _check_features_folder(args.features)
     bags = BagDataset.from_table(args.features, table.slide_ids)
     provenance = common_provenance(bags.paths)
     try:  # fail early on options that only the constructor can judge
@@ -206,6 +207,22 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_features_folder(features: Path | None) -> None:
+    """Refuse the parent of ``features_<model>/`` (or of CLAM's ``h5_files/``), naming the folder to pass."""
+    from histofm.mil.data import FEATURE_EXTENSIONS
+
+    if features is None or not features.is_dir():
+        return  # a file, or a missing folder: the readers say so
+    if any(p.suffix.lower() in FEATURE_EXTENSIONS for p in features.iterdir() if p.is_file()):
+        return
+    inner = sorted(d for d in features.iterdir()
+                   if d.is_dir() and any(p.suffix.lower() in FEATURE_EXTENSIONS for p in d.iterdir() if p.is_file()))
+    if inner:
+        names = ", ".join(d.name for d in inner[:3]) + (" ..." if len(inner) > 3 else "")
+        raise HistofmError(f"--features {features} holds no feature files, only the folder(s) {names}; pass the "
+                           f"folder of one encoder, e.g. --features {inner[0]}.")
+
+
 def _check_outputs(out: Path, run: Path) -> None:
     """``--out`` must be writable and must not be the run folder (its predictions.csv would be replaced)."""
     from histofm.checks import check_out_dir
@@ -219,6 +236,7 @@ def run_predict(args: argparse.Namespace) -> int:
     from histofm.mil.predict import predict_cohort
 
     _check_outputs(args.out, args.run)
+    _check_features_folder(args.features)
     result = predict_cohort(args.run, args.features, args.out, fold=args.fold)
     held = sum("held out" in r["models"] for r in result["rows"])
     note = f" ({held} slide(s) of the training cohort scored by their held-out fold model)" if held else ""

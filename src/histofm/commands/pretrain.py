@@ -206,15 +206,30 @@ def run(args: argparse.Namespace) -> int:
               f"backbone parameters), {len(dataset)} samples from {s['data']}, {cfg.steps} steps of {cfg.batch_size}.")
     if is_main() and cfg.out_dir and hasattr(method, "attach_reconstructions"):
         _attach_reconstructions(method, dataset, transform, Path(cfg.out_dir) / "reconstructions", cfg.steps)
-    history = fit(method, dataset, cfg, transform=transform)
+    history = fit(method, dataset, cfg, transform=transform, run_info=_run_info(s, len(dataset)))
     if is_main() and history:
+        from histofm.train.loop import skipped_steps
+
         out = Path(cfg.out_dir or ".")
         last = [h["loss"] for h in history[-10:] if h["loss"] == h["loss"]]
-        print(f"final loss {sum(last) / max(len(last), 1):.4f} (mean of the last {len(last)} steps)")
+        skipped = skipped_steps(history)
+        note = f"; {skipped} of {len(history)} steps skipped for a non-finite loss or gradient" if skipped else ""
+        print(f"final loss {sum(last) / max(len(last), 1):.4f} (mean of the last {len(last)} steps){note}")
         print(f"backbone: {out / 'backbone.safetensors'} (load: histofm.train.load_backbone({str(out)!r}))")
         print(f"log: {out / 'log.jsonl'}, curve: {out / 'loss_curve.png'}")
     _leave_process_group()
     return 0
+
+
+def _run_info(s: dict[str, Any], n_samples: int) -> dict[str, Any]:
+    """The settings a resume must keep (the engine refuses another value, naming the flag): method,
+    model, image and tile size, and the data, as its resolved path and number of samples (last: the
+    tile size and the microns per pixel change the count, and are the cause to name)."""
+    data = str(s["data"])
+    where = data if data == "bundled" else str(Path(data).resolve())
+    return {"--method": str(s["method"]), "--model": str(s["model"]), "--img-size": int(s["img_size"]),
+            "--tile-size": int(s.get("tile_size") or s["img_size"]), "--target-mpp": float(s["target_mpp"]),
+            "--data": f"{where} ({n_samples} samples)"}
 
 
 def _leave_process_group() -> None:

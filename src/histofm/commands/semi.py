@@ -96,15 +96,18 @@ def build_classifier(model: str, num_classes: int, img_size: int, width: int = 3
 
 
 def run(args: argparse.Namespace) -> int:
-    from histofm.commands._settings import check_semi_args
+    from histofm.commands._settings import check_model_overrides, check_semi_args
     from histofm.learning import build_semi_method
     from histofm.learning.folder import load_labelled_folder, read_label_csv
     from histofm.learning.semi import SemiData, evaluate
+    from histofm.train.loop import skipped_steps
     from histofm.train.semi import fit_semi, semi_config
     from histofm.utils import default_device, seed_everything
 
     check_semi_args(args)  # every flag's declared type and range (histofm.settings), before any file is read
     overrides = parse_set(args.set)
+    if overrides and args.model != SMALL_CNN:
+        overrides = check_model_overrides(args.model, overrides)  # a bad value: one sentence, before any work
     if args.check:
         print(f"histofm semi: settings OK ({args.method}, {args.model}); nothing was run.")
         return 0
@@ -135,13 +138,21 @@ def run(args: argparse.Namespace) -> int:
                           ckpt_every=args.ckpt_every, progress=not args.no_progress)
     start = time.perf_counter()
     record = {**model_record, "classes": list(folder.classes), "img_size": args.img_size, "method": args.method}
-    history = fit_semi(method, data, fit_cfg, mu=args.mu, record=record)  # writes model.safetensors + model.json
+    # What a resume must keep besides --mu (fit_semi checks it): another value is refused, naming the flag.
+    # The label files come before --data, whose image counts they change.
+    run_info = {"--method": args.method, "--model": args.model, "--img-size": args.img_size,
+                "--labels": str(args.labels.resolve()),
+                "--test-labels": str(args.test_labels.resolve()) if args.test_labels is not None else None,
+                "--data": f"{args.data.resolve()} ({len(folder.x_l)} labelled, {len(folder.x_u)} unlabelled images)"}
+    history = fit_semi(method, data, fit_cfg, mu=args.mu, record=record,
+                       run_info=run_info)  # writes model.safetensors + model.json
     seconds = time.perf_counter() - start
     metrics: dict[str, Any] = {
         "method": args.method, "model": args.model, "img_size": args.img_size, "steps": args.steps,
         "batch_size": args.batch_size, "mu": args.mu, "lr": args.lr, "seed": args.seed, "seconds": round(seconds, 2),
         "classes": list(folder.classes), "n_labelled": len(folder.x_l), "n_unlabelled": len(folder.x_u),
-        "final": _tail_mean(history), "labelled": evaluate(method, folder.x_l, folder.y_l, device=device),
+        "final": _tail_mean(history), "skipped_steps": skipped_steps(history),
+        "labelled": evaluate(method, folder.x_l, folder.y_l, device=device),
     }
     if args.test_labels is not None:
         test = load_labelled_folder(args.data, args.test_labels, args.img_size, classes=folder.classes,
@@ -152,8 +163,11 @@ def run(args: argparse.Namespace) -> int:
     _save_json(metrics, out / "metrics.json")
     _save_curves(history, out / "loss.png")
     test_txt = f", test balanced accuracy {metrics['test']['balanced_accuracy']:.3f}" if "test" in metrics else ""
-    print(f"{args.method}: {len(folder.x_l)} labelled + {len(folder.x_u)} unlabelled images, {args.steps} steps "
-          f"in {seconds:.1f} s, final loss {metrics['final'].get('loss', float('nan')):.3f}{test_txt}; wrote {out}")
+    skipped = metrics["skipped_steps"]
+    skip_txt = f" ({skipped} skipped for a non-finite loss or gradient)" if skipped else ""
+    print(f"{args.method}: {len(folder.x_l)} labelled + {len(folder.x_u)} unlabelled images, {args.steps} steps"
+          f"{skip_txt} in {seconds:.1f} s, final loss {metrics['final'].get('loss', float('nan')):.3f}{test_txt}; "
+          f"wrote {out}")
     return 0
 
 

@@ -103,9 +103,16 @@ class HEDJitter(nn.Module):
         self.sigma, self.bias, self.p = sigma, bias, p
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
-        if not isinstance(img, torch.Tensor):
-            raise TypeError("HEDJitter expects a tensor image; put it after ToImage()/ToDtype in the pipeline")
+        if not isinstance(img, torch.Tensor) or img.ndim not in (3, 4) or img.shape[-3] != 3:
+            shape = tuple(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__
+            raise HistofmError(f"HEDJitter takes (3, H, W) or (B, 3, H, W) tensors, got {shape}; put it after "
+                               "ToImage() in the pipeline.")
         is_uint8 = img.dtype == torch.uint8
+        # Checked on CPU only: on a GPU (the batch augmentation) it would stall every step for a sync.
+        if (not is_uint8 and img.device.type == "cpu" and img.numel()
+                and not (float(img.min()) >= -1e-3 and float(img.max()) <= 1 + 1e-3)):
+            raise HistofmError("HEDJitter takes uint8 images or floats in [0, 1]; put it before Normalize, and "
+                               "divide 0-255 floats by 255.")
         x = img.float() / 255 if is_uint8 else img
         batched = x.ndim == 4
         xb = x if batched else x[None]
@@ -146,7 +153,7 @@ def hed_shift(
     """
     from histofm.data.stain_norm import _as_batch
 
-    x, restore = _as_batch(images)  # (B, H, W, 3) in [0, 255]
+    x, restore = _as_batch(images, "A stain shift")  # (B, H, W, 3) in [0, 255]
     n = x.shape[0]
     gen = torch.Generator().manual_seed(seed)
     a = 1 + (torch.rand(n, 3, generator=gen, dtype=torch.float64) * 2 - 1) * jitter_sigma  # (B, 3)
@@ -215,6 +222,24 @@ def stain_shift(name: str | StainShift) -> StainShift:
     if shift is None:
         raise HistofmError(f"Unknown stain shift {name!r}; choose from {', '.join(STAIN_SHIFTS)} (--stain-shift).")
     return shift
+
+
+def parse_stain_shifts(text: str) -> list[str]:
+    """The names of a ``--stain-shift`` value: comma-separated, each once, or ``none`` for none.
+
+    An empty list, ``none`` among other names or an unknown name raises a one-sentence error.
+    """
+    names = list(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))  # each once, in order
+    if [name.lower() for name in names] == ["none"]:
+        return []
+    if not names:
+        raise HistofmError(f"--stain-shift {text!r} names no shift; pass names such as {DEFAULT_SHIFTS[0]}, "
+                           "or 'none' for the clean column only.")
+    if "none" in (name.lower() for name in names):
+        raise HistofmError("--stain-shift 'none' stands alone (the clean column only); drop it, or drop the other names.")
+    for name in names:
+        stain_shift(name)  # an unknown name fails here, naming --stain-shift
+    return names
 
 
 def apply_stain_shift(images: Any, name: str | StainShift) -> Any:  # noqa: ANN401

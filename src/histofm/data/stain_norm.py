@@ -34,6 +34,8 @@ torchstain truncates, so outputs differ by at most about one grey level.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -55,17 +57,22 @@ _RUIFROK_HE = torch.nn.functional.normalize(torch.tensor([[0.65, 0.70, 0.29], [0
 
 
 # ------------------------------------------------------------------ layouts
-def _as_batch(image: Image) -> tuple[torch.Tensor, Callable[[torch.Tensor], Image]]:
+def _as_batch(image: Image, what: str = "Stain normalisation") -> tuple[torch.Tensor, Callable[[torch.Tensor], Image]]:
     """``(B, H, W, 3)`` float32 in ``[0, 255]`` and a function that gives the result back in the input's form."""
     is_numpy = isinstance(image, np.ndarray)
+    normalising = what == "Stain normalisation"  # only normalisers have a channels-first, float wrapper
     if not is_numpy and not isinstance(image, torch.Tensor):
-        raise HistofmError(f"Stain normalisation takes a numpy array or torch tensor, got {type(image).__name__}.")
+        raise HistofmError(f"{what} takes a numpy array or torch tensor, got {type(image).__name__}.")
     if image.dtype not in (np.uint8, torch.uint8):
-        raise HistofmError(f"Stain normalisation takes uint8 RGB images, got dtype {image.dtype}; convert with "
-                           "(x * 255).round().astype('uint8') or use StainNormalize for float tensors.")
+        raise HistofmError(f"{what} takes uint8 RGB images, got dtype {image.dtype}; convert with "
+                           "(x * 255).round().astype('uint8')"
+                           f"{' or use StainNormalize for float tensors' if normalising else ''}.")
     if image.ndim not in (3, 4) or image.shape[-1] != 3:
-        raise HistofmError(f"Stain normalisation takes RGB images (H, W, 3) or (B, H, W, 3), got shape "
-                           f"{tuple(image.shape)}; channels-first tensors go through StainNormalize.")
+        raise HistofmError(f"{what} takes RGB images (H, W, 3) or (B, H, W, 3), got shape {tuple(image.shape)}"
+                           f"{'; channels-first tensors go through StainNormalize' if normalising else ''}.")
+    if 0 in image.shape[-3:-1]:
+        raise HistofmError(f"{what} got an empty image of shape {tuple(image.shape)}; pass images "
+                           "with at least one pixel.")
     single = image.ndim == 3
     t = torch.from_numpy(np.require(image, requirements=["C", "W"])) if is_numpy else image
     x = t.float()
@@ -99,6 +106,34 @@ def _optical_density(x: torch.Tensor, io: float) -> torch.Tensor:
     return -torch.log((x + 1) / io)
 
 
+def _tissue_flags(od: torch.Tensor, beta: float, min_pixels: int) -> tuple[torch.Tensor, ...]:
+    """Tissue pixels and their optical-density spread, shared by the three normalisers.
+
+    Args:
+        od: optical densities ``(B, N, 3)``.
+
+    Returns:
+        ``valid`` ``(B, N)`` (tissue pixels; every pixel of an image without enough tissue, so the
+        maths stays finite for images that will pass through), ``tissue`` ``(B,)`` (at least
+        ``min_pixels`` tissue pixels), ``colours`` ``(B,)`` (the tissue shows more than one colour:
+        the second eigenvalue of the covariance is at least 1e-4 of the first; a grey, black or
+        single-colour image has a rank-one or zero covariance and no stain plane), and the
+        eigen-decomposition ``(values (B, 3) ascending, vectors (B, 3, 3))`` of that covariance.
+    """
+    valid = (od >= beta).all(-1)  # (B, N) torchstain drops pixels with any channel below beta
+    tissue = valid.sum(1) >= min_pixels
+    valid = valid | ~tissue[:, None]
+    n = valid.sum(1).clamp_min(2)
+    w = valid.to(od.dtype)[..., None]
+    mean = (od * w).sum(1) / n[:, None]
+    centred = (od - mean[:, None]) * w
+    cov = centred.transpose(1, 2) @ centred / (n[:, None, None] - 1)  # (B, 3, 3)
+    values, vectors = torch.linalg.eigh(cov)
+    # Real H&E tiles measure 3e-3 or more (16-128 px crops of the bundled fields); grey images 1e-8.
+    colours = values[:, 1] >= 1e-4 * values[:, 2].clamp_min(1e-12)
+    return valid, tissue, tissue & colours, (values, vectors)
+
+
 def _least_squares(od: torch.Tensor, he: torch.Tensor) -> torch.Tensor:
     """Concentrations ``(B, N, 2)`` minimising ``|od - C he^T|`` for stain vectors ``he`` ``(B, 3, 2)``."""
     # A tiny ridge keeps degenerate (tissue-free) images finite; they pass through unchanged later.
@@ -119,9 +154,13 @@ class _StainNormalizer:
         """Estimate the target's statistics (a batch of targets is pooled into one estimate)."""
         x, _ = _as_batch(target)
         stats = self._stats(x.reshape(1, -1, 3))
-        if not bool(stats.pop("ok", torch.ones(1, dtype=torch.bool))[0]):
+        ok, tissue = stats.pop("ok"), stats.pop("tissue")
+        if not bool(tissue[0]):
             raise HistofmError(f"The {self.name} target has too little stained tissue to estimate its stains; "
                                "choose a --stain-target with tissue.")
+        if not bool(ok[0]):
+            raise HistofmError(f"The {self.name} target's tissue shows a single colour (a grey, black or one-stain "
+                               "image), so it has no stain to match; choose an H&E --stain-target with both stains.")
         self.target = {k: v[0] for k, v in stats.items()}
         return self
 
@@ -134,14 +173,18 @@ class _StainNormalizer:
         """
         x, restore = _as_batch(image)
         b, h, w, _ = x.shape
+        if b == 0:  # an empty batch: nothing to estimate
+            return restore(x)
         flat = x.reshape(b, h * w, 3)
         stats = self._stats(flat if per_image else flat.reshape(1, -1, 3))
+        stats.pop("tissue")
         if not per_image:
             stats = {k: v.expand(b, *v.shape[1:]) for k, v in stats.items()}
         target = {k: v.to(x.device) for k, v in self._target().items()}
         out = self._apply(flat, stats, target)  # (B, N, 3)
-        ok = torch.isfinite(out).all(-1).all(-1) & stats.get("ok", torch.ones(b, dtype=torch.bool, device=x.device))
-        out = torch.where(ok[:, None, None], out, flat)  # images without enough tissue pass through unchanged
+        ok = torch.isfinite(out).all(-1).all(-1) & stats["ok"]
+        # Images without enough tissue, or whose tissue shows one colour only, pass through unchanged.
+        out = torch.where(ok[:, None, None], out, flat)
         return restore(out.reshape(b, h, w, 3))
 
     def __call__(self, image: Image) -> Image:
@@ -179,18 +222,15 @@ class MacenkoNormalizer(_StainNormalizer):
         self.target = {"he": MACENKO_HE_REF.clone(), "max_c": MACENKO_MAXC_REF.clone()}
 
     def stain_vectors(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stain vectors ``(B, 3, 2)`` (columns H, E) and a ``(B,)`` flag of images with enough tissue."""
+        """Stain vectors ``(B, 3, 2)`` (columns H, E) and a ``(B,)`` flag of images whose stains can be estimated
+        (enough tissue, more than one colour)."""
+        he, ok, _ = self._stain_vectors(flat)
+        return he, ok
+
+    def _stain_vectors(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         od = _optical_density(flat, self.io)  # (B, N, 3)
-        valid = (od >= self.beta).all(-1)  # (B, N) torchstain drops pixels with any channel below beta
-        n = valid.sum(1)
-        ok = n >= self.min_pixels
-        valid = valid | ~ok[:, None]  # keep the maths finite for images that will pass through
-        n = valid.sum(1).clamp_min(2)
-        w = valid.to(od.dtype)[..., None]
-        mean = (od * w).sum(1) / n[:, None]
-        centred = (od - mean[:, None]) * w
-        cov = centred.transpose(1, 2) @ centred / (n[:, None, None] - 1)  # (B, 3, 3)
-        eigvecs = torch.linalg.eigh(cov)[1][..., 1:]  # (B, 3, 2) ascending eigenvalues: 2nd and 1st component
+        valid, tissue, ok, (_, vectors) = _tissue_flags(od, self.beta, self.min_pixels)
+        eigvecs = vectors[..., 1:]  # (B, 3, 2) ascending eigenvalues: 2nd and 1st component
         t = od @ eigvecs  # (B, N, 2)
         phi = torch.atan2(t[..., 1], t[..., 0])
         lo = _percentile(phi, self.alpha, valid)
@@ -201,13 +241,13 @@ class MacenkoNormalizer(_StainNormalizer):
         first = (v_lo[:, :1] > v_hi[:, :1])
         h = torch.where(first, v_lo, v_hi)
         e = torch.where(first, v_hi, v_lo)
-        return torch.stack([h, e], -1), ok
+        return torch.stack([h, e], -1), ok, tissue
 
     def _stats(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        he, ok = self.stain_vectors(flat)
+        he, ok, tissue = self._stain_vectors(flat)
         c = _least_squares(_optical_density(flat, self.io), he)  # (B, N, 2)
         max_c = torch.stack([_percentile(c[..., 0], 99), _percentile(c[..., 1], 99)], -1)  # (B, 2)
-        return {"he": he, "max_c": max_c, "ok": ok}
+        return {"he": he, "max_c": max_c, "ok": ok, "tissue": tissue}
 
     def _apply(self, flat: torch.Tensor, stats: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> torch.Tensor:
         c = _least_squares(_optical_density(flat, self.io), stats["he"])  # (B, N, 2)
@@ -241,13 +281,24 @@ def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
 
 
 class ReinhardNormalizer(_StainNormalizer):
-    """Reinhard et al. 2001: per-channel Lab mean and standard deviation transfer (all pixels count)."""
+    """Reinhard et al. 2001: per-channel Lab mean and standard deviation transfer (all pixels count).
+
+    Args:
+        io, beta, min_pixels: as for Macenko, only to decide which images pass through unchanged
+            (fewer than ``min_pixels`` tissue pixels, or one colour only) and which targets to refuse.
+    """
 
     name = "reinhard"
 
+    def __init__(self, io: float = 240.0, beta: float = 0.15, min_pixels: int = 16) -> None:
+        super().__init__()
+        self.io, self.beta, self.min_pixels = io, beta, min_pixels
+
     def _stats(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        _, tissue, ok, _ = _tissue_flags(_optical_density(flat, self.io), self.beta, self.min_pixels)
         lab = rgb_to_lab(flat / 255)  # (B, N, 3)
-        return {"mean": lab.mean(1), "std": lab.std(1).clamp_min(1e-6)}
+        std = lab.std(1) if flat.shape[1] > 1 else torch.zeros_like(lab[:, 0])
+        return {"mean": lab.mean(1), "std": std.clamp_min(1e-6), "ok": ok, "tissue": tissue}
 
     def _apply(self, flat: torch.Tensor, stats: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> torch.Tensor:
         lab = rgb_to_lab(flat / 255)
@@ -303,9 +354,13 @@ class VahadaneNormalizer(_StainNormalizer):
 
     def stain_matrix(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stain matrix ``(B, 2, 3)`` (unit rows H, E; non-negative) and a ``(B,)`` flag of images with tissue."""
+        w, ok, _ = self._stain_matrix(flat)
+        return w, ok
+
+    def _stain_matrix(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         od = _optical_density(flat, self.io).clamp_min(0)  # (B, N, 3)
         valid = (od >= self.beta).all(-1)
-        ok = valid.sum(1) >= self.min_pixels
+        _, tissue, ok, _ = _tissue_flags(od, self.beta, self.min_pixels)
         b, n, _ = od.shape
         if n > self.max_pixels:  # a fixed random subset of pixels, the same for every call
             gen = torch.Generator().manual_seed(0)
@@ -327,13 +382,13 @@ class VahadaneNormalizer(_StainNormalizer):
         w = torch.nn.functional.normalize(w, dim=2, eps=1e-9)
         swap = w[:, 0, 0] < w[:, 1, 0]  # haematoxylin first: larger red optical density
         w = torch.where(swap[:, None, None], w.flip(1), w)
-        return w, ok
+        return w, ok, tissue
 
     def _stats(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        w, ok = self.stain_matrix(flat)
+        w, ok, tissue = self._stain_matrix(flat)
         c = _nonneg_lasso_2(_optical_density(flat, self.io).clamp_min(0), w, self.lam_conc)
         max_c = torch.stack([_percentile(c[..., 0], 99), _percentile(c[..., 1], 99)], -1).clamp_min(1e-6)
-        return {"he": w.transpose(1, 2), "max_c": max_c, "ok": ok}
+        return {"he": w.transpose(1, 2), "max_c": max_c, "ok": ok, "tissue": tissue}
 
     def _apply(self, flat: torch.Tensor, stats: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> torch.Tensor:
         od = _optical_density(flat, self.io).clamp_min(0)
@@ -350,9 +405,14 @@ NORMALIZERS: dict[str, type[_StainNormalizer]] = {
 
 def normalizer(name: str, **kwargs: Any) -> _StainNormalizer:  # noqa: ANN401
     """A stain normaliser by name (``macenko``, ``reinhard``, ``vahadane``); then ``.fit(target)``."""
-    cls = NORMALIZERS.get(name.lower())
+    cls = NORMALIZERS.get(name.lower()) if isinstance(name, str) else None
     if cls is None:
         raise HistofmError(f"Unknown stain normaliser {name!r}; choose one of {', '.join(NORMALIZERS)} (--stain-norm).")
+    allowed = [k for k in inspect.signature(cls.__init__).parameters if k != "self"]
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise HistofmError(f"The {cls.name} normaliser has no setting {', '.join(unknown)}; it takes "
+                           f"{', '.join(allowed)}.")
     return cls(**kwargs)
 
 
@@ -373,6 +433,13 @@ class StainNormalize(nn.Module):
             raise HistofmError(f"StainNormalize takes (3, H, W) or (B, 3, H, W) tensors, got {shape}; "
                                "put it after ToImage() in the pipeline.")
         is_uint8 = img.dtype == torch.uint8
+        if not is_uint8 and not img.is_floating_point():
+            raise HistofmError(f"StainNormalize takes uint8 or float images, got dtype {img.dtype}.")
+        if not is_uint8 and img.numel():
+            lo, hi = float(img.min()), float(img.max())
+            if not (lo >= -1e-3 and hi <= 1 + 1e-3):  # NaN fails too
+                raise HistofmError(f"StainNormalize takes float images in [0, 1], got values from {lo:.3g} to {hi:.3g}; "
+                                   "put it before Normalize, and divide 0-255 floats by 255 (or pass uint8).")
         x = img if is_uint8 else (img * 255).round().clamp(0, 255).to(torch.uint8)
         out = self.norm.transform(x.movedim(-3, -1), per_image=self.per_image).movedim(-1, -3)
         return out if is_uint8 else (out.to(img.dtype) / 255)
@@ -381,16 +448,25 @@ class StainNormalize(nn.Module):
         return f"{self.norm.name}, per_image={self.per_image}"
 
 
-def read_target(path: str | Path) -> np.ndarray:
-    """An RGB uint8 target image ``(H, W, 3)`` from an image file, a slide (its smallest level
-    under 4,096 px) or a bundled sample name (``cmu_small_region``, ``hgsc_stroma``)."""
-    from PIL import Image as PILImage
-
+def _target_file(path: str | Path) -> Path:
+    """The file of a stain target: a path, or a bundled sample name; refuses folders and missing files."""
     from histofm.data import SAMPLES, sample_path
 
     p = sample_path(str(path)) if str(path) in SAMPLES else Path(path)
+    if p.is_dir():
+        raise HistofmError(f"The stain target {p} is a folder; pass one image file to --stain-target.")
     if not p.is_file():
         raise HistofmError(f"Stain target image not found: {p}; pass an existing file to --stain-target.")
+    return p
+
+
+def read_target(path: str | Path) -> np.ndarray:
+    """An RGB uint8 target image ``(H, W, 3)`` from an image file (every k-th pixel of a side over
+    4,096 px), a slide (its smallest level under 4,096 px) or a bundled sample name
+    (``cmu_small_region``, ``hgsc_stroma``)."""
+    from PIL import Image as PILImage
+
+    p = _target_file(path)
     if p.suffix.lower() in (".svs", ".ndpi", ".mrxs", ".scn", ".tif", ".tiff", ".dcm"):
         from histofm.wsi import open_slide
 
@@ -400,12 +476,26 @@ def read_target(path: str | Path) -> np.ndarray:
             return np.asarray(slide.read_region((0, 0), level, dims[level]).convert("RGB"))
     try:
         with PILImage.open(p) as im:
-            return np.asarray(im.convert("RGB"))
-    except OSError as exc:
+            rgb = np.asarray(im.convert("RGB"))
+    except (OSError, PILImage.DecompressionBombError) as exc:
         raise HistofmError(f"Cannot read the stain target {p} as an image ({exc}); pass a PNG, JPEG or TIFF to --stain-target.") from None
+    step = -(-max(rgb.shape[:2]) // 4096)  # like a slide's level under 4,096 px, but real pixels (no resampling)
+    return np.ascontiguousarray(rgb[::step, ::step]) if step > 1 else rgb
+
+
+@functools.lru_cache(maxsize=8)
+def _fitted_target(name: str, path: str, stamp: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """The fitted target statistics of file ``path`` (cached per name, file, size and modification time:
+    a command that checks its target before any work and then uses it fits a large slide once)."""
+    return normalizer(name).fit(read_target(path))._target()
 
 
 def make_stain_transform(name: str, target_path: str | Path, per_image: bool = True) -> StainNormalize:
     """The callable ``histofm extract --stain-norm NAME --stain-target IMAGE`` applies to its uint8
     tile batches ``(B, 3, H, W)`` before the encoder's mean/std normalisation (device follows the batch)."""
-    return StainNormalize(normalizer(name).fit(read_target(target_path)), per_image=per_image)
+    norm = normalizer(name)  # an unknown name fails before the target is read
+    p = _target_file(target_path).resolve()
+    stat = p.stat()
+    target = _fitted_target(norm.name, str(p), (stat.st_size, stat.st_mtime_ns))
+    norm.target = {k: v.clone() for k, v in target.items()}
+    return StainNormalize(norm, per_image=per_image)

@@ -112,6 +112,7 @@ def fit(
     collate: Callable[[list[Any]], Any] | None = None,
     evaluate: Callable[[], dict[str, float]] | None = None,
     label: str = "pretrain",
+    run_info: dict[str, Any] | None = None,
 ) -> History:
     """Train ``method`` for ``cfg.steps`` optimiser steps and return the per-step history.
 
@@ -134,6 +135,9 @@ def fit(
             after the last one, in eval mode, without gradients, the training RNG untouched; under
             ``torchrun`` rank 0's metrics count.
         label: the progress bar's label.
+        run_info: what else must not change when the run resumes (plain values keyed by how the
+            user sets them, e.g. ``{"--data": "/data/tiles (1200 samples)"}``): stored in the
+            checkpoint; a resume with another value is refused naming the key and both values.
 
     Returns:
         One dict per step: ``step`` (0-based), ``loss``, every other scalar the method returned,
@@ -183,6 +187,7 @@ def fit(
     state = None
     if cfg.resume and ckpt_path is not None and ckpt_path.is_file():
         state = load_training_state(ckpt_path)
+        _check_resume_run(state, run_info or {}, type(method).__name__, out_dir)
         _check_resume_config(state.get("config", {}), cfg)
         _load_states(method, optimizer, state, fsdp)
         if state.get("scaler"):
@@ -278,6 +283,8 @@ def fit(
                     "best": best.state_dict() if best.metric is not None else None,
                     "world_size": world,
                     "config": cfg.to_dict(),
+                    "objective": type(method).__name__,
+                    "run": dict(run_info or {}),
                     "history": history,
                 },
             )
@@ -395,7 +402,8 @@ def fit(
         save(end_step)  # the last weights (the best ones travel beside them)
     if best.weights is not None:
         _load_weights(method, best.weights, fsdp)
-    extra: dict[str, Any] = {"steps": end_step, "finished": end_step >= cfg.steps or best.stopped}
+    extra: dict[str, Any] = {"steps": end_step, "finished": end_step >= cfg.steps or best.stopped,
+                             "skipped_steps": skipped_steps(history)}
     if best.metric is not None:
         extra.update({"best_metric": best.metric, "best_value": best.value, "best_step": best.step,
                       "stopped_early": best.stopped})
@@ -496,6 +504,32 @@ def _export(method: Objective, out_dir: Path | None, main: bool, fsdp: bool, ext
             raise HistofmError(f"The {name}'s weight {bad} is not finite after training; nothing was exported "
                                "(lower the learning rate or use fp32).")
         export_backbone(module, out_dir, {**method.export_info(), **extra}, state_dict=tensors, name=name)
+
+
+def skipped_steps(history: list[dict[str, Any]]) -> int:
+    """How many steps of a run (resumed ones included) were skipped for a non-finite loss or gradient."""
+    return sum(bool(h.get("skipped", False)) for h in history)
+
+
+def _check_resume_run(state: dict[str, Any], run_info: dict[str, Any], objective: str, out_dir: Path | None) -> None:
+    """Refuse to resume a checkpoint made by another objective or with other ``run_info`` values."""
+    saved = state.get("run") or {}
+    for key, value in run_info.items():
+        if key in saved and saved[key] != value:
+            raise HistofmError(
+                f"Cannot resume: the checkpoint in {out_dir} was made with {key} {_shown(saved[key])} but this run "
+                f"has {key} {_shown(value)}; use the same {key} or another output folder."
+            )
+    made_by = state.get("objective")
+    if made_by is not None and made_by != objective:
+        raise HistofmError(
+            f"Cannot resume: the checkpoint in {out_dir} was made by {made_by} but this run trains {objective}; "
+            "resume with the original method or choose another output folder."
+        )
+
+
+def _shown(value: Any) -> str:  # noqa: ANN401
+    return "(not set)" if value is None else str(value)
 
 
 def _check_resume_config(saved: dict[str, Any], cfg: TrainConfig) -> None:

@@ -65,6 +65,7 @@ def fit_semi(
     mu: int = 4,
     recalibrate_bn: bool = True,
     record: dict[str, Any] | None = None,
+    run_info: dict[str, Any] | None = None,
 ) -> History:
     """Train ``method`` on ``data`` through the engine; returns the engine's per-step history.
 
@@ -81,6 +82,8 @@ def fit_semi(
             weights; evaluated as they are, they made models predict mostly one class).
         record: extra entries of ``model.json`` (how to rebuild the classifier: the CLI's model
             name, classes, image size).
+        run_info: settings a resume must keep, keyed by flag (the engine's ``run_info``: another
+            value is refused naming the flag), e.g. the image size and the held-out label file.
 
     Raises:
         HistofmError: the loss stayed non-finite (the engine's guard) or a deployed weight is not
@@ -90,7 +93,7 @@ def fit_semi(
     steps = SemiSteps(data, mu)  # checks mu
     if cfg.out_dir is not None:
         _keep_mu(Path(cfg.out_dir), mu, cfg.resume)
-    history = fit(method, steps, cfg, label="semi")
+    history = fit(method, steps, cfg, label="semi", run_info=run_info)
     device = resolve_device(cfg.device)
     if recalibrate_bn:
         recalibrate_batchnorm(method.deployed(), torch.cat([data.x_l, data.x_u]), device)
