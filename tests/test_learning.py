@@ -3,7 +3,7 @@
 Task (``tests/ssl_check.py``): nucleus type (connective, inflammatory, neoplastic) of the 1,294
 real nuclei of the bundled HGSC field, split by region; each method pretrains a tiny ViT on the
 training nuclei's crops without labels, with its recipe in ``ssl_check.LEARNING`` (HED stain
-jitter in the views of the contrastive and multi-crop methods). The score is the balanced
+jitter in the views of SimCLR, MoCo v3 and the multi-crop methods). The score is the balanced
 accuracy of a weighted kNN on the held-out nuclei, *clean* (as they are) and *shifted* (under the
 four stain shifts of ``histofm.data.stain.DEFAULT_SHIFTS``, pooled; the memory bank is always the
 clean training nuclei). The gain is the score after pretraining minus that of the same network
@@ -15,8 +15,8 @@ is above zero, the test asserts ``gain > mean - 2 std`` on seed 0. Three of the 
 scale, bias, random) are in the family of the training jitter; Macenko re-staining to another
 lab's slide is not (docs/results.md gives every shift on its own). Where neither bound is above
 zero, the method shows no reliable kNN gain at this scale, and the test asserts only what the
-method does show on every seed measured: its loss falls, and, where noted, RankMe (the effective
-rank of the embeddings) rises. It never asserts a gain that the measurements do not support.
+method does show on every seed measured: its loss falls (iBOT: the masked-patch part of it), and,
+where noted, RankMe (the effective rank of the embeddings) rises. It never asserts a gain that the measurements do not support.
 """
 
 from __future__ import annotations
