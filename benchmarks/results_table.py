@@ -17,14 +17,17 @@ Stain: *clean* scores the test nuclei as they are; *shifted* scores the same tes
 stain shifted by each of ``histofm.data.stain.DEFAULT_SHIFTS`` (HED scale, HED bias, per-crop HED
 jitter at a fixed seed, Macenko re-staining to the bundled CMU-1 skin slide: another lab and
 scanner), the four shifted copies pooled into one test set (its bootstrap resamples the pooled
-crops, so its interval is a little narrower than four independent test sets would give).
+crops, so its interval is a little narrower than four independent test sets would give); a second
+table gives every shift on its own (each protocol fitted once and scoring the four copies).
 Features are always fitted on the original stain: the kNN memory bank, the probe and the few-shot
 prototypes see only unshifted training nuclei. Where that API is not installed the shifted
 columns are left out.
 
 Intervals: kNN and linear, 95 % bootstrap over test nuclei; 10-shot, 2.5-97.5 percentiles over
 episodes. Runtime: seconds of pretraining (one thread). Writes ``results.json`` and
-``results.md`` to ``--out``.
+``results.md`` to ``--out``; a backbone already in ``--out/backbones`` (kept by an earlier run, or by
+``benchmarks/learning_bounds.py --backbones``, which trains the same recipes at the same seeds) is
+reloaded instead of pretrained again.
 """
 
 from __future__ import annotations
@@ -45,31 +48,34 @@ sys.path.insert(0, str(ROOT / "tests"))  # the recipes live beside the tests tha
 
 import ssl_check  # noqa: E402
 from histofm.eval.metrics import MetricSummary  # noqa: E402
-from histofm.eval.nuclei import colour_histogram, evaluate_features  # noqa: E402
+from histofm.eval.nuclei import colour_histogram, evaluate_features, evaluate_features_shifted  # noqa: E402
 
 PROTOCOLS = ("knn", "linear", "10-shot")
 
 
-def pooled_shifted_crops(crops: np.ndarray) -> tuple[np.ndarray, list[str]] | None:
-    """The test crops under every default stain shift, pooled ``(S * m, h, w, 3)``, and the shift names."""
+def shifted_crops(crops: np.ndarray) -> dict[str, np.ndarray] | None:
+    """The test crops under every default stain shift, ``{name: (m, h, w, 3) uint8}`` (None without the API)."""
     try:
         from histofm.data.stain import DEFAULT_SHIFTS
         from histofm.eval.nuclei import shifted_test_crops
     except ImportError:  # a histofm without the stain-shift API
         return None
     shifts = shifted_test_crops(crops, DEFAULT_SHIFTS)  # {"clean": crops, name: (m, h, w, 3) uint8}
-    names = [n for n in shifts if n != "clean"]
-    return np.concatenate([shifts[n] for n in names]), names
+    return {n: shifts[n] for n in DEFAULT_SHIFTS}
 
 
-def score(embed, crops: np.ndarray, labels: np.ndarray, train: np.ndarray, shifted: np.ndarray | None) -> dict:
-    """``{stain: {protocol: MetricSummary of balanced accuracy}}`` of one feature extractor."""
+def score(embed, crops: np.ndarray, labels: np.ndarray, train: np.ndarray, shifted: dict | None) -> dict:
+    """``{stain: {protocol: MetricSummary of balanced accuracy}}`` of one feature extractor.
+
+    Stains: ``clean``, ``shifted`` (every shifted copy pooled into one test set) and each shift's name.
+    """
     x = embed(crops)
-    out = {"clean": evaluate_features(x[train], labels[train], x[~train], labels[~train])}
-    if shifted is not None:
-        xs = embed(shifted)
-        ys = np.tile(labels[~train], len(xs) // int((~train).sum()))
-        out["shifted"] = evaluate_features(x[train], labels[train], xs, ys)
+    xtr, ytr, yte = x[train], labels[train], labels[~train]
+    out = {"clean": evaluate_features(xtr, ytr, x[~train], yte)}
+    if shifted:
+        xs = {name: embed(c) for name, c in shifted.items()}
+        out["shifted"] = evaluate_features(xtr, ytr, np.concatenate(list(xs.values())), np.tile(yte, len(xs)))
+        out.update(evaluate_features_shifted(xtr, ytr, xs, yte))  # every protocol fitted once, each shift scored
     return {stain: {p: r[p]["balanced_accuracy"] for p in PROTOCOLS} for stain, r in out.items()}
 
 
@@ -86,6 +92,16 @@ def markdown(rows: list[dict], stains: list[str]) -> str:
     return "\n".join(lines)
 
 
+def markdown_per_shift(rows: list[dict], shifts: list[str]) -> str:
+    """One cell per shift: ``kNN / linear / 10-shot`` balanced accuracy (means; intervals in results.json)."""
+    lines = ["| features | " + " | ".join(f"{s}: kNN / linear / 10-shot" for s in shifts) + " |",
+             "|" + "---|" * (1 + len(shifts))]
+    for r in rows:
+        cells = [" / ".join(f"{r['scores'][s][p].mean:.3f}" for p in PROTOCOLS) for s in shifts]
+        lines.append(f"| {r['features']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
@@ -95,11 +111,29 @@ def _write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def save_backbone(backbone: torch.nn.Module, seconds: float, saved: Path) -> None:
+    """Keep a pretrained backbone (safetensors) and its pretraining seconds (JSON beside it), atomically."""
+    from safetensors.torch import save_file
+
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=saved.parent, suffix=".tmp")
+    os.close(fd)
+    save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, tmp)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, saved)
+    _write(saved.with_suffix(".json"), json.dumps({"seconds": seconds}))
+
+
+def backbone_path(out: Path, method: str, seed: int) -> Path:
+    """Where ``--out`` keeps a method's pretrained backbone (``learning_bounds.py --backbones`` writes the same)."""
+    return out / "backbones" / f"{method}_seed{seed}.safetensors"
+
+
 def pretrained(method: str, seed: int, out: Path | None) -> tuple[torch.nn.Module, float]:
     """Pretrain ``method`` (or reload the backbone an earlier run saved under ``out``); returns it and the seconds."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
-    saved = out / "backbones" / f"{method}_seed{seed}.safetensors" if out else None
+    saved = backbone_path(out, method, seed) if out else None
     if saved is not None and saved.is_file():
         model, _ = ssl_check.build_nuclei_method(method, seed)
         model.backbone.load_state_dict(load_file(saved))
@@ -108,13 +142,7 @@ def pretrained(method: str, seed: int, out: Path | None) -> tuple[torch.nn.Modul
     model = ssl_check.learn_nuclei(method, seed)["model"]
     seconds = time.perf_counter() - t0
     if saved is not None:
-        saved.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=saved.parent, suffix=".tmp")
-        os.close(fd)
-        save_file({k: v.contiguous() for k, v in model.backbone.state_dict().items()}, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, saved)
-        _write(saved.with_suffix(".json"), json.dumps({"seconds": seconds}))
+        save_backbone(model.backbone, seconds, saved)
     return model.backbone, seconds
 
 
@@ -128,9 +156,9 @@ def main(argv: list[str] | None = None) -> None:
 
     task = ssl_check.nucleus_task()
     crops, labels, train = task.crops, task.labels, task.train
-    pooled = pooled_shifted_crops(crops[~train])
-    shifted, shift_names = pooled if pooled is not None else (None, [])
-    stains = ["clean", "shifted"] if shifted is not None else ["clean"]
+    shifted = shifted_crops(crops[~train])
+    shift_names = list(shifted or {})
+    stains = ["clean", "shifted"] if shifted else ["clean"]
     print(f"{len(crops)} nuclei ({int(train.sum())} training); shifts: {', '.join(shift_names) or 'none (no API)'}")
 
     def backbone_embed(backbone: torch.nn.Module):
@@ -150,13 +178,14 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{method}: " + ", ".join(f"{p} {s} {_cell(rows[-1]['scores'][s][p])}" for s in stains for p in PROTOCOLS),
               flush=True)
     table = markdown(rows, stains)
+    if shift_names:
+        table += "\n\nPer shift (kNN / linear / 10-shot):\n\n" + markdown_per_shift(rows, shift_names)
     print("\n" + table)
     if args.out:
         out = Path(args.out)
         _write(out / "results.md", table + "\n")
         js = [{**r, "scores": {s: {p: vars(m) for p, m in d.items()} for s, d in r["scores"].items()}} for r in rows]
         _write(out / "results.json", json.dumps({"seed": args.seed, "shifts": shift_names, "rows": js}, indent=1))
-
 
 if __name__ == "__main__":
     main()

@@ -59,6 +59,8 @@ class MAEConfig:
         norm_pix_loss: predict per-patch normalised pixels (paper's best setting).
         crop_scale: area range of the random resized crop (paper: 0.2 to 1).
         vertical_flip: also flip vertically (histology has no "up").
+        hed_p, hed_sigma, hed_bias: HED stain jitter of the input (off by default, as in the paper); the
+            target is the jittered image, so it teaches no invariance, only a wider range of stains.
     """
 
     mask_ratio: float = setting(0.75, range="[0, 1)")
@@ -69,6 +71,9 @@ class MAEConfig:
     norm_pix_loss: bool = True
     crop_scale: tuple[float, float] = setting((0.2, 1.0), range="(0, 1]", ordered=True)
     vertical_flip: bool = True
+    hed_p: float = setting(0.0, range="[0, 1]")
+    hed_sigma: float = setting(0.05, range=">= 0")
+    hed_bias: float = setting(0.01, range=">= 0")
 
     def __post_init__(self) -> None:
         check_config(self)
@@ -175,4 +180,5 @@ def build(
     backbone = make_backbone(arch, img_size, backbone_kw)
     info = model_info(arch)
     method = MAE(backbone, cfg, mean=info.mean, std=info.std)
-    return method, pretrain_transform(img_size, info.mean, info.std, cfg.crop_scale, cfg.vertical_flip)
+    return method, pretrain_transform(img_size, info.mean, info.std, cfg.crop_scale, cfg.vertical_flip,
+                                      (cfg.hed_p, cfg.hed_sigma, cfg.hed_bias))

@@ -65,6 +65,7 @@ class MIMConfig:
             the minimum is capped at half the masked count on small grids.
         vocab_size, token_pool, tokenizer_iters: the k-means tokenizer (``target="tokens"``).
         crop_scale, vertical_flip: the view transform (random resized crop and flips).
+        hed_p, hed_sigma, hed_bias: HED stain jitter of the view (off by default, as in the papers).
     """
 
     target: Literal["pixels", "tokens"] = "pixels"
@@ -78,6 +79,9 @@ class MIMConfig:
     tokenizer_iters: int = setting(20, range=">= 1")
     crop_scale: tuple[float, float] = setting((0.67, 1.0), range="(0, 1]", ordered=True)
     vertical_flip: bool = True
+    hed_p: float = setting(0.0, range="[0, 1]")
+    hed_sigma: float = setting(0.05, range=">= 0")
+    hed_bias: float = setting(0.01, range=">= 0")
 
     def __post_init__(self) -> None:
         check_config(self)  # types, choices and ranges declared above
@@ -302,4 +306,5 @@ def build(
         )
     info = model_info(arch)
     method = MIM(backbone, cfg, mean=info.mean, std=info.std)
-    return method, pretrain_transform(img_size, info.mean, info.std, cfg.crop_scale, cfg.vertical_flip)
+    return method, pretrain_transform(img_size, info.mean, info.std, cfg.crop_scale, cfg.vertical_flip,
+                                      (cfg.hed_p, cfg.hed_sigma, cfg.hed_bias))

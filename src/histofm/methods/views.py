@@ -82,10 +82,16 @@ def make_views(batch: Any, augmenters: list[BatchAugment | None]) -> list[torch.
 # ------------------------------------------------------------------- one view: masked-image methods
 def pretrain_transform(
     img_size: int, mean: Sequence[float], std: Sequence[float], crop_scale: tuple[float, float] = (0.2, 1.0),
-    vertical_flip: bool = True,
+    vertical_flip: bool = True, hed: tuple[float, float, float] = (0.0, 0.05, 0.01),
 ) -> Callable[[Any], torch.Tensor]:
-    """MAE's augmentation: random resized crop, flips, to tensor, normalise (no colour jitter)."""
+    """MAE's augmentation: random resized crop, flips, to tensor, normalise (no colour jitter).
+
+    ``hed`` = ``(p, sigma, bias)`` adds HED stain jitter (:class:`~histofm.data.stain.HEDJitter`) with
+    probability ``p`` (off by default, as in the papers); the reconstruction target is the jittered image.
+    """
     from torchvision import transforms as T
+
+    from histofm.data.stain import HEDJitter
 
     ops: list[Any] = [
         T.RandomResizedCrop(img_size, scale=crop_scale, interpolation=T.InterpolationMode.BICUBIC),
@@ -93,7 +99,10 @@ def pretrain_transform(
     ]
     if vertical_flip:
         ops.append(T.RandomVerticalFlip())
-    ops += [T.ToTensor(), T.Normalize(mean, std)]
+    ops.append(T.ToTensor())
+    if hed[0] > 0:
+        ops.append(HEDJitter(hed[1], hed[2], p=hed[0]))
+    ops.append(T.Normalize(mean, std))
     return T.Compose(ops)
 
 
