@@ -106,7 +106,14 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     path = Path(args.out) / "learning_bounds.json" if args.out else None
-    done: dict[str, list[dict]] = json.loads(path.read_text()) if path and path.is_file() else {}
+    if args.summary_only and not (path and path.is_file()):
+        sys.exit(f"learning_bounds: --summary-only reads {path or '--out/learning_bounds.json'}, which does not "
+                 "exist; run without --summary-only first, or pass the --out of an earlier run.")
+    try:
+        done: dict[str, list[dict]] = json.loads(path.read_text()) if path and path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        sys.exit(f"learning_bounds: {path} is not a learning_bounds.json this script wrote ({e}); move it away "
+                 "and rerun.")
     for method in args.methods:
         # runs saved before the shifted score existed are measured again
         runs = [r for r in done.get(method, []) if r["seed"] in args.seeds and "shifted_gain" in r]
@@ -123,6 +130,9 @@ def main(argv: list[str] | None = None) -> None:
                 _write_json(path, done)
     summaries = {m: summarise_runs(rs) for m in args.methods
                  if (rs := [r for r in done.get(m, []) if r["seed"] in args.seeds and "shifted_gain" in r])}
+    if not summaries:
+        sys.exit(f"learning_bounds: no saved run of {', '.join(args.methods)} with seeds "
+                 f"{' '.join(map(str, args.seeds))} in {path}; change --methods/--seeds or run without --summary-only.")
     print(table(summaries))
 
 
@@ -147,6 +157,7 @@ def table(summaries: dict[str, dict]) -> str:
         lines.append(f"| {m} | {s['loss_first']:.2f} -> {s['loss_last']:.2f} | {s['rankme_first']:.1f} -> "
                      f"{s['rankme_last']:.1f} | {s['seconds']:.0f} |")
     return "\n" + "\n".join(lines)
+
 
 if __name__ == "__main__":
     main()
