@@ -75,6 +75,9 @@ class DemoConfig:
     # in docs/evaluation.md): HED scale +-0.5 and bias +-0.05, and a stronger colour jitter.
     augment: dict[str, Any] = field(default_factory=lambda: {
         "hed_p": 0.8, "hed_sigma": 0.5, "hed_bias": 0.05, "jitter": (0.3, 0.3, 0.2, 0.04)})
+    # Stain-vector jitter (histofm.data.stain_vectors): per view, tilt the H and E colours by ``sigma``
+    # with probability ``p``, after the preset's pipeline; sigma 0 turns it off.
+    stain_vectors: tuple[float, float] = (0.0, 0.0)
     stain_shifts: tuple[str, ...] = DEFAULT_SHIFTS
     seed: int = 0
 
@@ -109,6 +112,25 @@ def pretraining_tiles(cfg: DemoConfig) -> torch.utils.data.Dataset:
     return ConcatDataset(parts)
 
 
+class StainVectorViews:
+    """Multi-crop views with :class:`histofm.data.stain_vectors.StainVectorJitter` on each view, independently.
+
+    The wrapped transform returns normalised crops; each is mapped back to ``[0, 1]`` with the
+    transform's mean and std, re-coloured, and normalised again.
+    """
+
+    def __init__(self, views: Any, sigma: float, p: float) -> None:  # noqa: ANN401
+        from histofm.data.stain_vectors import StainVectorJitter
+
+        self.views, self.jitter = views, StainVectorJitter(sigma, p)
+        self.mean = torch.tensor(views.cfg.mean).view(3, 1, 1)
+        self.std = torch.tensor(views.cfg.std).view(3, 1, 1)
+
+    def __call__(self, img: Any) -> list[torch.Tensor]:  # noqa: ANN401
+        crops = self.views(img)  # [(3, S, S), ...] normalised
+        return [(self.jitter((c * self.std + self.mean).clamp(0, 1)) - self.mean) / self.std for c in crops]
+
+
 def step_tile(out: Path) -> dict[str, Any]:
     """Tissue detection and a 224 px grid at 0.5 um/px on the bundled slide; saves the picture."""
     from histofm.wsi import detect_tissue, draw_tiles, open_slide, tile_slide, tile_spec
@@ -135,6 +157,8 @@ def step_pretrain(cfg: DemoConfig, out: Path, progress: bool) -> dict[str, Any]:
         "dinov2", cfg.arch, img_size=cfg.img_size,
         overrides={"preset": "cpu_small", "backbone_kwargs": dict(cfg.backbone_kwargs), "augment": augment},
     )
+    if cfg.stain_vectors[0] > 0:
+        views = StainVectorViews(views, *cfg.stain_vectors)
     data = pretraining_tiles(cfg)
     train_cfg = TrainConfig(
         steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed, out_dir=str(out / "pretrain"),
