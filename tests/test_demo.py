@@ -55,3 +55,22 @@ def test_pretraining_is_deterministic_and_never_sees_test_blocks(tmp_path: Path)
     assert a["loss_first"] == b["loss_first"] and a["loss_last"] == b["loss_last"]
     wa, wb = load_file(a["backbone"]), load_file(b["backbone"])
     assert all(np.array_equal(wa[k].numpy(), wb[k].numpy()) for k in wa)
+
+
+def test_stain_vector_views_recolour_each_view_and_keep_the_layout() -> None:
+    import torch
+    from PIL import Image
+
+    from histofm.data import sample_path
+    from histofm.data.multicrop import MultiCropConfig, MultiCropTransform
+    from histofm.demo import StainVectorViews
+
+    views = MultiCropTransform(MultiCropConfig(global_size=48, local_size=24, n_local=2, hed_p=0.8))
+    with Image.open(sample_path("hgsc_stroma")) as img:
+        tile = img.convert("RGB").crop((0, 0, 64, 64))  # a real H&E tile
+    torch.manual_seed(0)
+    plain = views(tile)
+    torch.manual_seed(0)  # same crops and preset jitter: the wrapper's re-colouring is the only difference
+    wrapped = StainVectorViews(views, 0.3, 1.0)(tile)
+    assert [c.shape for c in wrapped] == [c.shape for c in plain]
+    assert all((w - p).abs().max() > 0.05 for w, p in zip(wrapped, plain))  # every view re-coloured
