@@ -4,7 +4,7 @@ Runs :func:`histofm.eval.mil_task.run_mil_task` with its defaults (settings chos
 validation bags, never on test) and prints two markdown tables: test AUROC [95 %
 interval] / top-k precision of the aggregator's own tile scores / top-k precision of
 occlusion, then the learning rate, epoch and validation AUROC chosen.
-About 13 minutes of CPU on one thread, TransMIL two thirds of it::
+About 16 minutes of CPU on one thread (935 s), TransMIL two thirds of it::
 
     python benchmarks/mil_task_table.py [--aggregators mean,max] [--rates 0.01,0.02] [--json out.json]
 """
