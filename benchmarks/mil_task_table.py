@@ -2,8 +2,9 @@
 
 Runs :func:`histofm.eval.mil_task.run_mil_task` with its defaults (settings chosen on
 validation bags, never on test) and prints two markdown tables: test AUROC [95 %
-interval] / top-k precision, then the learning rate, epoch and validation AUROC chosen.
-About 15 minutes of CPU on one thread, TransMIL two thirds of it::
+interval] / top-k precision of the aggregator's own tile scores / top-k precision of
+occlusion, then the learning rate, epoch and validation AUROC chosen.
+About 16 minutes of CPU on one thread (935 s), TransMIL two thirds of it::
 
     python benchmarks/mil_task_table.py [--aggregators mean,max] [--rates 0.01,0.02] [--json out.json]
 """
@@ -30,7 +31,7 @@ def markdown(results: list[MILTaskResult]) -> str:
     lines = [head, rule]
     for n in names:
         lines.append(f"| {n} | " + " | ".join(
-            f"{c.auroc:.3f} [{c.ci_low:.2f}, {c.ci_high:.2f}] / {c.topk_precision:.2f}"
+            f"{c.auroc:.3f} [{c.ci_low:.2f}, {c.ci_high:.2f}] / {c.topk_precision:.2f} / {c.occlusion_topk:.2f}"
             for c in (cell[(n, rate)] for rate in rates)) + " |")
     lines += ["", head, rule]
     for n in names:

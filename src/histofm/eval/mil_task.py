@@ -27,7 +27,9 @@ validation bags from the ``val`` tiles (every third band of four tile rows, see
 same learning-rate grid (:data:`LR_GRID`), keeps the run with the lowest validation loss,
 and only then scores the test bags: slide AUROC with a bootstrap interval over test bags,
 and the top-``k`` precision of its tile scores on the positive test bags (``k`` = planted
-tiles; random ranking scores about the rate). No setting is chosen on the test half.
+tiles; random ranking scores about the rate), both of its own scores (attention weights,
+tile evidence) and of leave-one-out occlusion (:func:`occlusion_scores`, which tiles the
+model actually decides by). No setting is chosen on the test half.
 """
 
 from __future__ import annotations
@@ -206,6 +208,34 @@ def topk_precision(scores: list[np.ndarray | None], planted: list[np.ndarray], l
     return float(np.mean(values)) if values else float("nan")
 
 
+@torch.no_grad()
+def occlusion_scores(
+    model: torch.nn.Module, bags: list[torch.Tensor], labels: np.ndarray | None = None
+) -> list[np.ndarray | None]:
+    """How much each tile raises the bag's positive log-odds: ``f(bag) - f(bag without the tile)``, ``(N_i,)`` per bag.
+
+    A readout of which tiles a trained aggregator *uses*, the same for every aggregator,
+    whether or not it has attention weights and whether or not they are what it decides by
+    (a Transformer can move a tile's content into other tokens before pooling). The ``N``
+    leave-one-out bags of ``N - 1`` tiles go through the model as one batch of equal size.
+    With ``labels``, only positive bags are scored (``None`` for the others: top-``k``
+    precision reads positive bags only).
+    """
+    model.eval()
+    out: list[np.ndarray | None] = []
+    for i, bag in enumerate(bags):
+        if labels is not None and labels[i] != 1:
+            out.append(None)
+            continue
+        n = bag.shape[0]
+        full = model(bag.unsqueeze(0)).logits  # (1, 2)
+        keep = ~torch.eye(n, dtype=torch.bool)  # (n, n): row i drops tile i
+        loo = bag.unsqueeze(0).expand(n, -1, -1)[keep].view(n, n - 1, -1)  # (n, n-1, D)
+        logits = model(loo).logits  # (n, 2)
+        out.append(((full[:, 1] - full[:, 0]) - (logits[:, 1] - logits[:, 0])).double().numpy())
+    return out
+
+
 #: Aggregator sizes that train in seconds on CPU. Every aggregator gets the same training budget
 #: (:data:`TRAIN_BUDGET`) and the same learning-rate grid (:data:`LR_GRID`), chosen on validation bags.
 DEFAULT_SETTINGS: dict[str, dict[str, Any]] = {
@@ -234,7 +264,9 @@ class MILTaskResult:
     Attributes:
         aggregator, rate: what was run.
         auroc, ci_low, ci_high: test slide AUROC and its 95 % bootstrap interval over test bags.
-        topk_precision: top-``k`` precision of the tile scores on positive test bags (NaN without scores).
+        topk_precision: top-``k`` precision of the aggregator's own tile scores on positive test bags
+            (NaN without scores).
+        occlusion_topk: top-``k`` precision of :func:`occlusion_scores` on positive test bags.
         lr: the learning rate chosen on validation.
         best_epoch: the epoch (from 1) whose weights were kept.
         val_loss, val_auroc: the chosen run's validation loss and AUROC.
@@ -247,6 +279,7 @@ class MILTaskResult:
     ci_low: float
     ci_high: float
     topk_precision: float
+    occlusion_topk: float = float("nan")
     lr: float = float("nan")
     best_epoch: int = 0
     val_loss: float = float("nan")
@@ -266,6 +299,7 @@ def run_mil_task(
     lrs: tuple[float, ...] | list[float] = LR_GRID,
     budget: dict[str, Any] | None = None,
     pools: TilePools | None = None,
+    occlusion: bool = True,
 ) -> list[MILTaskResult]:
     """Train, select and test each aggregator at each witness rate.
 
@@ -273,7 +307,8 @@ def run_mil_task(
     in the training half) and ``n_test`` from the test half. Each aggregator is trained once
     per learning rate in ``lrs`` with the same ``budget`` (:data:`TRAIN_BUDGET`), keeping the
     epoch with the lowest validation loss; the run with the lowest validation loss is tested:
-    slide AUROC with a 95 % bootstrap interval, and the top-``k`` precision of its tile scores.
+    slide AUROC with a 95 % bootstrap interval, and the top-``k`` precision of its own tile
+    scores and (``occlusion=True``) of :func:`occlusion_scores`.
     """
     from histofm.eval.metrics import binary_auroc, bootstrap_ci
     from histofm.mil import build_aggregator
@@ -312,7 +347,10 @@ def run_mil_task(
             auc = binary_auroc(test[1], probs[:, 1])
             lo, hi = bootstrap_ci(test[1], [probs], lambda t, p: binary_auroc(t, p[:, 1]), n_boot=n_boot, seed=seed)
             results.append(MILTaskResult(
-                name, rate, auc, lo, hi, topk_precision(scores, test[2], test[1]), lr=lr, best_epoch=best_epoch,
+                name, rate, auc, lo, hi, topk_precision(scores, test[2], test[1]),
+                occlusion_topk=topk_precision(occlusion_scores(model, test[0], test[1]), test[2], test[1])
+                if occlusion else float("nan"), lr=lr,
+                best_epoch=best_epoch,
                 val_loss=val_loss, val_auroc=binary_auroc(val[1], val_probs[:, 1]), losses=losses,
             ))
     return results
