@@ -187,7 +187,7 @@ def fit(
     state = None
     if cfg.resume and ckpt_path is not None and ckpt_path.is_file():
         state = load_training_state(ckpt_path)
-        _check_resume_run(state, run_info or {}, type(method).__name__, out_dir)
+        _check_resume_run(state, run_info or {}, objective_name(method), out_dir)
         _check_resume_config(state.get("config", {}), cfg)
         _load_states(method, optimizer, state, fsdp)
         if state.get("scaler"):
@@ -283,7 +283,7 @@ def fit(
                     "best": best.state_dict() if best.metric is not None else None,
                     "world_size": world,
                     "config": cfg.to_dict(),
-                    "objective": type(method).__name__,
+                    "objective": objective_name(method),
                     "run": dict(run_info or {}),
                     "history": history,
                 },
@@ -509,6 +509,17 @@ def _export(method: Objective, out_dir: Path | None, main: bool, fsdp: bool, ext
 def skipped_steps(history: list[dict[str, Any]]) -> int:
     """How many steps of a run (resumed ones included) were skipped for a non-finite loss or gradient."""
     return sum(bool(h.get("skipped", False)) for h in history)
+
+
+def objective_name(method: Objective) -> str:
+    """The objective's class name, the same whether or not FSDP2 sharded it.
+
+    ``fully_shard`` swaps a module's class for a generated ``FSDP<name>`` subclass of (FSDPModule, the class);
+    a sharded run and its resume on one eager process must read as the same objective.
+    """
+    cls = type(method)
+    own = [b for b in cls.__bases__ if not b.__module__.startswith("torch.distributed")]
+    return (own[0] if own and len(own) < len(cls.__bases__) else cls).__name__
 
 
 def _check_resume_run(state: dict[str, Any], run_info: dict[str, Any], objective: str, out_dir: Path | None) -> None:
