@@ -1,0 +1,53 @@
+"""TransMIL on padded batches: a bag's output must not depend on the other bags of its batch.
+
+PPEG lays the tokens of a bag on a square grid and convolves; if the zero padding of a
+batch (bags padded to the longest) or the square fill entered that grid, a bag's class
+token would change with the batch it is in. Batched training (batches of 16 bags in the
+real-pixel MIL task) would then optimise a different model from the one that predicts
+bag by bag.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from histofm.mil import build_aggregator
+from histofm.mil.train import pad_bags
+
+
+def _model(dropout: float = 0.0):
+    torch.manual_seed(0)
+    return build_aggregator("transmil", in_dim=6, num_classes=2, dim=16, num_heads=2, num_landmarks=8, dropout=dropout)
+
+
+def test_a_bag_alone_equals_the_same_bag_padded_in_a_batch() -> None:
+    model = _model().eval()
+    g = torch.Generator().manual_seed(1)
+    short, long = torch.randn(10, 6, generator=g), torch.randn(37, 6, generator=g)  # 10: a 4 x 4 grid with fill
+    x, mask = pad_bags([short, long])  # (2, 37, 6): 27 zero rows after the short bag
+    assert not bool(mask[0].all())
+    with torch.no_grad():
+        alone = model(short.unsqueeze(0))
+        batch = model(x, mask)
+        other = model(long.unsqueeze(0))
+    torch.testing.assert_close(batch.logits[0], alone.logits[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(batch.logits[1], other.logits[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(batch.scores[0, :10], alone.scores[0], rtol=1e-5, atol=1e-6)
+    assert float(batch.scores[0, 10:].abs().sum()) == 0.0  # padding gets no score
+    # Padding filled with large values instead of zeros changes nothing either.
+    x_big = torch.where(mask.unsqueeze(-1), x, torch.full_like(x, 1e3))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x_big, mask).logits, batch.logits)
+
+
+def test_training_gradients_do_not_see_the_padding() -> None:
+    model = _model().train()  # no dropout: the two passes must be identical
+    g = torch.Generator().manual_seed(2)
+    short, long = torch.randn(10, 6, generator=g), torch.randn(37, 6, generator=g)
+    x, mask = pad_bags([short, long])
+    model(x, mask).logits[0, 1].backward()
+    batched = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model(short.unsqueeze(0)).logits[0, 1].backward()
+    for a, b in zip(batched, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
