@@ -9,8 +9,10 @@ bag by bag.
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from histofm.errors import HistofmError
 from histofm.mil import build_aggregator
 from histofm.mil.train import pad_bags
 
@@ -51,3 +53,27 @@ def test_training_gradients_do_not_see_the_padding() -> None:
     model(short.unsqueeze(0)).logits[0, 1].backward()
     for a, b in zip(batched, (p.grad for p in model.parameters())):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_tile_order_enters_only_through_the_residual_conv_ppeg_and_landmarks() -> None:
+    """TransMIL is not permutation invariant by design; these are the only places the order enters."""
+    torch.manual_seed(0)
+    model = build_aggregator("transmil", in_dim=6, num_classes=2, dim=16, num_heads=2, num_landmarks=64).eval()
+    bag = torch.randn(49, 6)  # a 7 x 7 square: no fill; 64 >= 50 tokens: every token is a landmark
+    perm = torch.randperm(49)
+    with torch.no_grad():
+        before = model(bag).logits
+        assert not torch.allclose(model(bag[perm]).logits, before, atol=1e-4)  # as built: the order matters
+        for layer in (model.layer1, model.layer2):
+            layer.attn.res_conv = None
+        for conv in (model.pos.proj, model.pos.proj1, model.pos.proj2):
+            conv.weight.zero_()
+            conv.bias.zero_()
+        torch.testing.assert_close(model(bag[perm]).logits, model(bag).logits, rtol=1e-4, atol=1e-5)
+    assert build_aggregator("transmil", in_dim=6, num_classes=2, dim=16, num_heads=2,
+                            residual_kernel=0).layer1.attn.res_conv is None
+
+
+def test_bad_residual_kernel() -> None:
+    with pytest.raises(HistofmError, match="residual_kernel"):
+        build_aggregator("transmil", in_dim=6, num_classes=2, dim=16, num_heads=2, residual_kernel=4)

@@ -178,10 +178,11 @@ class PPEG(nn.Module):
 class TransLayer(nn.Module):
     """Pre-norm residual Nystrom attention (TransMIL has no MLP in its layers)."""
 
-    def __init__(self, dim: int, num_heads: int, num_landmarks: int, dropout: float) -> None:
+    def __init__(self, dim: int, num_heads: int, num_landmarks: int, dropout: float, residual_kernel: int = 33) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim)
-        self.attn = NystromAttention(dim, num_heads, dim // num_heads, num_landmarks, dropout=dropout)
+        self.attn = NystromAttention(dim, num_heads, dim // num_heads, num_landmarks,
+                                     residual_kernel=residual_kernel, dropout=dropout)
 
     def forward(self, x: torch.Tensor, first_token_scores: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         out, scores = self.attn(self.norm(x), first_token_scores)
@@ -200,6 +201,10 @@ class TransMIL(MILAggregator):
         num_landmarks: Nystrom landmarks (paper: ``dim // 2``).
         dropout: dropout on the attention outputs (paper: 0.1).
         score_layer: which layer's class-token attention is returned as per-tile scores (1 or 2).
+        residual_kernel: length of the value-convolution residual of both attention layers (the
+            original code's 33; 0 removes it). It adds to every token, the class token included,
+            a learned, position-dependent mix of its sequence neighbours' values, so the output
+            depends on the tile order (see docs/aggregation.md, "One tile in a hundred").
     """
 
     def __init__(
@@ -211,6 +216,7 @@ class TransMIL(MILAggregator):
         num_landmarks: int | None = None,
         dropout: float = 0.1,
         score_layer: int = 1,
+        residual_kernel: int = 33,
     ) -> None:
         super().__init__(in_dim, num_classes)
         if score_layer not in (1, 2):
@@ -219,9 +225,11 @@ class TransMIL(MILAggregator):
         landmarks = num_landmarks or dim // 2
         self.fc = nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU())
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
-        self.layer1 = TransLayer(dim, num_heads, landmarks, dropout)
+        if residual_kernel < 0 or (residual_kernel and residual_kernel % 2 == 0):
+            raise HistofmError(f"residual_kernel must be 0 or odd, got {residual_kernel}; set --set residual_kernel=33 or 0.")
+        self.layer1 = TransLayer(dim, num_heads, landmarks, dropout, residual_kernel)
         self.pos = PPEG(dim)
-        self.layer2 = TransLayer(dim, num_heads, landmarks, dropout)
+        self.layer2 = TransLayer(dim, num_heads, landmarks, dropout, residual_kernel)
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
 
