@@ -12,6 +12,11 @@ The paper-recipe rows of docs/evaluation.md (TransMIL and mean pooling, one bag 
 
     python benchmarks/mil_task_table.py --aggregators mean,transmil --rates 0.01 --batch-size 1 \
         --weight-decay 1e-5 --lrs 2e-4,5e-4,2e-3 --n-boot 200 --no-occlusion --seed 0   # and 1, 2
+
+and the TransMIL ablations (``--set`` takes JSON values: ``--set ppeg=false``)::
+
+    python benchmarks/mil_task_table.py --aggregators transmil --rates 0.01 --n-boot 200 --no-occlusion \
+        --set num_landmarks=256 --set residual_kernel=0 --set ppeg=false --seed 0
 """
 
 from __future__ import annotations
@@ -64,7 +69,10 @@ def main() -> None:
     parser.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default: the engine's)")
     parser.add_argument("--n-boot", type=int, default=500, help="bootstrap resamples of the AUROC interval")
     parser.add_argument("--no-occlusion", action="store_true", help="skip the occlusion top-k (faster)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an aggregator option for every listed aggregator, e.g. residual_kernel=0 (repeatable)")
     args = parser.parse_args()
+    options = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
     budget = {"batch_size": args.batch_size}
     if args.weight_decay is not None:
         budget["weight_decay"] = args.weight_decay
@@ -75,7 +83,8 @@ def main() -> None:
         start = time.process_time()
         results += run_mil_task([name], [float(r) for r in args.rates.split(",")], pools=pools, seed=args.seed,
                                 lrs=[float(lr) for lr in args.lrs.split(",")], budget=budget, n_boot=args.n_boot,
-                                occlusion=not args.no_occlusion)
+                                occlusion=not args.no_occlusion,
+                                settings={name: {**DEFAULT_SETTINGS[name], **options}} if options else None)
         print(f"{name}: {time.process_time() - start:.0f} s of CPU", flush=True)
     print(markdown(results))
     if args.json:

@@ -72,6 +72,10 @@ def test_tile_order_enters_only_through_the_residual_conv_ppeg_and_landmarks() -
         torch.testing.assert_close(model(bag[perm]).logits, model(bag).logits, rtol=1e-4, atol=1e-5)
     assert build_aggregator("transmil", in_dim=6, num_classes=2, dim=16, num_heads=2,
                             residual_kernel=0).layer1.attn.res_conv is None
+    no_pos = build_aggregator("transmil", in_dim=6, num_classes=2, dim=16, num_heads=2, num_landmarks=64,
+                              residual_kernel=0, ppeg=False).eval()
+    with torch.no_grad():  # neither residual nor PPEG, every token a landmark: invariant to the tile order
+        torch.testing.assert_close(no_pos(bag[perm]).logits, no_pos(bag).logits, rtol=1e-4, atol=1e-5)
 
 
 def test_bad_residual_kernel() -> None:

@@ -205,6 +205,8 @@ class TransMIL(MILAggregator):
             original code's 33; 0 removes it). It adds to every token, the class token included,
             a learned, position-dependent mix of its sequence neighbours' values, so the output
             depends on the tile order (see docs/aggregation.md, "One tile in a hundred").
+        ppeg: the position encoding between the layers (``False`` leaves it out: for bags whose
+            tile order means nothing, where it mixes each tile with random neighbours).
     """
 
     def __init__(
@@ -217,6 +219,7 @@ class TransMIL(MILAggregator):
         dropout: float = 0.1,
         score_layer: int = 1,
         residual_kernel: int = 33,
+        ppeg: bool = True,
     ) -> None:
         super().__init__(in_dim, num_classes)
         if score_layer not in (1, 2):
@@ -228,7 +231,7 @@ class TransMIL(MILAggregator):
         if residual_kernel < 0 or (residual_kernel and residual_kernel % 2 == 0):
             raise HistofmError(f"residual_kernel must be 0 or odd, got {residual_kernel}; set --set residual_kernel=33 or 0.")
         self.layer1 = TransLayer(dim, num_heads, landmarks, dropout, residual_kernel)
-        self.pos = PPEG(dim)
+        self.pos = PPEG(dim) if ppeg else None
         self.layer2 = TransLayer(dim, num_heads, landmarks, dropout, residual_kernel)
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
@@ -244,7 +247,8 @@ class TransMIL(MILAggregator):
         h = torch.cat([self.cls_token.expand(B, -1, -1), h], dim=1)
         want = not self.training  # scores are for heatmaps; training skips their extra pass over the keys
         h, row1 = self.layer1(h, first_token_scores=want and self.score_layer == 1)
-        h = self.pos(h, side)
+        if self.pos is not None:
+            h = self.pos(h, side)
         h, row2 = self.layer2(h, first_token_scores=want and self.score_layer == 2)
         row = row1 if self.score_layer == 1 else row2
         logits = self.head(self.norm(h)[:, 0])
