@@ -81,3 +81,23 @@ def test_tile_order_enters_only_through_the_residual_conv_ppeg_and_landmarks() -
 def test_bad_residual_kernel() -> None:
     with pytest.raises(HistofmError, match="residual_kernel"):
         build_aggregator("transmil", in_dim=6, num_classes=2, dim=16, num_heads=2, residual_kernel=4)
+
+
+def test_one_layer_reads_the_tiles_directly() -> None:
+    torch.manual_seed(0)
+    model = build_aggregator("transmil", in_dim=6, num_classes=2, dim=16, num_heads=2, num_landmarks=64,
+                             residual_kernel=0, num_layers=1).double().eval()
+    assert model.layer2 is None and model.pos is None
+    model.layer1.attn.pinv_iterations = 40  # every token a landmark: exact once the pseudo-inverse converges
+    bag = torch.randn(10, 6, dtype=torch.float64)  # not a square: one layer has no grid and repeats no tile
+    with torch.no_grad():
+        out = model(bag)
+        h = torch.cat([model.cls_token[0], model.fc(bag)])  # (11, 16)
+        attn = model.layer1.attn
+        q, k, v = attn.qkv(model.layer1.norm(h)).unflatten(-1, (3, 2, 8)).permute(1, 2, 0, 3)  # (3, 2, 11, 8)
+        w = torch.softmax(q[:, :1] @ k.transpose(-1, -2) / 8**0.5, dim=-1)  # (2, 1, 11) exact attention
+        cls = h[0] + attn.proj((w @ v).transpose(0, 1).flatten(1))[0]
+        torch.testing.assert_close(out.logits[0], model.head(model.norm(cls)), rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(out.scores[0], w.mean(0)[0, 1:], rtol=1e-6, atol=1e-8)
+    with pytest.raises(HistofmError, match="score_layer"):
+        build_aggregator("transmil", in_dim=6, num_classes=2, dim=16, num_heads=2, num_layers=1, score_layer=2)

@@ -120,7 +120,7 @@ AGGREGATOR_OPTIONS: dict[str, dict[str, Option]] = {
     "transmil": {"dim": Option("int", 2, 8192), "num_heads": Option("int", 1, 64),
                  "num_landmarks": Option("int", 1, 8192, optional=True), "dropout": _DROPOUT,
                  "score_layer": Option("choice", choices=(1, 2)), "residual_kernel": Option("int", 0, 255),
-                 "ppeg": Option("bool")},
+                 "ppeg": Option("bool"), "num_layers": Option("choice", choices=(1, 2))},
     "transformer": {"dim": Option("int", 2, 8192), "depth": Option("int", 1, 48), "num_heads": Option("int", 1, 64),
                     "mlp_ratio": Option("float", 0.0, 64.0, low_open=True), "dropout": _DROPOUT},
     "moe": {"feature_dims": Option("int_list", optional=True), "num_experts": Option("int", 1, 64),
