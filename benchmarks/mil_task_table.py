@@ -16,7 +16,7 @@ The paper-recipe rows of docs/evaluation.md (TransMIL and mean pooling, one bag 
 and the TransMIL ablations (``--set`` takes JSON values: ``--set ppeg=false``)::
 
     python benchmarks/mil_task_table.py --aggregators transmil --rates 0.01 --n-boot 200 --no-occlusion \
-        --set num_landmarks=256 --set residual_kernel=0 --set ppeg=false --seed 0
+        --set num_landmarks=256 --set residual_kernel=0 --set ppeg=false --seed 0   # or --set num_layers=1
 """
 
 from __future__ import annotations
