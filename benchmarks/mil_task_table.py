@@ -7,6 +7,16 @@ occlusion, then the learning rate, epoch and validation AUROC chosen.
 About 16 minutes of CPU on one thread (935 s), TransMIL two thirds of it::
 
     python benchmarks/mil_task_table.py [--aggregators mean,max] [--rates 0.01,0.02] [--json out.json]
+
+The paper-recipe rows of docs/evaluation.md (TransMIL and mean pooling, one bag per step)::
+
+    python benchmarks/mil_task_table.py --aggregators mean,transmil --rates 0.01 --batch-size 1 \
+        --weight-decay 1e-5 --lrs 2e-4,5e-4,2e-3 --n-boot 200 --no-occlusion --seed 0   # and 1, 2
+
+and the TransMIL ablations (``--set`` takes JSON values: ``--set ppeg=false``)::
+
+    python benchmarks/mil_task_table.py --aggregators transmil --rates 0.01 --n-boot 200 --no-occlusion \
+        --set num_landmarks=256 --set residual_kernel=0 --set ppeg=false --seed 0   # or --set num_layers=1
 """
 
 from __future__ import annotations
@@ -18,7 +28,14 @@ from dataclasses import asdict
 
 import torch
 
-from histofm.eval.mil_task import DEFAULT_SETTINGS, MILTaskResult, run_mil_task, tile_pools
+from histofm.eval.mil_task import (
+    DEFAULT_SETTINGS,
+    LR_GRID,
+    TRAIN_BUDGET,
+    MILTaskResult,
+    run_mil_task,
+    tile_pools,
+)
 
 
 def markdown(results: list[MILTaskResult]) -> str:
@@ -46,13 +63,28 @@ def main() -> None:
     parser.add_argument("--aggregators", default=",".join(DEFAULT_SETTINGS))
     parser.add_argument("--rates", default="0.01,0.02,0.05,0.1")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bags, initialisation and order")
+    parser.add_argument("--lrs", default=",".join(f"{lr:g}" for lr in LR_GRID), help="learning-rate grid")
+    parser.add_argument("--batch-size", type=int, default=TRAIN_BUDGET["batch_size"], help="bags per step")
+    parser.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default: the engine's)")
+    parser.add_argument("--n-boot", type=int, default=500, help="bootstrap resamples of the AUROC interval")
+    parser.add_argument("--no-occlusion", action="store_true", help="skip the occlusion top-k (faster)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an aggregator option for every listed aggregator, e.g. residual_kernel=0 (repeatable)")
     args = parser.parse_args()
+    options = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
+    budget = {"batch_size": args.batch_size}
+    if args.weight_decay is not None:
+        budget["weight_decay"] = args.weight_decay
     torch.set_num_threads(1)
     pools = tile_pools()
     results = []
     for name in args.aggregators.split(","):
         start = time.process_time()
-        results += run_mil_task([name], [float(r) for r in args.rates.split(",")], pools=pools)
+        results += run_mil_task([name], [float(r) for r in args.rates.split(",")], pools=pools, seed=args.seed,
+                                lrs=[float(lr) for lr in args.lrs.split(",")], budget=budget, n_boot=args.n_boot,
+                                occlusion=not args.no_occlusion,
+                                settings={name: {**DEFAULT_SETTINGS[name], **options}} if options else None)
         print(f"{name}: {time.process_time() - start:.0f} s of CPU", flush=True)
     print(markdown(results))
     if args.json:

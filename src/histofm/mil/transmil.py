@@ -178,10 +178,11 @@ class PPEG(nn.Module):
 class TransLayer(nn.Module):
     """Pre-norm residual Nystrom attention (TransMIL has no MLP in its layers)."""
 
-    def __init__(self, dim: int, num_heads: int, num_landmarks: int, dropout: float) -> None:
+    def __init__(self, dim: int, num_heads: int, num_landmarks: int, dropout: float, residual_kernel: int = 33) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim)
-        self.attn = NystromAttention(dim, num_heads, dim // num_heads, num_landmarks, dropout=dropout)
+        self.attn = NystromAttention(dim, num_heads, dim // num_heads, num_landmarks,
+                                     residual_kernel=residual_kernel, dropout=dropout)
 
     def forward(self, x: torch.Tensor, first_token_scores: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         out, scores = self.attn(self.norm(x), first_token_scores)
@@ -200,6 +201,15 @@ class TransMIL(MILAggregator):
         num_landmarks: Nystrom landmarks (paper: ``dim // 2``).
         dropout: dropout on the attention outputs (paper: 0.1).
         score_layer: which layer's class-token attention is returned as per-tile scores (1 or 2).
+        residual_kernel: length of the value-convolution residual of both attention layers (the
+            original code's 33; 0 removes it). It adds to every token, the class token included,
+            a learned, position-dependent mix of its sequence neighbours' values, so the output
+            depends on the tile order (see docs/aggregation.md, "One tile in a hundred").
+        ppeg: the position encoding between the layers (``False`` leaves it out: for bags whose
+            tile order means nothing, where it mixes each tile with random neighbours).
+        num_layers: 2 (the paper) or 1: the class token reads the tiles in one attention layer,
+            before they have attended to each other, with no PPEG and no square fill (an
+            ablation, see the docs). Two layers keep the square fill even with ``ppeg=False``.
     """
 
     def __init__(
@@ -211,17 +221,25 @@ class TransMIL(MILAggregator):
         num_landmarks: int | None = None,
         dropout: float = 0.1,
         score_layer: int = 1,
+        residual_kernel: int = 33,
+        ppeg: bool = True,
+        num_layers: int = 2,
     ) -> None:
         super().__init__(in_dim, num_classes)
-        if score_layer not in (1, 2):
-            raise HistofmError(f"score_layer must be 1 or 2, got {score_layer}; set --set score_layer=1 or 2.")
+        if num_layers not in (1, 2):
+            raise HistofmError(f"num_layers must be 1 or 2, got {num_layers}; set --set num_layers=2 or 1.")
+        if score_layer not in (1, 2) or score_layer > num_layers:
+            raise HistofmError(f"score_layer must be 1 or 2 (at most num_layers), got {score_layer}; "
+                               "set --set score_layer=1.")
         self.score_layer = score_layer
         landmarks = num_landmarks or dim // 2
         self.fc = nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU())
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
-        self.layer1 = TransLayer(dim, num_heads, landmarks, dropout)
-        self.pos = PPEG(dim)
-        self.layer2 = TransLayer(dim, num_heads, landmarks, dropout)
+        if residual_kernel < 0 or (residual_kernel and residual_kernel % 2 == 0):
+            raise HistofmError(f"residual_kernel must be 0 or odd, got {residual_kernel}; set --set residual_kernel=33 or 0.")
+        self.layer1 = TransLayer(dim, num_heads, landmarks, dropout, residual_kernel)
+        self.pos = PPEG(dim) if ppeg and num_layers == 2 else None
+        self.layer2 = TransLayer(dim, num_heads, landmarks, dropout, residual_kernel) if num_layers == 2 else None
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
 
@@ -230,14 +248,17 @@ class TransMIL(MILAggregator):
         B, N, _ = x.shape
         h = self.fc(x)  # (B, N, dim)
         side = math.ceil(math.sqrt(N))
-        fill = side * side - N
+        fill = side * side - N if self.layer2 is not None else 0  # one layer: no grid, no fill
         if fill:
             h = torch.cat([h, h[:, torch.arange(fill, device=h.device) % N]], dim=1)  # (B, side^2, dim)
         h = torch.cat([self.cls_token.expand(B, -1, -1), h], dim=1)
         want = not self.training  # scores are for heatmaps; training skips their extra pass over the keys
         h, row1 = self.layer1(h, first_token_scores=want and self.score_layer == 1)
-        h = self.pos(h, side)
-        h, row2 = self.layer2(h, first_token_scores=want and self.score_layer == 2)
+        if self.pos is not None:
+            h = self.pos(h, side)
+        row2 = None
+        if self.layer2 is not None:
+            h, row2 = self.layer2(h, first_token_scores=want and self.score_layer == 2)
         row = row1 if self.score_layer == 1 else row2
         logits = self.head(self.norm(h)[:, 0])
         if row is None:
