@@ -160,4 +160,10 @@ def table(summaries: dict[str, dict]) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    from histofm.errors import HistofmError
+
+    try:
+        main()
+    except HistofmError as e:  # bad input: one sentence, exit 2 (as the histofm command does)
+        print(f"learning_bounds: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import asdict
 
@@ -93,4 +94,10 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from histofm.errors import HistofmError
+
+    try:
+        main()
+    except HistofmError as e:  # bad input: one sentence, exit 2 (as the histofm command does)
+        print(f"mil_task_table: {e}", file=sys.stderr)
+        sys.exit(2)

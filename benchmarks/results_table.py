@@ -188,4 +188,10 @@ def main(argv: list[str] | None = None) -> None:
         _write(out / "results.json", json.dumps({"seed": args.seed, "shifts": shift_names, "rows": js}, indent=1))
 
 if __name__ == "__main__":
-    main()
+    from histofm.errors import HistofmError
+
+    try:
+        main()
+    except HistofmError as e:  # bad input: one sentence, exit 2 (as the histofm command does)
+        print(f"results_table: {e}", file=sys.stderr)
+        sys.exit(2)
