@@ -233,3 +233,22 @@ def test_random_init_is_seeded_recorded_and_leaves_the_global_rng_alone() -> Non
     ra, rb, rc = a.histofm_weights, b.histofm_weights, c.histofm_weights
     assert ra.source == RANDOM_INIT and ra == rb and ra.sha256 == state_sha256(a)
     assert rc.sha256 != ra.sha256  # another architecture: another record, so its features cannot be mixed in
+
+
+def test_extract_set_rebuilds_a_backbone_pretrained_with_other_settings(tmp_path, region, capfd) -> None:
+    """A checkpoint of a 1-block encoder: refused without --set (one sentence), extracted with --set depth=1."""
+    ckpt = _tiny_checkpoint(tmp_path / "depth1.safetensors", seed=0, depth=1)
+    out = tmp_path / "feats"
+    base = ["extract", str(region), "--model", TINY, "--out", str(out), "--mpp-override", "0.499", "--workers", "0",
+            "--no-progress", "--layout", "flat", "--checkpoint", str(ckpt)]
+    assert main(base) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and not out.joinpath("region.h5").exists(), err
+    assert main([*base, "--set", "depth=abc"]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--set depth=abc" in err[0], err
+    assert main([*base, "--set", "depth=1"]) == 0
+    with h5py.File(out / "region.h5") as f:
+        feats = f["features"][:]
+    expected = load_encoder(TINY, checkpoint=ckpt, depth=1).eval()
+    assert feats.shape == (4, expected.num_features) and np.isfinite(feats).all()

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 def register(sub: argparse._SubParsersAction) -> None:
     from histofm.commands._common import add_command
+    from histofm.commands._vocab import add_set_argument
     from histofm.weights import add_weights_arguments
 
     p = add_command(
@@ -66,6 +67,8 @@ histofm extract slides/*.svs --model uni --pretrained --coords tiles/ --roi anno
                    help="weights of --slide-encoder (or --slide-pretrained, or --slide-random-init)")
     p.add_argument("--slide-pretrained", action="store_true", help="official weights of --slide-encoder from the hub")
     p.add_argument("--slide-random-init", action="store_true", help="--slide-encoder with random weights, explicitly")
+    add_set_argument(p, help="constructor override of --model, for a backbone pretrained with other settings, "
+                             "e.g. --set depth=2 (repeatable; the pretraining run's backbone.json lists them)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
 
@@ -75,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
 
     import histofm
     from histofm.checks import check_device
+    from histofm.commands._settings import check_model_overrides
+    from histofm.commands._vocab import parse_set
     from histofm.commands.tile import check_slide_arguments
     from histofm.weights import load_encoder, weights_of
     from histofm.wsi.features import ExtractConfig, extract_features
@@ -82,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_slide_arguments(args)
     check_device(args.device)
+    overrides = check_model_overrides(args.model, parse_set(args.set))  # a bad value: one sentence, before any work
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     device = args.device
@@ -104,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         make_stain_transform(args.stain_norm, args.stain_target)
     slide_encoder = _slide_encoder(args)  # before any work: an unknown name or missing weights fail here
     model = load_encoder(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
-                         random_init=args.random_init)
+                         random_init=args.random_init, **overrides)
     console = Console()
 
     def warn(message: str) -> None:
