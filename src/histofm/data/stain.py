@@ -71,6 +71,15 @@ def hed_to_rgb(hed: torch.Tensor) -> torch.Tensor:
     return log_rgb.exp().clamp(0, 1)
 
 
+def unmix_unclamped(rgb: torch.Tensor) -> torch.Tensor:
+    """RGB ``(B, 3, H, W)`` in ``[0, 1]`` to *unclamped* H, E, DAB concentrations ``(B, 3, H, W)``.
+
+    Unlike :func:`rgb_to_hed` nothing is clamped, so mixing back with the same matrix is the identity.
+    """
+    od = rgb.clamp_min(1e-6).log() / _LOG_ADJUST  # optical density, scaled
+    return torch.einsum("bchw,cs->bshw", od, HED_FROM_RGB.to(od))
+
+
 def _shift_hed(rgb: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """``c' = alpha * c + beta`` per stain of RGB ``(B, 3, H, W)`` in ``[0, 1]``; ``alpha``, ``beta`` ``(B, 3)``.
 
@@ -78,8 +87,7 @@ def _shift_hed(rgb: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> to
     the identity; a negative ``beta`` removes stain but never below none, so it cannot turn a
     stain's colour into its complement (cyan backgrounds).
     """
-    od = rgb.clamp_min(1e-6).log() / _LOG_ADJUST
-    hed = torch.einsum("bchw,cs->bshw", od, HED_FROM_RGB.to(od))  # (B, 3, H, W) unclamped concentrations
+    hed = unmix_unclamped(rgb)  # (B, 3, H, W)
     scaled = hed * alpha.to(hed)[:, :, None, None]
     return hed_to_rgb(scaled + torch.maximum(beta.to(hed)[:, :, None, None], -scaled.clamp_min(0)))
 

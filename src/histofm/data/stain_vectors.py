@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from histofm.data.stain import _LOG_ADJUST, HED_FROM_RGB, RGB_FROM_HED
+from histofm.data.stain import _LOG_ADJUST, RGB_FROM_HED, unmix_unclamped
 
 
 def perturb_stain_vectors(rgb: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -33,11 +33,10 @@ def perturb_stain_vectors(rgb: torch.Tensor, noise: torch.Tensor) -> torch.Tenso
     ``noise`` is added to the unit H and E optical-density vectors (see the module docstring).
     """
     x = rgb.double()
-    od = x.clamp_min(1e-6).log() / _LOG_ADJUST  # (B, 3, H, W) optical density (scaled, >= 0)
-    conc = torch.einsum("bchw,cs->bshw", od, HED_FROM_RGB.to(od))  # (B, 3, H, W) unclamped concentrations
-    base = RGB_FROM_HED.to(od)  # (3 stains, 3 channels)
+    conc = unmix_unclamped(x)  # (B, 3, H, W)
+    base = RGB_FROM_HED.to(conc)  # (3 stains, 3 channels)
     norm = base[:2].norm(dim=1, keepdim=True)  # (2, 1)
-    tilted = (base[:2] / norm + noise.to(od)).clamp_min(0)  # (B, 2, 3)
+    tilted = (base[:2] / norm + noise.to(conc)).clamp_min(0)  # (B, 2, 3)
     tilted = tilted / tilted.norm(dim=-1, keepdim=True).clamp_min(1e-8) * norm
     mix = torch.cat([tilted, base[2:].expand(len(x), 1, 3)], dim=1)  # (B, 3, 3)
     log_rgb = torch.einsum("bshw,bsc->bchw", conc * _LOG_ADJUST, mix)
