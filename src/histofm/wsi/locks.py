@@ -1,8 +1,10 @@
 """Per-slide lock files, so several processes can share one ``--out`` without racing.
 
 Before a process works on a slide it creates ``<slide>.lock`` beside the slide's output
-file with ``O_CREAT | O_EXCL`` (atomic on local and NFSv3+ file systems), holding one JSON
-line: ``{"pid": ..., "host": ..., "time": ...}``. Another process that finds the lock
+file, holding one JSON line: ``{"pid": ..., "host": ..., "time": ...}``. The lock appears
+with its record already in it (written to a temporary, then hard-linked into place: atomic
+on local and NFS file systems), so a process killed at any instant never leaves an empty lock.
+Another process that finds the lock
 
 * skips the slide and reports it as done by another process, when the holder is alive
   (same host: its pid exists; another host: the lock is younger than :data:`STALE_LOCK_HOURS`);
@@ -74,23 +76,47 @@ def _break(path: Path, record: dict[str, object] | None) -> None:
         aside.unlink()
 
 
+def _create(path: Path, text: str) -> bool:
+    """Create ``path`` holding ``text``, atomically; ``False`` when it exists already.
+
+    The record is written to a temporary file first and hard-linked into place (``link`` fails
+    when the target exists, atomically, like ``O_EXCL``), so a process killed at any instant
+    leaves either no lock or a complete one, never an empty lock that a rerun would have to
+    respect for :data:`_EMPTY_LOCK_SECONDS`. File systems without hard links fall back to
+    ``O_CREAT | O_EXCL`` and a write.
+    """
+    tmp = path.with_name(temp_name(path.name))  # a dead process's leftover is removed by remove_stale_temps
+    tmp.write_text(text)
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # no hard links here (some network or FAT file systems)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        return True
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
 def try_lock(output: Path) -> Path | None:
     """Create the lock of ``output``'s slide; its path, or ``None`` when a live process holds it."""
     path = lock_path(output)
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}
     for _ in range(10):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-        except FileExistsError:
-            held = _holder(path)
-            if not _is_stale(path, held):
-                return None
-            _break(path, held)
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(record) + "\n")
-        return path
+        if _create(path, json.dumps(record) + "\n"):
+            return path
+        held = _holder(path)
+        if not _is_stale(path, held):
+            return None
+        _break(path, held)
     return None
 
 
