@@ -3,7 +3,9 @@
 One flaky failure costs a whole CI run, so nothing here may depend on chance or on the order
 of the tests:
 
-* every test starts from ``torch.manual_seed(0)``;
+* every test starts from seed 0 of torch's, Python's and NumPy's global generators (library code
+  that draws from ``random`` when given no generator, e.g. the block-mask collator, would
+  otherwise see a state left by whichever tests ran before);
 * hypothesis runs derandomized (its examples are a function of the test, not of the run),
   with no example database (no replay of a failure found in another run, no ``.hypothesis/``
   folder) and no deadline (a busy machine makes any example slow). ``HYPOTHESIS_PROFILE=explore``
@@ -22,6 +24,7 @@ of the tests:
 from __future__ import annotations
 
 import os
+import random
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -31,6 +34,7 @@ os.environ.setdefault("MKL_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
 
 from collections.abc import Iterator  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import settings  # noqa: E402
@@ -71,3 +75,5 @@ def _torch_globals_per_test() -> Iterator[None]:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
