@@ -1,7 +1,7 @@
 """A process killed at any instant of extraction's write path: the rerun recovers, always.
 
 The write path of one slide is the slide lock (``wsi/locks.py``), the clean-up of temporaries and
-the atomic writes (``utils``), and the resume check and the writes of ``wsi/features.py``. A child
+the atomic writes (``utils``), and the per-slide steps and writes of ``wsi/features.py``. A child
 process (``fork``) extracts one slide and dies (``os._exit``) at its Nth traced line of that code,
 for every N until it finishes. After each death, every visible feature file is complete; the rerun
 (in this process) embeds the slide or finds it done, never skips it as "done by another process",
@@ -27,10 +27,13 @@ from histofm.data import sample_path
 from histofm.wsi.features import ExtractConfig, extract_features
 
 SRC = Path(histofm.__file__).parent
-# The traced code: every function of these files, and these functions of wsi/features.py.
-TRACED_FILES = {str(SRC / "wsi" / "locks.py"), str(SRC / "utils" / "__init__.py")}
-TRACED_FUNCTIONS = {"_one_slide", "_locked_slide", "_resume_state", "_write"}
-FEATURES_FILE = str(SRC / "wsi" / "features.py")
+# The traced code: the functions of the write path that change files. A death inside a function that only
+# reads or computes (temp_name, pid_alive, _resume_state ...) leaves what a death at its call leaves.
+TRACED = {
+    str(SRC / "wsi" / "locks.py"): {"try_lock", "slide_lock", "_create", "_break"},
+    str(SRC / "utils" / "__init__.py"): {"atomic_path", "remove_stale_temps", "make_dirs"},
+    str(SRC / "wsi" / "features.py"): {"_one_slide", "_locked_slide", "_write"},
+}
 
 
 class TinyEncoder(nn.Module):
@@ -62,23 +65,29 @@ def _extract(slide: Path, model: object, out: Path, layout: str):  # noqa: ANN20
     return extract_features([slide], model, out, config=_cfg(layout), mpp=0.5, progress=False)
 
 
-def _traced(frame, event, arg):  # noqa: ANN001, ANN202
-    """Global trace function: line events only inside the traced code (everything else runs untraced)."""
-    code = frame.f_code
-    if code.co_filename in TRACED_FILES or (code.co_filename == FEATURES_FILE and code.co_name in TRACED_FUNCTIONS):
-        return _count_line
-    return None
-
-
 _seen, _die_at = [0], [0]
 
 
-def _count_line(frame, event, arg):  # noqa: ANN001, ANN202
-    if event == "line":
-        _seen[0] += 1
-        if _seen[0] == _die_at[0]:
-            os._exit(9)
-    return _count_line
+def _traced(frame, event, arg):  # noqa: ANN001, ANN202
+    """Global trace function: line events only inside the traced functions (everything else runs untraced).
+
+    Each line counts once per call: a death in the 2nd to 30th round of a loop (the HDF5 attributes,
+    the folder's files) leaves what a death in its 1st round leaves.
+    """
+    code = frame.f_code
+    if code.co_name not in TRACED.get(code.co_filename, ()):
+        return None
+    lines: set[int] = set()
+
+    def count(frame, event, arg):  # noqa: ANN001, ANN202
+        if event == "line" and frame.f_lineno not in lines:
+            lines.add(frame.f_lineno)
+            _seen[0] += 1
+            if _seen[0] == _die_at[0]:
+                os._exit(9)
+        return count
+
+    return count
 
 
 def _killed_at_line(slide: Path, model: object, out: Path, layout: str, n: int) -> bool:
