@@ -9,9 +9,12 @@ bit, the final checkpoint's method state and history, and ``log.jsonl`` (one rec
 duplicates, no torn lines). All runs use one thread (``OMP_NUM_THREADS=1``) so the
 floating-point reductions, and hence the results, are the same in every process.
 
-"Checkpoint write" kill points are made exact with a small wrapper around the CLI: on its Nth call,
-``torch.save`` writes half of the checkpoint's bytes into the temporary file, touches a marker and
-stalls, and the test kills the process then (a real kill mid-write, without timing luck).
+The kill points after start-up are made exact with a small wrapper around the CLI that stalls the
+run at that point and touches a marker; the test kills the process then (a real kill, without timing
+luck: a race against the run, which a busy CI machine could let finish before the kill, made the
+test fail by chance). "Checkpoint write": on its Nth call, ``torch.save`` writes half of the
+checkpoint's bytes into the temporary file, then stalls. "First checkpoint": the run stalls once its
+first checkpoint is in place. "Middle": it stalls once the record of step STEPS // 2 is logged.
 """
 
 from __future__ import annotations
@@ -47,15 +50,20 @@ ARGS = [
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 TIMING = ("sec_per_step", "samples_per_sec")  # wall-clock fields of log.jsonl, different in every run
 
-# The CLI, with torch.save stalling half-way through its Nth call: argv = [stall_at, marker, *cli_args].
+# The CLI, stalled at a kill point: argv = [mode, n, marker, *cli_args]. Modes: "mid-save" (the Nth
+# torch.save writes half its bytes, then stalls), "after-checkpoint" (stalls once the Nth checkpoint
+# is renamed into place), "after-log" (stalls once the record of step N is in log.jsonl).
 STALLING_CLI = """
 import io, os, sys, time
 import torch
-stall_at, marker = int(sys.argv[1]), sys.argv[2]
+mode, n, marker = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+def stall():
+    open(marker, "w").close()
+    time.sleep(600)
 real_save, calls = torch.save, [0]
 def save(obj, f, *args, **kwargs):
     calls[0] += 1
-    if calls[0] == stall_at:
+    if mode == "mid-save" and calls[0] == n:
         buf = io.BytesIO()
         real_save(obj, buf, *args, **kwargs)
         data = buf.getvalue()
@@ -63,20 +71,34 @@ def save(obj, f, *args, **kwargs):
             fh.write(data[: len(data) // 2])
             fh.flush()
             os.fsync(fh.fileno())
-        open(marker, "w").close()
-        time.sleep(600)
+        stall()
     return real_save(obj, f, *args, **kwargs)
 torch.save = save
+import histofm.train.logs as logs
+import histofm.train.loop as loop
+real_state, states = loop.save_training_state, [0]
+def save_training_state(*args, **kwargs):
+    real_state(*args, **kwargs)
+    states[0] += 1
+    if mode == "after-checkpoint" and states[0] == n:
+        stall()
+loop.save_training_state = save_training_state
+real_log = logs.RunLogger.log
+def log(self, record):
+    real_log(self, record)
+    if mode == "after-log" and record.get("step") == n:
+        stall()
+logs.RunLogger.log = log
 from histofm.cli import main
-sys.exit(main(sys.argv[3:]))
+sys.exit(main(sys.argv[4:]))
 """
 
 
-def _cmd(out: Path, *, resume: bool, stall: tuple[int, Path] | None = None) -> list[str]:
+def _cmd(out: Path, *, resume: bool, stall: tuple[str, int, Path] | None = None) -> list[str]:
     args = [*ARGS, "--out", str(out), *(["--resume"] if resume else [])]
     if stall is None:
         return [sys.executable, "-m", "histofm", *args]
-    return [sys.executable, "-c", STALLING_CLI, str(stall[0]), str(stall[1]), *args]
+    return [sys.executable, "-c", STALLING_CLI, *map(str, stall), *args]
 
 
 def _visible(out: Path) -> set[str]:
@@ -137,33 +159,36 @@ def _saves(start: int) -> list[int]:
 
 
 # Kill points, in the order the test visits them (each rerun resumes what the previous kill left):
-# name -> (which torch.save call of that run stalls, or None; "kill now" given out_dir, marker, mtime at launch)
-KILL_POINTS: dict[str, tuple[Callable[[int], int] | None, Callable[[Path, Path, int], bool]]] = {
-    "start-up": (None, lambda out, marker, t0: True),  # after a fixed 0.5 s: still importing
-    "first checkpoint": (None, lambda out, marker, t0: (out / "checkpoint.pt").exists()),
-    "mid checkpoint write": (lambda start: 2, lambda out, marker, t0: marker.exists()),
+# name -> (where that run stalls, given the step it starts at: (mode, n) of STALLING_CLI, or None for a
+# kill 0.5 s after launch; what must hold at the kill, given out_dir and the checkpoint's mtime at launch)
+KILL_POINTS: dict[str, tuple[Callable[[int], tuple[str, int]] | None, Callable[[Path, int], bool]]] = {
+    "start-up": (None, lambda out, t0: True),  # after a fixed 0.5 s: still importing
+    "first checkpoint": (lambda start: ("after-checkpoint", 1), lambda out, t0: (out / "checkpoint.pt").exists()),
+    "mid checkpoint write": (lambda start: ("mid-save", 2), lambda out, t0: True),
     "middle": (  # a checkpoint newer than at launch and the log past half the run
-        None, lambda out, marker, t0: _mtime(out / "checkpoint.pt") != t0 and len(_log_lines(out)) > STEPS // 2
+        lambda start: ("after-log", STEPS // 2),
+        lambda out, t0: _mtime(out / "checkpoint.pt") != t0 and len(_log_lines(out)) > STEPS // 2,
     ),
-    "final checkpoint write": (lambda start: len(_saves(start)), lambda out, marker, t0: marker.exists()),
+    "final checkpoint write": (lambda start: ("mid-save", len(_saves(start))), lambda out, t0: True),
 }
 
 
 def _kill_at(out: Path, marker: Path, point: str, *, resume: bool) -> int | None:
     """Run the CLI, SIGKILL it at ``point``; returns the step whose checkpoint write was stalled, if any."""
-    stall_fn, ready = KILL_POINTS[point]
+    stall_fn, holds = KILL_POINTS[point]
     start = _checkpoint_step(out)
-    stall_at = stall_fn(start) if stall_fn is not None else None
+    stall = stall_fn(start) if stall_fn is not None else None
     marker.unlink(missing_ok=True)
     t0 = _mtime(out / "checkpoint.pt")
-    cmd = _cmd(out, resume=resume, stall=(stall_at, marker) if stall_at is not None else None)
+    cmd = _cmd(out, resume=resume, stall=(*stall, marker) if stall is not None else None)
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        if point == "start-up":
+        if stall is None:
             time.sleep(0.5)
-        deadline = time.monotonic() + 300
-        while not ready(out, marker, t0) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.005)
+        else:  # the run waits at the kill point for as long as this process takes to notice
+            deadline = time.monotonic() + 300
+            while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.005)
         assert proc.poll() is None, f"the run ended before the kill point {point!r}: {proc.stderr.read().decode()[-2000:]}"
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -173,7 +198,8 @@ def _kill_at(out: Path, marker: Path, point: str, *, resume: bool) -> int | None
             proc.kill()
             proc.wait()
         proc.stderr.close()
-    return _saves(start)[stall_at - 1] if stall_at is not None else None
+    assert holds(out, t0), f"the kill point {point!r} was not reached as planned"
+    return _saves(start)[stall[1] - 1] if stall is not None and stall[0] == "mid-save" else None
 
 
 def _check_after_kill(out: Path, point: str, stalled: int | None) -> None:

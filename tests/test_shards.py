@@ -145,9 +145,29 @@ ARGS = [
 ]
 
 
-def _run(shards: Path, out: Path, trace: Path, *, resume: bool) -> subprocess.Popen:
+KILL_STEP = 9  # the run stalls here: checkpoint of step 8 in place, 9 steps logged, step 9's samples traced
+# The CLI, stalled once it has traced the samples of step N: argv = [N, marker, *cli_args]. The kill then
+# lands at one planned step; a race against the run could let a busy CI machine finish it first.
+STALLING_CLI = """
+import sys, time
+import histofm.train.data as data
+n, marker = int(sys.argv[1]), sys.argv[2]
+real_record = data.SampleTrace.record
+def record(self, step, keys):
+    real_record(self, step, keys)
+    if step == n:
+        open(marker, "w").close()
+        time.sleep(600)
+data.SampleTrace.record = record
+from histofm.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def _run(shards: Path, out: Path, trace: Path, *, resume: bool, stall: Path | None = None) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HISTOFM_SAMPLE_TRACE": str(trace)}
-    cmd = [sys.executable, "-m", "histofm", *ARGS, "--data", str(shards), "--out", str(out), *(["--resume"] if resume else [])]
+    head = ["-m", "histofm"] if stall is None else ["-c", STALLING_CLI, str(KILL_STEP), str(stall)]
+    cmd = [sys.executable, *head, *ARGS, "--data", str(shards), "--out", str(out), *(["--resume"] if resume else [])]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -171,16 +191,15 @@ def test_kill_then_resume_streams_the_clean_runs_samples(shards: Path, tmp_path:
     ref = _trace(tmp_path / "trace_clean")
     assert sorted(ref) == list(range(STEPS)) and all(len(k) == 8 for k in ref.values())
 
-    out, trace = tmp_path / "run", tmp_path / "trace"
-    proc = _run(shards, out, trace, resume=False)
+    out, trace, marker = tmp_path / "run", tmp_path / "trace", tmp_path / "stalled"
+    proc = _run(shards, out, trace, resume=False, stall=marker)
     deadline = time.monotonic() + 300
-    # Kill mid-run: a checkpoint exists and the run went past it (so the resume must skip within the stream).
-    while time.monotonic() < deadline and proc.poll() is None:
-        lines = (out / "log.jsonl").read_text().count("\n") if (out / "log.jsonl").exists() else 0
-        if (out / "checkpoint.pt").exists() and 5 <= lines < STEPS - 2:
-            break
+    while time.monotonic() < deadline and proc.poll() is None and not marker.exists():
         time.sleep(0.005)
-    assert proc.poll() is None, "the run ended before the kill"
+    assert proc.poll() is None, f"the run ended before the kill: {proc.stderr.read()[-2000:]}"
+    # Kill mid-run: a checkpoint exists and the run went past it (so the resume must skip within the stream).
+    lines = (out / "log.jsonl").read_text().count("\n") if (out / "log.jsonl").exists() else 0
+    assert (out / "checkpoint.pt").exists() and 5 <= lines < STEPS - 2, lines
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     proc.stderr.close()

@@ -94,7 +94,9 @@ def run_nuclei_command(args: argparse.Namespace) -> int:
 
     checkpoint, weights = resolve_weights(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
                                           random_init=args.random_init)
-    _check_recorded_arch(checkpoint, args.model, overrides)
+    from histofm.commands._recorded_arch import check_recorded_arch
+
+    check_recorded_arch(checkpoint, args.model, overrides)  # a histofm export names its --model/--set
     shifts = parse_stain_shifts(args.stain_shift)  # bad, empty or repeated names: before any work
     try:
         device = torch.device(args.device)
@@ -138,27 +140,6 @@ def run_nuclei_command(args: argparse.Namespace) -> int:
             tmp.write_text(json.dumps(_nan_to_null(doc), indent=2, allow_nan=False))
         console.print(f"wrote {args.json}")
     return 0
-
-
-def _check_recorded_arch(checkpoint: Path | None, model: str, overrides: dict[str, object]) -> None:
-    """A checkpoint exported by histofm (``backbone.json`` beside it) names its architecture and constructor
-    arguments: refuse another ``--model`` or ``--set`` with the flags that rebuild it (else a key-mismatch list)."""
-    meta_path = checkpoint.with_suffix(".json") if checkpoint is not None and checkpoint.is_file() else None
-    if meta_path is None or not meta_path.is_file():
-        return
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
-        return  # not ours: the loader judges the weights themselves
-    if not isinstance(meta, dict) or not isinstance(meta.get("arch"), str) or not isinstance(meta.get("overrides"), dict):
-        return
-    # Dropout rates do not change the weights' shapes and are off in evaluation: they need not be repeated.
-    recorded = {k: v for k, v in meta["overrides"].items() if not str(k).endswith(("drop_rate", "drop_path_rate"))}
-    if meta["arch"] == model and all(overrides.get(k) == v for k, v in recorded.items()):
-        return
-    sets = " ".join(f"--set {k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in recorded.items())
-    raise HistofmError(f"{checkpoint} was written for {meta['arch']}{' with ' + sets if sets else ''} "
-                       f"({meta_path.name} beside it); pass --model {meta['arch']}{' ' + sets if sets else ''}.")
 
 
 def _nan_to_null(value: object) -> object:

@@ -78,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
 
     import histofm
     from histofm.checks import check_device
+    from histofm.commands._recorded_arch import check_recorded_arch
     from histofm.commands._settings import check_model_overrides
     from histofm.commands._vocab import parse_set
     from histofm.commands.tile import check_slide_arguments
@@ -88,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
     check_slide_arguments(args)
     check_device(args.device)
     overrides = check_model_overrides(args.model, parse_set(args.set))  # a bad value: one sentence, before any work
+    # A histofm export (backbone.json beside it) names the --model/--set that rebuild it: say so, not 'missing N keys'.
+    check_recorded_arch(args.checkpoint, args.model, overrides)
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     device = args.device

@@ -76,6 +76,14 @@ from histofm.train.data import SampleTrace, SeededViews, StepBatchSampler, is_st
 from histofm.train.logs import RunLogger, TrainProgress, plot_loss_curve
 from histofm.train.monitor import first_image_batch, monitor_batch, monitor_step, stream_monitor_batch
 from histofm.train.optim import build_optimizer
+from histofm.train.resume import (
+    check_resume_config,
+    check_resume_run,
+    full_states,
+    load_full_weights,
+    load_states,
+    objective_name,
+)
 from histofm.utils import atomic_path, default_device, seed_everything
 from histofm.utils import distributed as dist_utils
 from histofm.utils.objective import Objective, has_embed
@@ -187,9 +195,9 @@ def fit(
     state = None
     if cfg.resume and ckpt_path is not None and ckpt_path.is_file():
         state = load_training_state(ckpt_path)
-        _check_resume_run(state, run_info or {}, objective_name(method), out_dir)
-        _check_resume_config(state.get("config", {}), cfg)
-        _load_states(method, optimizer, state, fsdp)
+        check_resume_run(state, run_info or {}, objective_name(method), out_dir)
+        check_resume_config(state.get("config", {}), cfg)
+        load_states(method, optimizer, state, fsdp)
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         start_step, history, streak = int(state["step"]), list(state["history"]), int(state.get("nonfinite_streak", 0))
@@ -269,7 +277,7 @@ def fit(
 
     def save(next_step: int) -> None:
         rngs = dist_utils.all_gather_object(capture_rng())
-        method_state, optim_state = _full_states(method, optimizer, fsdp)  # collective under FSDP
+        method_state, optim_state = full_states(method, optimizer, fsdp)  # collective under FSDP
         if main and ckpt_path is not None:
             save_training_state(
                 ckpt_path,
@@ -401,7 +409,7 @@ def fit(
     if ckpt_path is not None and end_step > start_step:
         save(end_step)  # the last weights (the best ones travel beside them)
     if best.weights is not None:
-        _load_weights(method, best.weights, fsdp)
+        load_full_weights(method, best.weights, fsdp)
     extra: dict[str, Any] = {"steps": end_step, "finished": end_step >= cfg.steps or best.stopped,
                              "skipped_steps": skipped_steps(history)}
     if best.metric is not None:
@@ -415,40 +423,6 @@ def fit(
 
 
 # ------------------------------------------------------------------------ helpers
-def _full_states(method: Objective, optimizer: torch.optim.Optimizer, fsdp: bool) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Method and optimiser states with full tensors, the optimiser's keyed by parameter name.
-
-    Under FSDP this is a collective (every rank must call it; rank 0 receives the tensors).
-    """
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
-
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True) if fsdp else None
-    return get_model_state_dict(method, options=opts), get_optimizer_state_dict(method, optimizer, options=opts)
-
-
-def _load_states(method: Objective, optimizer: torch.optim.Optimizer, state: dict[str, Any], fsdp: bool) -> None:
-    """Inverse of :func:`_full_states`; every rank loads the full tensors and keeps its shard."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
-
-    opts = StateDictOptions(full_state_dict=True) if fsdp else None
-    try:
-        set_model_state_dict(method, state["method"], options=opts)
-        set_optimizer_state_dict(method, optimizer, state["optimizer"], options=opts)
-    except (KeyError, RuntimeError, ValueError) as e:
-        raise HistofmError(
-            f"The checkpoint does not fit this method or optimiser ({type(e).__name__}); "
-            "resume with the settings of the original run or choose another out_dir."
-        ) from None
-
-
 def _any_step_taken(history: list[dict[str, Any]]) -> bool:
     """Whether any optimiser step of the run (resumed ones included) had a finite loss."""
     return any(not h.get("skipped", False) for h in history)
@@ -460,13 +434,6 @@ def _never_finite(steps: int) -> HistofmError:
         "and nothing exported; "
         "check the method's settings (temperatures, learning rate) and the data."
     )
-
-
-def _load_weights(method: Objective, weights: dict[str, torch.Tensor], fsdp: bool) -> None:
-    """Load full (unsharded) weights into ``method``, e.g. the best ones kept by :class:`BestWeights`."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    set_model_state_dict(method, weights, options=StateDictOptions(full_state_dict=True) if fsdp else None)
 
 
 @torch.no_grad()
@@ -509,51 +476,6 @@ def _export(method: Objective, out_dir: Path | None, main: bool, fsdp: bool, ext
 def skipped_steps(history: list[dict[str, Any]]) -> int:
     """How many steps of a run (resumed ones included) were skipped for a non-finite loss or gradient."""
     return sum(bool(h.get("skipped", False)) for h in history)
-
-
-def objective_name(method: Objective) -> str:
-    """The objective's class name, the same whether or not FSDP2 sharded it.
-
-    ``fully_shard`` swaps a module's class for a generated ``FSDP<name>`` subclass of (FSDPModule, the class);
-    a sharded run and its resume on one eager process must read as the same objective.
-    """
-    cls = type(method)
-    own = [b for b in cls.__bases__ if not b.__module__.startswith("torch.distributed")]
-    return (own[0] if own and len(own) < len(cls.__bases__) else cls).__name__
-
-
-def _check_resume_run(state: dict[str, Any], run_info: dict[str, Any], objective: str, out_dir: Path | None) -> None:
-    """Refuse to resume a checkpoint made by another objective or with other ``run_info`` values."""
-    saved = state.get("run") or {}
-    for key, value in run_info.items():
-        if key in saved and saved[key] != value:
-            raise HistofmError(
-                f"Cannot resume: the checkpoint in {out_dir} was made with {key} {_shown(saved[key])} but this run "
-                f"has {key} {_shown(value)}; use the same {key} or another output folder."
-            )
-    made_by = state.get("objective")
-    if made_by is not None and made_by != objective:
-        raise HistofmError(
-            f"Cannot resume: the checkpoint in {out_dir} was made by {made_by} but this run trains {objective}; "
-            "resume with the original method or choose another output folder."
-        )
-
-
-def _shown(value: Any) -> str:  # noqa: ANN401
-    return "(not set)" if value is None else str(value)
-
-
-def _check_resume_config(saved: dict[str, Any], cfg: TrainConfig) -> None:
-    for key in ("batch_size", "seed"):
-        if key in saved and saved[key] != getattr(cfg, key):
-            raise HistofmError(
-                f"Cannot resume: the checkpoint was made with {key}={saved[key]} but this run has "
-                f"{key}={getattr(cfg, key)}; use the same value or another out_dir."
-            )
-    if saved.get("steps") not in (None, cfg.steps):
-        warnings.warn(
-            f"resuming a run planned for {saved['steps']} steps with steps={cfg.steps}: schedules change", stacklevel=3
-        )
 
 
 def _all_finite(x: torch.Tensor) -> bool:

@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from histofm.utils import pid_alive, temp_name
+from histofm.utils import pid_alive, remove_stale_temps, temp_name
 
 STALE_LOCK_HOURS = 24.0
 # A lock file still empty after this long belongs to a process that died between create and write.
@@ -85,7 +85,7 @@ def _create(path: Path, text: str) -> bool:
     respect for :data:`_EMPTY_LOCK_SECONDS`. File systems without hard links fall back to
     ``O_CREAT | O_EXCL`` and a write.
     """
-    tmp = path.with_name(temp_name(path.name))  # a dead process's leftover is removed by remove_stale_temps
+    tmp = path.with_name(temp_name(path.name))  # a dead process's leftover: removed by the next try_lock
     tmp.write_text(text)
     try:
         os.link(tmp, path)
@@ -109,6 +109,9 @@ def try_lock(output: Path) -> Path | None:
     """Create the lock of ``output``'s slide; its path, or ``None`` when a live process holds it."""
     path = lock_path(output)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # The record's temporary (or a broken lock set aside) of a process killed in here: nothing else
+    # removes it where the lock sits beside the output in a subfolder of --out (trident, clam layouts).
+    remove_stale_temps(path)
     record = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}
     for _ in range(10):
         if _create(path, json.dumps(record) + "\n"):
