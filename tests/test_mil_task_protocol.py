@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from histofm.errors import HistofmError
-from histofm.eval.mil_task import ResampledBags, make_bags, split_mask, tile_pools
+from histofm.eval.mil_task import ResampledBags, make_bags, run_mil_task, split_mask, tile_pools
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +62,15 @@ def test_resampled_bags_keep_labels_and_witness_counts_but_change_tiles(pools) -
     assert key == sorted(key)
     with pytest.raises(HistofmError, match="witness rate"):
         ResampledBags(pools, 4, 0.0)
+
+
+def test_run_mil_task_with_either_option_is_repeatable(pools) -> None:
+    kw = dict(rates=[0.05], n_train=16, n_val=8, n_test=8, n_boot=10, lrs=(2e-3,), budget={"epochs": 2},
+              pools=pools, occlusion=False)
+    for options in ({"tile_order": "coords"}, {"resample_train": True}):
+        a, b = run_mil_task(["mean", "mean"], **kw, **options)  # two runs in one call
+        assert a.losses == b.losses and a.auroc == b.auroc, options  # resampled bags start afresh every run
+    fixed = run_mil_task(["mean"], **kw)[0]
+    assert fixed.losses != run_mil_task(["mean"], **kw, resample_train=True)[0].losses
+    with pytest.raises(HistofmError, match="tile order"):
+        run_mil_task(["mean"], **{**kw, "tile_order": "grid"})

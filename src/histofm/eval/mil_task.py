@@ -385,11 +385,7 @@ def run_mil_task(
     pools = pools if pools is not None else tile_pools()
     results = []
     for rate in rates:
-        train: tuple[Sequence[torch.Tensor], np.ndarray] = make_bags(pools, n_train, rate, "fit", seed=seed,
-                                                                      order=tile_order)[:2]
-        if resample_train:
-            fresh = ResampledBags(pools, n_train, rate, "fit", seed=seed, order=tile_order)
-            train = (fresh, fresh.labels)
+        train = make_bags(pools, n_train, rate, "fit", seed=seed, order=tile_order)
         val = make_bags(pools, n_val, rate, "val", seed=seed + 2, order=tile_order)
         test = make_bags(pools, n_test, rate, "test", seed=seed + 1, order=tile_order)
         for name in aggregators:
@@ -401,7 +397,10 @@ def run_mil_task(
                 torch.manual_seed(seed)
                 model = build_aggregator(name, in_dim=pools.features.shape[1], num_classes=2, **model_kwargs)
                 cfg = MILTrainConfig(model=name, model_kwargs=model_kwargs, seed=seed, lr=lr, **budget)
-                records = fit_bags(model, train[0], train[1].tolist(), cfg, val_bags=val[0],
+                # Resampled bags start afresh for every run, so each one sees the same stream of bags.
+                bags: Sequence[torch.Tensor] = (ResampledBags(pools, n_train, rate, "fit", seed=seed, order=tile_order)
+                                                if resample_train else train[0])
+                records = fit_bags(model, bags, train[1].tolist(), cfg, val_bags=val[0],
                                    val_labels=val[1].tolist(), shuffle_tiles=tile_order == "random")
                 losses = [r["train_loss"] for r in records]
                 val_loss = min(r["val_loss"] for r in records)
