@@ -17,6 +17,12 @@ and the TransMIL ablations (``--set`` takes JSON values: ``--set ppeg=false``)::
 
     python benchmarks/mil_task_table.py --aggregators transmil --rates 0.01 --n-boot 200 --no-occlusion \
         --set num_landmarks=256 --set residual_kernel=0 --set ppeg=false --seed 0   # or --set num_layers=1
+
+and the protocol variants of the second TransMIL account (tiles in the tiler's order; an
+unlimited training set, every training bag drawn anew each time it is read)::
+
+    python benchmarks/mil_task_table.py --aggregators mean,transmil --rates 0.01 --n-boot 200 --no-occlusion \
+        --tile-order coords --seed 0          # or --resample-train [--set residual_kernel=0]
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import torch
 from histofm.eval.mil_task import (
     DEFAULT_SETTINGS,
     LR_GRID,
+    TILE_ORDERS,
     TRAIN_BUDGET,
     MILTaskResult,
     run_mil_task,
@@ -70,6 +77,10 @@ def main() -> None:
     parser.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default: the engine's)")
     parser.add_argument("--n-boot", type=int, default=500, help="bootstrap resamples of the AUROC interval")
     parser.add_argument("--no-occlusion", action="store_true", help="skip the occlusion top-k (faster)")
+    parser.add_argument("--tile-order", default="random", choices=TILE_ORDERS,
+                        help="random (the protocol: reshuffled every epoch) or coords (image, row, column)")
+    parser.add_argument("--resample-train", action="store_true",
+                        help="draw every training bag anew each time it is read (a diagnostic: unlimited bags)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="an aggregator option for every listed aggregator, e.g. residual_kernel=0 (repeatable)")
     args = parser.parse_args()
@@ -84,7 +95,8 @@ def main() -> None:
         start = time.process_time()
         results += run_mil_task([name], [float(r) for r in args.rates.split(",")], pools=pools, seed=args.seed,
                                 lrs=[float(lr) for lr in args.lrs.split(",")], budget=budget, n_boot=args.n_boot,
-                                occlusion=not args.no_occlusion,
+                                occlusion=not args.no_occlusion, tile_order=args.tile_order,
+                                resample_train=args.resample_train,
                                 settings={name: {**DEFAULT_SETTINGS[name], **options}} if options else None)
         print(f"{name}: {time.process_time() - start:.0f} s of CPU", flush=True)
     print(markdown(results))

@@ -35,6 +35,7 @@ model actually decides by). No setting is chosen on the test half.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -167,34 +168,89 @@ def make_bags(
     split: str = "train",
     size: tuple[int, int] = (80, 120),
     seed: int = 0,
+    order: str = "random",
 ) -> tuple[list[torch.Tensor], np.ndarray, list[np.ndarray]]:
     """Bags ``(N_i, D)``, labels ``(n_bags,)`` (every second bag positive) and planted masks ``(N_i,)``.
 
     A positive bag of ``N`` tiles holds ``max(1, round(rate * N))`` witnesses; tiles are
-    drawn without replacement within a bag from the ``split`` half of the images.
+    drawn without replacement within a bag from the ``split`` half of the images. ``order``
+    (see :data:`TILE_ORDERS`): ``"random"`` presents them in a random order, ``"coords"`` in the
+    order a tiler writes them (image, then row, then column); the tiles are the same.
     """
     if not 0 < rate < 1:
         raise HistofmError(f"The witness rate must be between 0 and 1, got {rate}.")
     if split not in SPLITS:
         raise HistofmError(f"split must be one of {', '.join(SPLITS)}, got {split!r}.")
+    if order not in TILE_ORDERS:
+        raise HistofmError(f"The tile order must be one of {', '.join(TILE_ORDERS)}, got {order!r}.")
+    bg, wit = _split_tiles(pools, split, size)
+    rng = np.random.default_rng(seed)
+    bags, labels, planted = [], [], []
+    for i in range(n_bags):
+        idx = _draw_bag(pools, bg, wit, rng, rate, size, positive=i % 2 == 1, order=order)
+        bags.append(torch.from_numpy(pools.features[idx]))
+        labels.append(i % 2)
+        planted.append(pools.witness[idx])
+    return bags, np.asarray(labels), planted
+
+
+#: How a bag presents its tiles: ``random`` (a random order), ``coords`` (image, row, column).
+TILE_ORDERS = ("random", "coords")
+
+
+def _split_tiles(pools: TilePools, split: str, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the background and witness tiles of a split; refuses splits too small for a bag."""
     side = split_mask(pools, split)
     bg = np.flatnonzero(side & ~pools.witness)
     wit = np.flatnonzero(side & pools.witness)
     if len(wit) == 0 or len(bg) < size[1]:
         raise HistofmError(f"Too few tiles for {split} bags ({len(wit)} witnesses, {len(bg)} background tiles).")
-    rng = np.random.default_rng(seed)
-    bags, labels, planted = [], [], []
-    for i in range(n_bags):
-        n = int(rng.integers(size[0], size[1] + 1))
-        positive = i % 2 == 1
-        k = max(1, round(rate * n)) if positive else 0
-        idx = np.concatenate([rng.choice(bg, n - k, replace=False), rng.choice(wit, k, replace=k > len(wit))])
-        order = rng.permutation(n)
-        idx = idx[order]
-        bags.append(torch.from_numpy(pools.features[idx]))
-        labels.append(int(positive))
-        planted.append(pools.witness[idx])
-    return bags, np.asarray(labels), planted
+    return bg, wit
+
+
+def _draw_bag(
+    pools: TilePools, bg: np.ndarray, wit: np.ndarray, rng: np.random.Generator, rate: float,
+    size: tuple[int, int], positive: bool, order: str,
+) -> np.ndarray:
+    """Tile indices ``(N,)`` of one bag (see :func:`make_bags`)."""
+    n = int(rng.integers(size[0], size[1] + 1))
+    k = max(1, round(rate * n)) if positive else 0
+    idx = np.concatenate([rng.choice(bg, n - k, replace=False), rng.choice(wit, k, replace=k > len(wit))])
+    idx = idx[rng.permutation(n)]
+    if order == "coords":
+        xy = pools.coords[idx]
+        idx = idx[np.lexsort((xy[:, 0], xy[:, 1], pools.source[idx]))]  # last key sorts first
+    return idx
+
+
+class ResampledBags(Sequence[torch.Tensor]):
+    """Training bags drawn anew every time one is read: an unlimited training set with fixed labels.
+
+    Bag ``i`` keeps its label (every second bag positive, as in :func:`make_bags`); its tiles
+    are drawn from the ``split`` tiles each time it is read, from a generator seeded by
+    ``(seed, i, how often bag i was read before)``, so a run is repeatable. A diagnostic:
+    with it no aggregator can memorise training bags, so whether it learns tells whether
+    optimisation or the number of bags is what holds it back.
+    """
+
+    def __init__(
+        self, pools: TilePools, n_bags: int, rate: float, split: str = "fit", size: tuple[int, int] = (80, 120),
+        seed: int = 0, order: str = "random",
+    ) -> None:
+        make_bags(pools, 1, rate, split, size, seed, order)  # the same checks as fixed bags
+        self.pools, self.n_bags, self.rate, self.size, self.seed, self.order = pools, n_bags, rate, size, seed, order
+        self.bg, self.wit = _split_tiles(pools, split, size)
+        self.reads = [0] * n_bags
+        self.labels = np.arange(n_bags) % 2
+
+    def __len__(self) -> int:
+        return self.n_bags
+
+    def __getitem__(self, i: int) -> torch.Tensor:  # type: ignore[override]
+        rng = np.random.default_rng((self.seed, i, self.reads[i]))
+        self.reads[i] += 1
+        idx = _draw_bag(self.pools, self.bg, self.wit, rng, self.rate, self.size, bool(self.labels[i]), self.order)
+        return torch.from_numpy(self.pools.features[idx])
 
 
 def topk_precision(scores: list[np.ndarray | None], planted: list[np.ndarray], labels: np.ndarray) -> float:
@@ -300,6 +356,8 @@ def run_mil_task(
     budget: dict[str, Any] | None = None,
     pools: TilePools | None = None,
     occlusion: bool = True,
+    tile_order: str = "random",
+    resample_train: bool = False,
 ) -> list[MILTaskResult]:
     """Train, select and test each aggregator at each witness rate.
 
@@ -309,6 +367,11 @@ def run_mil_task(
     epoch with the lowest validation loss; the run with the lowest validation loss is tested:
     slide AUROC with a 95 % bootstrap interval, and the top-``k`` precision of its own tile
     scores and (``occlusion=True``) of :func:`occlusion_scores`.
+
+    ``tile_order="random"`` (the protocol) presents every bag's tiles in a random order and
+    reshuffles training bags every epoch; ``"coords"`` presents every bag in the tiler's order
+    (image, row, column) and keeps it. ``resample_train=True`` draws every training bag anew
+    each time it is read (:class:`ResampledBags`, a diagnostic, not the protocol).
     """
     from histofm.eval.metrics import binary_auroc, bootstrap_ci
     from histofm.mil import build_aggregator
@@ -322,9 +385,9 @@ def run_mil_task(
     pools = pools if pools is not None else tile_pools()
     results = []
     for rate in rates:
-        train = make_bags(pools, n_train, rate, "fit", seed=seed)
-        val = make_bags(pools, n_val, rate, "val", seed=seed + 2)
-        test = make_bags(pools, n_test, rate, "test", seed=seed + 1)
+        train = make_bags(pools, n_train, rate, "fit", seed=seed, order=tile_order)
+        val = make_bags(pools, n_val, rate, "val", seed=seed + 2, order=tile_order)
+        test = make_bags(pools, n_test, rate, "test", seed=seed + 1, order=tile_order)
         for name in aggregators:
             if name not in settings:
                 raise HistofmError(f"No MIL task settings for aggregator {name!r}; choose from {', '.join(settings)}.")
@@ -334,8 +397,11 @@ def run_mil_task(
                 torch.manual_seed(seed)
                 model = build_aggregator(name, in_dim=pools.features.shape[1], num_classes=2, **model_kwargs)
                 cfg = MILTrainConfig(model=name, model_kwargs=model_kwargs, seed=seed, lr=lr, **budget)
-                records = fit_bags(model, train[0], train[1].tolist(), cfg, val_bags=val[0],
-                                   val_labels=val[1].tolist(), shuffle_tiles=True)
+                # Resampled bags start afresh for every run, so each one sees the same stream of bags.
+                bags: Sequence[torch.Tensor] = (ResampledBags(pools, n_train, rate, "fit", seed=seed, order=tile_order)
+                                                if resample_train else train[0])
+                records = fit_bags(model, bags, train[1].tolist(), cfg, val_bags=val[0],
+                                   val_labels=val[1].tolist(), shuffle_tiles=tile_order == "random")
                 losses = [r["train_loss"] for r in records]
                 val_loss = min(r["val_loss"] for r in records)
                 if best is None or val_loss < best[0]:
