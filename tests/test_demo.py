@@ -88,3 +88,5 @@ def test_demo_pretrains_with_dino_and_names_a_bad_method(tmp_path: Path) -> None
     assert np.isfinite(result["loss_first"]) and np.isfinite(result["loss_last"])
     with pytest.raises(HistofmError, match="DemoConfig.method"):
         step_pretrain(dataclasses.replace(cfg, method="simclr"), tmp_path / "bad", progress=False)
+    with pytest.raises(HistofmError, match="train_overrides cannot set"):
+        step_pretrain(dataclasses.replace(cfg, train_overrides={"steps": 5}), tmp_path / "bad", progress=False)

@@ -62,6 +62,8 @@ class DemoConfig:
         method: ``"dinov2"`` (the ``cpu_small`` preset) or ``"dino"`` (the same small head, temperatures,
             teacher momentum and crops, without DINOv2's masked patch loss and KoLeo).
         method_overrides: further settings of the method's config laid over those above.
+        train_overrides: :class:`histofm.train.TrainConfig` fields laid over the preset's
+            suggestions (``{"lr": 2e-3}``); steps, batch and seed have their own fields.
         seed: the one seed of the run.
     """
 
@@ -88,6 +90,7 @@ class DemoConfig:
     stain_shifts: tuple[str, ...] = DEFAULT_SHIFTS
     method: str = "dinov2"
     method_overrides: dict[str, Any] = field(default_factory=dict)
+    train_overrides: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
 
 
@@ -181,13 +184,16 @@ def step_pretrain(cfg: DemoConfig, out: Path, progress: bool) -> dict[str, Any]:
     method, views = build_method(cfg.method, cfg.arch, img_size=cfg.img_size, overrides=overrides)
     if cfg.stain_vectors[0] > 0:
         views = StainVectorViews(views, *cfg.stain_vectors)
+    if set(cfg.train_overrides) & _SET_BY_DEMO:
+        raise HistofmError(f"DemoConfig.train_overrides cannot set {sorted(set(cfg.train_overrides) & _SET_BY_DEMO)}: "
+                           "the demo sets them itself; use DemoConfig.steps, batch_size and seed.")
     data = pretraining_tiles(cfg)
     train_cfg = TrainConfig(
         steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed, out_dir=str(out / "pretrain"),
         ckpt_every=max(cfg.steps // 2, 1), log_every=max(cfg.steps // 50, 1),
         monitor_every=max(cfg.steps // 5, 1), monitor_samples=128, progress=progress, tensorboard=False,
         warmup_steps=min(PRESET_TRAIN["cpu_small"].get("warmup_steps", 0), max(cfg.steps // 5, 1)),
-        **{k: v for k, v in PRESET_TRAIN["cpu_small"].items() if k not in _SET_BY_DEMO},
+        **{k: v for k, v in {**PRESET_TRAIN["cpu_small"], **cfg.train_overrides}.items() if k not in _SET_BY_DEMO},
     )
     history = fit(method, data, train_cfg, transform=views)
     losses = [h["loss"] for h in history if "loss" in h and not h.get("skipped")]
