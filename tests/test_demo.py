@@ -74,3 +74,19 @@ def test_stain_vector_views_recolour_each_view_and_keep_the_layout() -> None:
     wrapped = StainVectorViews(views, 0.3, 1.0)(tile)
     assert [c.shape for c in wrapped] == [c.shape for c in plain]
     assert all((w - p).abs().max() > 0.05 for w, p in zip(wrapped, plain))  # every view re-coloured
+
+
+def test_demo_pretrains_with_dino_and_names_a_bad_method(tmp_path: Path) -> None:
+    import pytest
+
+    from histofm.errors import HistofmError
+
+    cfg = dataclasses.replace(DemoConfig(), steps=2, batch_size=8, tiles_per_source=20, method="dino")
+    result = step_pretrain(cfg, tmp_path / "dino", progress=False)
+    weights = load_file(result["backbone"])
+    assert not any("mask_token" in k for k in weights)  # DINO's backbone: no masked-patch token
+    assert np.isfinite(result["loss_first"]) and np.isfinite(result["loss_last"])
+    with pytest.raises(HistofmError, match="DemoConfig.method"):
+        step_pretrain(dataclasses.replace(cfg, method="simclr"), tmp_path / "bad", progress=False)
+    with pytest.raises(HistofmError, match="train_overrides cannot set"):
+        step_pretrain(dataclasses.replace(cfg, train_overrides={"steps": 5}), tmp_path / "bad", progress=False)

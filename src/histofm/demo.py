@@ -29,6 +29,7 @@ import torch
 
 from histofm.data import sample_path
 from histofm.data.stain import DEFAULT_SHIFTS
+from histofm.errors import HistofmError
 from histofm.utils import atomic_path, seed_everything
 
 #: Balanced accuracy on the nucleus task measured with peer libraries (project BASELINES.md).
@@ -58,6 +59,12 @@ class DemoConfig:
         stain_vectors: ``(sigma, p)`` of a stain-vector jitter on every view (off by default: it
             was measured and not adopted, docs/evaluation.md).
         stain_shifts: shifted test sets of the evaluation (``histofm.data.stain.STAIN_SHIFTS``).
+        method: ``"dinov2"`` (the ``cpu_small`` preset) or ``"dino"`` (the same small head, temperatures,
+            teacher momentum and crops, without DINOv2's masked patch loss and KoLeo; measured in
+            docs/evaluation.md: it collapses in the demo's 120 steps, RankMe 16.8 -> 2.8).
+        method_overrides: further settings of the method's config laid over those above.
+        train_overrides: :class:`histofm.train.TrainConfig` fields laid over the preset's
+            suggestions (``{"lr": 2e-3}``); steps, batch and seed have their own fields.
         seed: the one seed of the run.
     """
 
@@ -82,6 +89,9 @@ class DemoConfig:
     # in docs/evaluation.md: it helps re-staining to CMU-1 but not the HED-scale probe.
     stain_vectors: tuple[float, float] = (0.0, 0.0)
     stain_shifts: tuple[str, ...] = DEFAULT_SHIFTS
+    method: str = "dinov2"
+    method_overrides: dict[str, Any] = field(default_factory=dict)
+    train_overrides: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
 
 
@@ -92,6 +102,15 @@ def _nest_train_blocks() -> list[tuple[float, float, float, float]]:
         (c * third, r * third, (c + 1) * third, (r + 1) * third)
         for r in range(3) for c in range(3) if (r + c) % 2 == 0
     ]
+
+
+# DINO has no presets: the head, temperatures, teacher momentum and crops of DINOv2's ``cpu_small`` preset
+# (src/histofm/methods/dinov2.py) written out, as the learning tests do for DINO (tests/ssl_check.py).
+DINO_SMALL: dict[str, Any] = dict(
+    out_dim=256, hidden_dim=512, bottleneck_dim=32, head_batch_norm=True, teacher_temp=0.04, warmup_teacher_temp=0.02,
+    teacher_temp_warmup=0.1, momentum_teacher=0.95, momentum_teacher_final=0.995, freeze_last_layer=0.0,
+    drop_path_rate=0.0, n_local_crops=2,
+)
 
 
 # TrainConfig fields the demo sets itself (the preset's other suggestions are taken as they are).
@@ -156,19 +175,26 @@ def step_pretrain(cfg: DemoConfig, out: Path, progress: bool) -> dict[str, Any]:
     from histofm.train import TrainConfig, fit
 
     augment = {**PRESETS["cpu_small"]["augment"], **cfg.augment}
-    method, views = build_method(
-        "dinov2", cfg.arch, img_size=cfg.img_size,
-        overrides={"preset": "cpu_small", "backbone_kwargs": dict(cfg.backbone_kwargs), "augment": augment},
-    )
+    if cfg.method == "dinov2":
+        overrides: dict[str, Any] = {"preset": "cpu_small"}
+    elif cfg.method == "dino":
+        overrides = dict(DINO_SMALL)
+    else:
+        raise HistofmError(f"The demo pretrains with 'dinov2' or 'dino', not {cfg.method!r}; change DemoConfig.method.")
+    overrides.update({"backbone_kwargs": dict(cfg.backbone_kwargs), "augment": augment, **cfg.method_overrides})
+    method, views = build_method(cfg.method, cfg.arch, img_size=cfg.img_size, overrides=overrides)
     if cfg.stain_vectors[0] > 0:
         views = StainVectorViews(views, *cfg.stain_vectors)
+    if set(cfg.train_overrides) & _SET_BY_DEMO:
+        raise HistofmError(f"DemoConfig.train_overrides cannot set {sorted(set(cfg.train_overrides) & _SET_BY_DEMO)}: "
+                           "the demo sets them itself; use DemoConfig.steps, batch_size and seed.")
     data = pretraining_tiles(cfg)
     train_cfg = TrainConfig(
         steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed, out_dir=str(out / "pretrain"),
         ckpt_every=max(cfg.steps // 2, 1), log_every=max(cfg.steps // 50, 1),
         monitor_every=max(cfg.steps // 5, 1), monitor_samples=128, progress=progress, tensorboard=False,
         warmup_steps=min(PRESET_TRAIN["cpu_small"].get("warmup_steps", 0), max(cfg.steps // 5, 1)),
-        **{k: v for k, v in PRESET_TRAIN["cpu_small"].items() if k not in _SET_BY_DEMO},
+        **{k: v for k, v in {**PRESET_TRAIN["cpu_small"], **cfg.train_overrides}.items() if k not in _SET_BY_DEMO},
     )
     history = fit(method, data, train_cfg, transform=views)
     losses = [h["loss"] for h in history if "loss" in h and not h.get("skipped")]
