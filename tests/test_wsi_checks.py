@@ -142,53 +142,6 @@ def test_slide_locks(tmp_path: Path) -> None:
     assert json.loads(lock_path(out).read_text())["pid"] == os.getppid()
 
 
-def _killed_in_try_lock(out: Path, after_lines: int) -> bool:
-    """Fork; the child runs ``try_lock(out)`` and dies (``os._exit``) at its ``after_lines``-th traced line.
-
-    True when the child died inside ``try_lock``, False when it finished first.
-    """
-    pid = os.fork()
-    if pid == 0:  # the child: count line events of histofm's code, die at the chosen one
-        seen = 0
-
-        def tracer(frame, event, arg):  # noqa: ANN001, ANN202
-            nonlocal seen
-            if "histofm" in frame.f_code.co_filename and event == "line":
-                seen += 1
-                if seen == after_lines:
-                    os._exit(9)
-            return tracer
-
-        sys.settrace(tracer)
-        try_lock(out)
-        sys.settrace(None)
-        os._exit(0)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status) == 9
-
-
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-def test_a_lock_killed_at_any_instant_is_absent_or_complete(tmp_path: Path) -> None:
-    # A process killed between creating its lock and writing the record used to leave an empty
-    # lock, which a rerun respected (30 s) and so skipped the slide as "done by another process".
-    for n in range(1, 400):
-        out = tmp_path / f"n{n}" / "a.h5"
-        out.parent.mkdir()
-        if not _killed_in_try_lock(out, n):
-            break  # try_lock finished before line n: every instant was tried
-        lock = lock_path(out)
-        if lock.exists():
-            record = json.loads(lock.read_text())
-            assert record["host"] == socket.gethostname() and isinstance(record["pid"], int), n
-        remove_stale_temps(out.parent)  # what a rerun does first
-        assert try_lock(out) == lock, f"a rerun could not take the lock of a process killed at line {n}"
-        lock.unlink()
-        assert sorted(os.listdir(out.parent)) == [], f"left behind at line {n}: {os.listdir(out.parent)}"
-    else:
-        pytest.fail("try_lock never finished within 400 traced lines")
-    assert n > 5  # the child really was killed at several instants inside try_lock
-
-
 def test_messages_name_the_true_cause(tmp_path: Path) -> None:
     from histofm.models.convert import read_state_dict
     from histofm.wsi import open_slide

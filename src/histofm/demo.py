@@ -104,13 +104,16 @@ def _nest_train_blocks() -> list[tuple[float, float, float, float]]:
     ]
 
 
-# DINO has no presets: the head, temperatures, teacher momentum and crops of DINOv2's ``cpu_small`` preset
-# (src/histofm/methods/dinov2.py) written out, as the learning tests do for DINO (tests/ssl_check.py).
-DINO_SMALL: dict[str, Any] = dict(
-    out_dim=256, hidden_dim=512, bottleneck_dim=32, head_batch_norm=True, teacher_temp=0.04, warmup_teacher_temp=0.02,
-    teacher_temp_warmup=0.1, momentum_teacher=0.95, momentum_teacher_final=0.995, freeze_last_layer=0.0,
-    drop_path_rate=0.0, n_local_crops=2,
-)
+def _dino_small() -> dict[str, Any]:
+    """DINO has no presets: the fields of DINOv2's ``cpu_small`` preset that DINO shares (head,
+    temperatures, teacher momentum, crops), as the learning tests use for DINO (tests/ssl_check.py)."""
+    from dataclasses import fields
+
+    from histofm.methods.dino import DINOConfig
+    from histofm.methods.dinov2 import PRESETS
+
+    preset = PRESETS["cpu_small"]
+    return {f.name: preset[f.name] for f in fields(DINOConfig) if f.name in preset and f.name != "augment"}
 
 
 # TrainConfig fields the demo sets itself (the preset's other suggestions are taken as they are).
@@ -178,7 +181,7 @@ def step_pretrain(cfg: DemoConfig, out: Path, progress: bool) -> dict[str, Any]:
     if cfg.method == "dinov2":
         overrides: dict[str, Any] = {"preset": "cpu_small"}
     elif cfg.method == "dino":
-        overrides = dict(DINO_SMALL)
+        overrides = _dino_small()
     else:
         raise HistofmError(f"The demo pretrains with 'dinov2' or 'dino', not {cfg.method!r}; change DemoConfig.method.")
     overrides.update({"backbone_kwargs": dict(cfg.backbone_kwargs), "augment": augment, **cfg.method_overrides})

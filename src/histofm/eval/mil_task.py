@@ -177,13 +177,7 @@ def make_bags(
     (see :data:`TILE_ORDERS`): ``"random"`` presents them in a random order, ``"coords"`` in the
     order a tiler writes them (image, then row, then column); the tiles are the same.
     """
-    if not 0 < rate < 1:
-        raise HistofmError(f"The witness rate must be between 0 and 1, got {rate}.")
-    if split not in SPLITS:
-        raise HistofmError(f"split must be one of {', '.join(SPLITS)}, got {split!r}.")
-    if order not in TILE_ORDERS:
-        raise HistofmError(f"The tile order must be one of {', '.join(TILE_ORDERS)}, got {order!r}.")
-    bg, wit = _split_tiles(pools, split, size)
+    bg, wit = _split_tiles(pools, rate, split, size, order)
     rng = np.random.default_rng(seed)
     bags, labels, planted = [], [], []
     for i in range(n_bags):
@@ -198,8 +192,17 @@ def make_bags(
 TILE_ORDERS = ("random", "coords")
 
 
-def _split_tiles(pools: TilePools, split: str, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of the background and witness tiles of a split; refuses splits too small for a bag."""
+def _split_tiles(
+    pools: TilePools, rate: float, split: str, size: tuple[int, int], order: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the background and witness tiles of a split, after checking the bag settings
+    (refuses a rate outside (0, 1), an unknown split or order, and splits too small for a bag)."""
+    if not 0 < rate < 1:
+        raise HistofmError(f"The witness rate must be between 0 and 1, got {rate}.")
+    if split not in SPLITS:
+        raise HistofmError(f"split must be one of {', '.join(SPLITS)}, got {split!r}.")
+    if order not in TILE_ORDERS:
+        raise HistofmError(f"The tile order must be one of {', '.join(TILE_ORDERS)}, got {order!r}.")
     side = split_mask(pools, split)
     bg = np.flatnonzero(side & ~pools.witness)
     wit = np.flatnonzero(side & pools.witness)
@@ -237,9 +240,8 @@ class ResampledBags(Sequence[torch.Tensor]):
         self, pools: TilePools, n_bags: int, rate: float, split: str = "fit", size: tuple[int, int] = (80, 120),
         seed: int = 0, order: str = "random",
     ) -> None:
-        make_bags(pools, 1, rate, split, size, seed, order)  # the same checks as fixed bags
+        self.bg, self.wit = _split_tiles(pools, rate, split, size, order)  # the same checks as fixed bags
         self.pools, self.n_bags, self.rate, self.size, self.seed, self.order = pools, n_bags, rate, size, seed, order
-        self.bg, self.wit = _split_tiles(pools, split, size)
         self.reads = [0] * n_bags
         self.labels = np.arange(n_bags) % 2
 
